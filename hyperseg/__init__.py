@@ -1,0 +1,13 @@
+"""HyperSeg: patch-wise hypernetwork for real-time semantic segmentation (Nirkin et al., CVPR 2021).
+
+    import hyperseg
+    model = hyperseg.build("hyperseg-m")
+    logits = model(images)          # (B, 3, H, W) -> (B, num_classes, H, W)
+"""
+from .model import BACKENDS, HyperSeg, build, triton_available
+from .zoo import ModelConfig, get_config, list_models
+
+__version__ = "0.1.0"
+
+__all__ = ["BACKENDS", "HyperSeg", "ModelConfig", "build", "get_config", "list_models",
+           "triton_available", "__version__"]

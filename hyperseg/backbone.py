@@ -1,0 +1,104 @@
+"""The EfficientNet backbone: timm's ``tf_efficientnet_*`` plus the official feature reducers."""
+from __future__ import annotations
+
+import math
+from typing import List, Sequence, Tuple
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .zoo import BACKBONE_NOMINAL_SIZE
+
+# The official backbone's BatchNorm settings (TensorFlow's momentum 0.99 -> PyTorch 0.01).
+BN_EPS = 1e-3
+BN_MOMENTUM = 0.01
+DROP_CONNECT_RATE = 0.2
+
+
+def tf_same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> Tuple[int, int]:
+    """TensorFlow "SAME" padding (before, after) of one side of length ``size``."""
+    out = math.ceil(size / stride)
+    total = max((out - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+class StaticSameConv2d(nn.Conv2d):
+    """A convolution with a fixed, possibly asymmetric zero padding (left, right, top, bottom).
+
+    The official EfficientNet computes its TensorFlow-"SAME" paddings once, for the variant's
+    nominal image size (240 for B1, 300 for B3), and applies them to every input. timm pads
+    dynamically for the actual input size; on the official resolutions the two differ in the
+    strided 5x5 depthwise convolutions, so this layer restores the official behaviour.
+    """
+
+    def __init__(self, conv: nn.Conv2d, padding: Tuple[int, int, int, int]):
+        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, 0,
+                         conv.dilation, conv.groups, conv.bias is not None)
+        self.weight = conv.weight
+        if conv.bias is not None:
+            self.bias = conv.bias
+        self.static_padding = tuple(int(p) for p in padding)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(F.pad(x, self.static_padding))
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", static_padding={self.static_padding}"
+
+
+def _freeze_same_padding(net: nn.Module, nominal: int) -> None:
+    """Replace timm's dynamic-"SAME" strided convs by the official static ones."""
+    from timm.layers.conv2d_same import Conv2dSame
+
+    def fix(parent: nn.Module, name: str, size: int) -> int:
+        conv = getattr(parent, name)
+        k, s, d = conv.kernel_size[0], conv.stride[0], conv.dilation[0]
+        if isinstance(conv, Conv2dSame):
+            top, bottom = tf_same_padding(size, k, s, d)
+            setattr(parent, name, StaticSameConv2d(conv, (top, bottom, top, bottom)))
+        return math.ceil(size / s)
+
+    size = fix(net, "conv_stem", nominal)
+    for stage in net.blocks:
+        for block in stage:
+            size = fix(block, "conv_dw", size)
+
+
+class Backbone(nn.Module):
+    """EfficientNet encoder returning the five stage features (strides 2..32) and the head output.
+
+    Each stage feature whose ``out_feat_scale`` is not 1 passes through a 1x1 conv + BN reducer to
+    ``round(channels * scale)`` channels, as in the official model.
+    """
+
+    def __init__(self, name: str, out_feat_scale: Sequence[float], pretrained: bool = False):
+        super().__init__()
+        self.body = timm.create_model(name, pretrained=pretrained, num_classes=0,
+                                      drop_path_rate=DROP_CONNECT_RATE)
+        _freeze_same_padding(self.body, BACKBONE_NOMINAL_SIZE[name])
+        for m in self.body.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = BN_MOMENTUM
+        stage_channels = [info["num_chs"] for info in self.body.feature_info]
+        if len(stage_channels) != len(out_feat_scale):
+            raise ValueError(f"{name} has {len(stage_channels)} stages, "
+                             f"got {len(out_feat_scale)} out_feat_scale entries")
+        self.reducers = nn.ModuleList()
+        self.feat_channels: List[int] = []
+        for channels, scale in zip(stage_channels, out_feat_scale):
+            out = int(round(channels * scale))
+            if scale == 1:
+                self.reducers.append(nn.Identity())
+            else:
+                self.reducers.append(nn.Sequential(
+                    nn.Conv2d(channels, out, 1, bias=False),
+                    nn.BatchNorm2d(out, eps=BN_EPS, momentum=BN_MOMENTUM)))
+            self.feat_channels.append(out)
+        self.head_channels = self.body.num_features
+
+    def forward(self, x: Tensor) -> Tuple[List[Tensor], Tensor]:
+        head, stages = self.body.forward_intermediates(x, indices=len(self.reducers))
+        return [reduce(f) for reduce, f in zip(self.reducers, stages)], head

@@ -1,0 +1,187 @@
+"""The HyperSeg model and ``build``."""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .backbone import Backbone
+from .context_head import ContextHead, ContextHeadV01
+from .decoder import Decoder
+from .zoo import ModelConfig, get_config
+
+BACKENDS = ("auto", "torch", "triton")
+GATHER_MODES = ("mean", "max")
+MIN_SIDE = 32
+
+
+def triton_available() -> bool:
+    """True when the Triton kernels of ``hyperseg.kernels`` can be imported."""
+    try:
+        from . import kernels  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the installation
+        return False
+    return getattr(kernels, "KERNELS_READY", False)
+
+
+class HyperSeg(nn.Module):
+    """HyperSeg: an EfficientNet encoder and context head that generate, for every image patch,
+    the weights of a dynamic decoder.
+
+    ``forward(images)`` maps a (B, 3, H, W) floating-point batch, normalised with
+    ``config.mean`` / ``config.std``, to (B, num_classes, H, W) logits. Any H, W >= 32 works: sides
+    that are not multiples of ``config.size_divisor`` (64, or 128 for the VOC model) are zero-padded
+    at the bottom and right up to the next multiple, and the logits are cropped back.
+
+    ``forward([img_1, img_2, ...])`` runs the official test-time augmentation over an image
+    pyramid: each input (and, when ``tta_hflip``, its horizontal flip, merged by
+    ``tta_flip_gather``) is segmented, resized to the first input's size and merged by
+    ``tta_gather`` ("mean": the official running mean ``(new + acc) / 2``; "max").
+
+    ``backend`` selects the decoder's implementation: "torch" (the pure-PyTorch reference),
+    "triton" (the fused kernels) or "auto" (triton for CUDA tensors when the kernels import,
+    torch otherwise). It may be changed at any time.
+    """
+
+    def __init__(self, config: ModelConfig, *, pretrained_backbone: bool = False,
+                 backend: str = "auto"):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.backbone = Backbone(config.backbone, config.out_feat_scale, pretrained=pretrained_backbone)
+        head = self.backbone.head_channels
+        if config.arch == "v0_1":
+            self.context_head = ContextHeadV01(head, config.context_levels)
+        else:
+            self.context_head = ContextHead(head, config.context_levels)
+        self.decoder = Decoder(config, [3] + self.backbone.feat_channels,
+                               self.context_head.signal_channels)
+        self.backend = backend
+        self.tta_hflip = config.tta_hflip
+        self.tta_gather = "mean"
+        self.tta_flip_gather = "max"
+
+    # -- configuration -----------------------------------------------------------------------
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
+        self._backend = value
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    def resolve_backend(self, x: Tensor) -> str:
+        """The backend that a forward pass on ``x`` uses."""
+        if self._backend == "torch":
+            return "torch"
+        if self._backend == "triton":
+            if not triton_available():
+                raise NotImplementedError(
+                    "backend='triton' needs the Triton kernels of hyperseg.kernels, which are not "
+                    "available in this version; use backend='torch' or 'auto'")
+            return "triton"
+        return "triton" if x.is_cuda and triton_available() else "torch"
+
+    # -- forward -----------------------------------------------------------------------------
+
+    def check_input(self, x) -> None:
+        """Raise TypeError / ValueError if ``x`` is not a batch this model can segment."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"images must be a torch.Tensor (or a list of them), got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(x.shape)}")
+        if x.shape[1] != 3:
+            raise ValueError(f"images must have 3 channels (RGB), got {x.shape[1]} in {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"images must be a floating-point tensor (normalised), got {x.dtype}")
+        if x.shape[0] == 0:
+            raise ValueError("images is an empty batch (B == 0)")
+        if x.shape[2] < MIN_SIDE or x.shape[3] < MIN_SIDE:
+            raise ValueError(f"images must be at least {MIN_SIDE} x {MIN_SIDE}, got "
+                             f"{x.shape[2]} x {x.shape[3]}")
+        param = next(self.parameters())
+        if x.device != param.device:
+            raise ValueError(f"images are on {x.device} but the model is on {param.device}")
+        if x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"images are {x.dtype} but the model is {param.dtype}; convert one "
+                            f"of them or run under torch.autocast")
+
+    def segment(self, x: Tensor) -> Tensor:
+        """Logits of one (B, 3, H, W) batch, without test-time augmentation."""
+        self.check_input(x)
+        backend = self.resolve_backend(x)
+        if backend != "torch":  # pragma: no cover - replaced when the kernels land
+            raise NotImplementedError("the triton backend is not implemented yet")
+        h, w = x.shape[-2:]
+        d = self.config.size_divisor
+        pad_h, pad_w = (-h) % d, (-w) % d
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        feats, head = self.backbone(x)
+        signal = self.context_head(head)
+        logits = self.decoder([x] + feats, signal)
+        return logits[..., :h, :w]
+
+    def forward(self, images: Union[Tensor, Sequence[Tensor]]) -> Tensor:
+        if isinstance(images, Tensor):
+            return self.segment(images)
+        if not isinstance(images, (list, tuple)):
+            raise TypeError(f"images must be a torch.Tensor or a list of them, got {type(images).__name__}")
+        return self.forward_pyramid(images)
+
+    def forward_pyramid(self, images: Sequence[Tensor]) -> Tensor:
+        """The official test-time augmentation over an image pyramid (see the class doc)."""
+        if len(images) == 0:
+            raise ValueError("the image pyramid is empty")
+        if self.tta_gather not in GATHER_MODES or self.tta_flip_gather not in GATHER_MODES:
+            raise ValueError(f"tta_gather and tta_flip_gather must be one of {GATHER_MODES}")
+        for x in images:
+            self.check_input(x)
+        if len({x.shape[0] for x in images}) != 1:
+            raise ValueError("all pyramid levels must have the same batch size")
+        out_size = images[0].shape[-2:]
+        out: Optional[Tensor] = None
+        for x in images:
+            y = self.segment(x)
+            if self.tta_hflip:
+                flipped = self.segment(torch.flip(x, [-1])).flip([-1])
+                y = _gather(y, flipped, self.tta_flip_gather)
+            if y.shape[-2:] != out_size:
+                y = F.interpolate(y, out_size, mode="bilinear", align_corners=False)
+            out = y if out is None else _gather(y, out, self.tta_gather)
+        return out
+
+
+def _gather(new: Tensor, acc: Tensor, mode: str) -> Tensor:
+    return (new + acc) * 0.5 if mode == "mean" else torch.max(new, acc)
+
+
+def build(name: str, *, num_classes: Optional[int] = None, weights=None,
+          pretrained_backbone: bool = False, backend: str = "auto") -> HyperSeg:
+    """Build a zoo model by name, in eval mode.
+
+    Args:
+        name: one of ``hyperseg.list_models()`` (a zoo name or an alias).
+        num_classes: output classes (default: the dataset's: 19 Cityscapes, 12 CamVid, 21 VOC).
+        weights: path of a checkpoint to load (official ``.pth`` or our ``.safetensors``).
+        pretrained_backbone: initialise the backbone with timm's ImageNet weights. This downloads
+            them from the Hugging Face hub, so it needs internet access (or timm's cache).
+        backend: "auto", "torch" or "triton" (see ``HyperSeg``).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    config = get_config(name, num_classes)
+    if weights is not None:
+        raise NotImplementedError("loading checkpoints is not implemented yet")
+    model = HyperSeg(config, pretrained_backbone=pretrained_backbone, backend=backend)
+    return model.eval()

@@ -1,0 +1,249 @@
+"""The reference operators of HyperSeg, in plain PyTorch.
+
+These functions are the definition of the method's dynamic layers and the ground truth that every
+Triton kernel in ``hyperseg.kernels`` is tested against. They favour clarity over speed, but avoid
+per-patch Python loops so that the ``torch`` backend stays usable.
+
+Terms used throughout:
+
+* the *grid* is the ``GH x GW`` map of the context head's signal (the stride-32 map);
+* a *patch* is one cell of that grid mapped onto a feature map of size ``H x W``: a block of
+  ``ph x pw = H / GH x W / GW`` pixels. Every patch has its own weights;
+* a k x k convolution reads a ``k // 2`` pixel *halo* around a patch: inside the image the halo holds
+  the neighbouring patches' pixels; at the image border it is padded according to ``padding_mode``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+PADDING_MODES = ("zeros", "reflect", "replicate")
+
+Norm = Optional[Callable[[Tensor], Tensor]]
+
+
+def _identity(t: Tensor) -> Tensor:
+    return t
+
+
+def affine(scale: Tensor, shift: Tensor) -> Callable[[Tensor], Tensor]:
+    """A per-channel ``y = x * scale + shift`` on (N, C, ...) tensors: an eval-mode BatchNorm."""
+    def apply(t: Tensor) -> Tensor:
+        view = (1, -1) + (1,) * (t.dim() - 2)
+        return t * scale.view(view) + shift.view(view)
+    return apply
+
+
+def fold_batchnorm(bn: torch.nn.modules.batchnorm._BatchNorm) -> Tuple[Tensor, Tensor]:
+    """The eval-mode BatchNorm ``bn`` as a per-channel (scale, shift) pair, in float32."""
+    var = bn.running_var.float()
+    mean = bn.running_mean.float()
+    scale = torch.rsqrt(var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.float()
+    shift = -mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.float()
+    return scale, shift
+
+
+# ------------------------------------------------------------------------------------------------
+# Patch layout
+# ------------------------------------------------------------------------------------------------
+
+def pad_border(x: Tensor, halo: int, padding_mode: str = "reflect") -> Tensor:
+    """Pad the image border of ``x`` (B, C, H, W) by ``halo`` pixels on every side."""
+    if padding_mode not in PADDING_MODES:
+        raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+    if halo == 0:
+        return x
+    if padding_mode == "reflect" and (halo >= x.shape[-2] or halo >= x.shape[-1]):
+        raise ValueError(f"reflect padding of {halo} pixel(s) needs a feature map larger than "
+                         f"{halo} x {halo}, got {tuple(x.shape[-2:])}")
+    mode = "constant" if padding_mode == "zeros" else padding_mode
+    return F.pad(x, (halo, halo, halo, halo), mode=mode)
+
+
+def split_patches(x: Tensor, grid: Tuple[int, int], halo: int = 0) -> Tensor:
+    """Cut a border-padded image into overlapping patches.
+
+    ``x`` is (B, C, GH * ph + 2 * halo, GW * pw + 2 * halo); the result is a view of shape
+    (B, GH, GW, C, ph + 2 * halo, pw + 2 * halo) whose patch (i, j) also holds its halo.
+    """
+    gh, gw = grid
+    ph = (x.shape[-2] - 2 * halo) // gh
+    pw = (x.shape[-1] - 2 * halo) // gw
+    windows = x.unfold(2, ph + 2 * halo, ph).unfold(3, pw + 2 * halo, pw)
+    return windows.permute(0, 2, 3, 1, 4, 5)
+
+
+def merge_patches(patches: Tensor) -> Tensor:
+    """Inverse of ``split_patches`` without halo: (B, GH, GW, C, ph, pw) -> (B, C, GH*ph, GW*pw)."""
+    b, gh, gw, c, ph, pw = patches.shape
+    return patches.permute(0, 3, 1, 4, 2, 5).reshape(b, c, gh * ph, gw * pw)
+
+
+def check_grid(x: Tensor, grid: Tuple[int, int]) -> Tuple[int, int]:
+    """The patch size of ``x`` on ``grid``; ValueError if the grid does not tile the map."""
+    h, w = x.shape[-2:]
+    gh, gw = grid
+    if gh < 1 or gw < 1 or h % gh or w % gw:
+        raise ValueError(f"a {gh} x {gw} patch grid does not tile a {h} x {w} feature map: "
+                         f"H % GH and W % GW must be 0")
+    return h // gh, w // gw
+
+
+# ------------------------------------------------------------------------------------------------
+# Weight generation
+# ------------------------------------------------------------------------------------------------
+
+def generate_weights(signal: Tensor, weight: Tensor, *, groups: int = 1, start: int = 0,
+                     count: Optional[int] = None) -> Tensor:
+    """Generate per-patch weights from the context signal (``signal2weights``).
+
+    Args:
+        signal: (B, S, GH, GW), the slice of the context head's signal that this generator reads.
+        weight: (R, S // groups, 1, 1), a grouped 1x1 convolution without bias.
+        groups: groups of that convolution.
+        start, count: keep output rows ``start .. start + count`` (default: all from ``start``).
+            The official generators round R up to a multiple of ``groups`` and truncate the output
+            back to the parameter count of the block(s) they serve.
+
+    Returns:
+        (B, GH, GW, count): one parameter vector per patch.
+    """
+    rows = F.conv2d(signal, weight, groups=groups)
+    stop = rows.shape[1] if count is None else start + count
+    return rows[:, start:stop].permute(0, 2, 3, 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Patch-wise convolutions
+# ------------------------------------------------------------------------------------------------
+
+def patch_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
+                 padding_mode: str = "reflect", groups: int = 1) -> Tensor:
+    """Dynamic patch-wise 2D convolution (stride 1, "same" size).
+
+    Args:
+        x: (B, Cin, H, W).
+        weight: (B, GH, GW, Cout, Cin // groups, k, k), one kernel per patch of a GH x GW grid,
+            odd k. H % GH == 0 and W % GW == 0.
+        bias: (B, GH, GW, Cout) or None.
+        padding_mode: how the halo is filled at the image border: "zeros", "reflect", "replicate".
+        groups: channel groups, as in ``torch.nn.functional.conv2d``.
+
+    Returns:
+        (B, Cout, H, W): every patch convolved with its own kernel; the k // 2 halo comes from
+        the neighbouring patches inside the image and from ``padding_mode`` at its border.
+    """
+    if x.dim() != 4 or weight.dim() != 7:
+        raise ValueError(f"expected x (B, Cin, H, W) and weight (B, GH, GW, Cout, Cin/groups, k, k), "
+                         f"got {tuple(x.shape)} and {tuple(weight.shape)}")
+    b, cin, _, _ = x.shape
+    wb, gh, gw, cout, cin_g, kh, kw = weight.shape
+    if wb != b:
+        raise ValueError(f"batch of weight ({wb}) differs from batch of x ({b})")
+    if kh != kw or kh % 2 == 0:
+        raise ValueError(f"kernel must be square with an odd size, got {kh} x {kw}")
+    if groups < 1 or cin % groups or cout % groups or cin // groups != cin_g:
+        raise ValueError(f"weight {tuple(weight.shape)} does not fit {cin} input channels "
+                         f"in {groups} group(s)")
+    if bias is not None and tuple(bias.shape) != (b, gh, gw, cout):
+        raise ValueError(f"bias must have shape {(b, gh, gw, cout)}, got {tuple(bias.shape)}")
+    ph, pw = check_grid(x, (gh, gw))
+    halo = kh // 2
+
+    patches = split_patches(pad_border(x, halo, padding_mode), (gh, gw), halo)
+    patches = patches.reshape(b, gh, gw, groups, cin_g, ph + 2 * halo, pw + 2 * halo)
+    kernels = weight.reshape(b, gh, gw, groups, cout // groups, cin_g, kh, kw)
+    out = None
+    for dy in range(kh):
+        for dx in range(kw):
+            window = patches[..., dy:dy + ph, dx:dx + pw].reshape(b, gh, gw, groups, cin_g, ph * pw)
+            term = kernels[..., dy, dx] @ window               # (B, GH, GW, G, Cout/G, ph*pw)
+            out = term if out is None else out + term
+    out = out.reshape(b, gh, gw, cout, ph * pw)
+    if bias is not None:
+        out = out + bias.unsqueeze(-1)
+    return merge_patches(out.reshape(b, gh, gw, cout, ph, pw))
+
+
+def patch_inverted_residual(x: Tensor, expand: Tensor, depthwise: Tensor, project: Tensor, *,
+                            norm1: Norm = None, norm2: Norm = None, norm3: Norm = None,
+                            residual: bool = False, padding_mode: str = "reflect") -> Tensor:
+    """The v1 patch-wise inverted residual block (HyperSeg ``MetaInvertedResidual``).
+
+    For every patch, with that patch's own weights:
+    ``1x1 expand`` over the patch *and its halo* -> norm1 -> ReLU6 -> ``k x k depthwise`` (valid,
+    back to the patch size) -> norm2 -> ReLU6 -> ``1x1 project`` -> norm3 (+ x when ``residual``).
+    The halo pixels are the neighbours' *inputs*, expanded with the patch's own weights.
+
+    Args:
+        x: (B, Cin, H, W).
+        expand: (B, GH, GW, hidden, Cin).
+        depthwise: (B, GH, GW, hidden, k, k), odd k.
+        project: (B, GH, GW, Cout, hidden).
+        norm1, norm2, norm3: per-channel normalisations applied to (N, C, h, w) tensors laid out
+            patch by patch (N = B * GH * GW; for norm1 h, w include the halo), e.g. BatchNorm
+            modules or ``affine(scale, shift)``. None: identity.
+        residual: add ``x`` to the result (needs Cin == Cout).
+    """
+    norm1, norm2, norm3 = (n or _identity for n in (norm1, norm2, norm3))
+    b, cin, _, _ = x.shape
+    _, gh, gw, hidden, _ = expand.shape
+    cout = project.shape[3]
+    k = depthwise.shape[-1]
+    ph, pw = check_grid(x, (gh, gw))
+    halo = k // 2
+    hh, hw = ph + 2 * halo, pw + 2 * halo
+
+    patches = split_patches(pad_border(x, halo, padding_mode), (gh, gw), halo)
+    y = expand @ patches.reshape(b, gh, gw, cin, hh * hw)                # (B, GH, GW, hidden, hh*hw)
+    y = F.relu6(norm1(y.reshape(b * gh * gw, hidden, hh, hw)))
+    y = y.reshape(b, gh, gw, hidden, hh, hw)
+
+    z = None
+    for dy in range(k):
+        for dx in range(k):
+            term = depthwise[..., dy, dx, None, None] * y[..., dy:dy + ph, dx:dx + pw]
+            z = term if z is None else z + term
+    z = F.relu6(norm2(z.reshape(b * gh * gw, hidden, ph, pw)))
+
+    out = project @ z.reshape(b, gh, gw, hidden, ph * pw)                # (B, GH, GW, Cout, ph*pw)
+    out = norm3(out.reshape(b * gh * gw, cout, ph, pw))
+    out = merge_patches(out.reshape(b, gh, gw, cout, ph, pw))
+    if residual:
+        if cin != cout:
+            raise ValueError(f"a residual needs Cin == Cout, got {cin} and {cout}")
+        out = out + x
+    return out
+
+
+def patch_inverted_residual_v01(x: Tensor, expand: Tensor, depthwise: Tensor, project: Tensor, *,
+                                norm1: Norm = None, norm2: Norm = None, norm3: Norm = None,
+                                residual: bool = False, padding_mode: str = "reflect") -> Tensor:
+    """The v0.1 patch-wise inverted residual block (the VOC model).
+
+    Each sub-layer is its own patch-wise convolution over the whole map, so the depthwise
+    convolution's halo holds the *neighbour's* expanded features (expanded with the neighbour's
+    weights). Norms act on whole (B, C, H, W) maps. Arguments as ``patch_inverted_residual``.
+    """
+    norm1, norm2, norm3 = (n or _identity for n in (norm1, norm2, norm3))
+    b, gh, gw, hidden, cin = expand.shape
+    cout = project.shape[3]
+    k = depthwise.shape[-1]
+    y = patch_conv2d(x, expand.reshape(b, gh, gw, hidden, cin, 1, 1))
+    y = F.relu6(norm1(y))
+    y = patch_conv2d(y, depthwise.reshape(b, gh, gw, hidden, 1, k, k),
+                     padding_mode=padding_mode, groups=hidden)
+    y = F.relu6(norm2(y))
+    out = norm3(patch_conv2d(y, project.reshape(b, gh, gw, cout, hidden, 1, 1)))
+    if residual:
+        if cin != cout:
+            raise ValueError(f"a residual needs Cin == Cout, got {cin} and {cout}")
+        out = out + x
+    return out

@@ -1,0 +1,211 @@
+"""The model zoo: the five official HyperSeg configurations, held as data.
+
+Each entry reproduces the hyper-parameters of one configuration of the official implementation
+(``configs/train/*.py`` of github.com/YuvalNirkin/hyperseg). ``build`` in ``hyperseg.model`` turns
+an entry into a module; nothing here constructs layers.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional, Tuple, Union
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HALF = (0.5, 0.5, 0.5)
+
+# The three architecture versions behind the released checkpoints.
+ARCHITECTURES = ("v1_0", "v1_0_unify", "v0_1")
+
+CITYSCAPES_CLASSES = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
+    "motorcycle", "bicycle",
+)
+CAMVID_CLASSES = (
+    "Sky", "Building", "Column-Pole", "Road", "Sidewalk", "Tree", "Sign-Symbol", "Fence", "Car",
+    "Pedestrian", "Bicyclist", "Void",
+)
+VOC_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+)
+
+# The nominal image size of each EfficientNet variant. The official backbone computes its
+# TensorFlow-"SAME" paddings once, for this size, and applies them to every input.
+BACKBONE_NOMINAL_SIZE = {"tf_efficientnet_b1": 240, "tf_efficientnet_b3": 300}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to build one HyperSeg model.
+
+    Attributes:
+        name: the zoo name (``hyperseg-m-cityscapes``...).
+        arch: the official architecture version, one of ``ARCHITECTURES``.
+        backbone: the timm model name of the EfficientNet backbone.
+        num_classes: number of output classes.
+        input_size: the official inference resolution (H, W).
+        context_levels: levels of the context head (``levels`` of the official config); the input
+            sides must be multiples of ``32 * 2 ** (context_levels - 1)``.
+        out_feat_scale: per backbone stage (strides 2..32), the factor applied to its channels by
+            a 1x1 conv + BN reducer (1.0: no reducer).
+        kernel_sizes: per decoder level, 1 (``MetaConv``) or 3 (``MetaInvertedResidual``).
+        level_channels: per decoder level, its output channels; None (v0_1): the channels of the
+            backbone feature it consumes.
+        expand_ratio: expansion of the inverted-residual blocks.
+        weight_groups: groups of each weight generator's 1x1 conv (one entry per generator, or one
+            int for all).
+        unify_level: v1_0_unify only: from decoder level ``unify_level - 1`` on, one shared weight
+            generator serves all remaining levels.
+        decoder_groups: groups of the kernel-1 patch-wise convolutions.
+        mean, std: input normalisation of the dataset the model was trained on.
+        class_names: names of the classes, when the class count is the dataset's.
+        tta_hflip: flip test-time augmentation for pyramid (list) inputs, as the official model.
+        coords_res: resolutions for which the official model caches coordinate buffers.
+        official_config: the official configuration file this entry reproduces.
+    """
+
+    name: str
+    arch: str
+    backbone: str
+    num_classes: int
+    input_size: Tuple[int, int]
+    dataset: str
+    context_levels: int
+    kernel_sizes: Tuple[int, ...]
+    expand_ratio: float
+    weight_groups: Union[int, Tuple[int, ...]]
+    out_feat_scale: Tuple[float, ...] = (0.25, 0.25, 0.25, 0.25, 0.25)
+    level_channels: Optional[Tuple[int, ...]] = None
+    unify_level: Optional[int] = None
+    decoder_groups: int = 1
+    mean: Tuple[float, float, float] = IMAGENET_MEAN
+    std: Tuple[float, float, float] = IMAGENET_STD
+    class_names: Tuple[str, ...] = field(default=(), repr=False)
+    tta_hflip: bool = True
+    coords_res: Tuple[Tuple[int, int], ...] = ()
+    official_config: str = ""
+
+    @property
+    def levels(self) -> int:
+        """Number of decoder levels."""
+        return len(self.kernel_sizes)
+
+    @property
+    def size_divisor(self) -> int:
+        """Input sides must be multiples of this (inputs are padded up to it)."""
+        return 32 * 2 ** (self.context_levels - 1)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown model config fields: {unknown}")
+        values = dict(data)
+        for key in ("input_size", "kernel_sizes", "out_feat_scale", "level_channels", "mean", "std",
+                    "class_names", "weight_groups"):
+            if isinstance(values.get(key), list):
+                values[key] = tuple(values[key])
+        if "coords_res" in values:
+            values["coords_res"] = tuple(tuple(r) for r in values["coords_res"])
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Raise ValueError if the configuration cannot describe a model."""
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {self.arch!r}; expected one of {ARCHITECTURES}")
+        if self.backbone not in BACKBONE_NOMINAL_SIZE:
+            raise ValueError(f"unsupported backbone {self.backbone!r}; "
+                             f"expected one of {sorted(BACKBONE_NOMINAL_SIZE)}")
+        if not isinstance(self.num_classes, int) or isinstance(self.num_classes, bool) \
+                or self.num_classes < 1:
+            raise ValueError(f"num_classes must be an integer >= 1, got {self.num_classes!r}")
+        if not 1 <= self.levels <= 6:
+            raise ValueError(f"the decoder needs 1 to 6 levels, got {self.levels}")
+        if any(k not in (1, 3) for k in self.kernel_sizes):
+            raise ValueError(f"kernel_sizes must be 1 or 3, got {self.kernel_sizes}")
+        if self.level_channels is not None and len(self.level_channels) != self.levels:
+            raise ValueError("level_channels must have one entry per decoder level")
+        if len(self.out_feat_scale) != 5:
+            raise ValueError("out_feat_scale must have one entry per backbone stage (5)")
+        if self.context_levels < 1:
+            raise ValueError("context_levels must be >= 1")
+        if self.arch == "v0_1" and self.expand_ratio == 1 and 3 in self.kernel_sizes:
+            raise ValueError("v0_1 inverted residuals without expansion (expand_ratio 1) are not supported")
+        if self.arch == "v1_0_unify" and not (self.unify_level and 1 <= self.unify_level <= self.levels):
+            raise ValueError("v1_0_unify needs 1 <= unify_level <= number of decoder levels")
+
+
+_ZOO = {
+    "hyperseg-m-cityscapes": ModelConfig(
+        name="hyperseg-m-cityscapes", arch="v1_0", backbone="tf_efficientnet_b1", num_classes=19,
+        input_size=(512, 1024), dataset="cityscapes", context_levels=2,
+        out_feat_scale=(1.0, 0.25, 0.25, 0.25, 0.25), kernel_sizes=(1, 1, 1, 3, 3),
+        level_channels=(64, 32, 16, 16, 16), expand_ratio=2, weight_groups=(32, 16, 8, 16, 4),
+        class_names=CITYSCAPES_CLASSES, coords_res=((512, 512), (512, 1024)),
+        official_config="cityscapes_efficientnet_b1_hyperseg-m"),
+    "hyperseg-s-cityscapes": ModelConfig(
+        name="hyperseg-s-cityscapes", arch="v1_0_unify", backbone="tf_efficientnet_b1",
+        num_classes=19, input_size=(768, 1536), dataset="cityscapes", context_levels=2,
+        out_feat_scale=(1.0, 0.166, 0.2, 0.25, 0.4), kernel_sizes=(1, 1, 1, 3, 3),
+        level_channels=(32, 16, 8, 8, 8), expand_ratio=2, weight_groups=(32, 16, 8, 16, 4),
+        unify_level=4, class_names=CITYSCAPES_CLASSES, coords_res=((768, 768), (768, 1536)),
+        official_config="cityscapes_efficientnet_b1_hyperseg-s"),
+    "hyperseg-s-camvid": ModelConfig(
+        name="hyperseg-s-camvid", arch="v1_0", backbone="tf_efficientnet_b1", num_classes=12,
+        input_size=(576, 768), dataset="camvid", context_levels=2, kernel_sizes=(1, 1, 1, 3, 3),
+        level_channels=(64, 32, 16, 16, 16), expand_ratio=2, weight_groups=(64, 32, 32, 16, 8),
+        class_names=CAMVID_CLASSES, coords_res=((576, 576), (576, 768)),
+        official_config="camvid_efficientnet_b1_hyperseg-s"),
+    "hyperseg-l-camvid": ModelConfig(
+        name="hyperseg-l-camvid", arch="v1_0", backbone="tf_efficientnet_b1", num_classes=12,
+        input_size=(768, 1024), dataset="camvid", context_levels=2,
+        kernel_sizes=(1, 1, 1, 3, 3, 3), level_channels=(64, 32, 16, 16, 16, 16), expand_ratio=2,
+        weight_groups=(64, 32, 32, 16, 8, 8), class_names=CAMVID_CLASSES,
+        coords_res=((768, 768), (768, 1024)), official_config="camvid_efficientnet_b1_hyperseg-l"),
+    "hyperseg-l-voc": ModelConfig(
+        name="hyperseg-l-voc", arch="v0_1", backbone="tf_efficientnet_b3", num_classes=21,
+        input_size=(512, 512), dataset="voc", context_levels=3, kernel_sizes=(1, 1, 3, 3, 3, 3),
+        expand_ratio=2, weight_groups=16, mean=HALF, std=HALF, class_names=VOC_CLASSES,
+        official_config="vocsbd_efficientnet_b3_hyperseg-l"),
+}
+
+ALIASES = {
+    "hyperseg-m": "hyperseg-m-cityscapes",
+    "hyperseg-s": "hyperseg-s-cityscapes",
+    "hyperseg-l": "hyperseg-l-voc",
+}
+
+
+def list_models(include_aliases: bool = True) -> list:
+    """Names accepted by ``hyperseg.build``: the five zoo models, then the aliases."""
+    names = list(_ZOO)
+    if include_aliases:
+        names += list(ALIASES)
+    return names
+
+
+def get_config(name: str, num_classes: Optional[int] = None) -> ModelConfig:
+    """The zoo entry called ``name`` (or an alias), optionally with another class count."""
+    if not isinstance(name, str):
+        raise TypeError(f"model name must be a string, got {type(name).__name__}")
+    key = ALIASES.get(name, name)
+    if key not in _ZOO:
+        raise ValueError(f"unknown model name {name!r}; valid names: {', '.join(list_models())}")
+    config = _ZOO[key]
+    if num_classes is not None:
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool):
+            raise TypeError(f"num_classes must be an int, got {type(num_classes).__name__}")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if num_classes != config.num_classes:
+            config = dataclasses.replace(config, num_classes=num_classes, class_names=())
+    return config
