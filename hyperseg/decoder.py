@@ -206,6 +206,17 @@ class MetaConv(nn.Module):
         y = ops.patch_conv2d(x, self.kernels(params), groups=self.groups)
         return F.relu(self.bn(y))
 
+    def forward_fused(self, x: Tensor, signal: Tensor, generator: "WeightGenerator",
+                      start: int) -> Tensor:
+        """Eval-mode forward on the fused Triton kernel (weights generated in the kernel)."""
+        from . import kernels
+        scale, shift = ops.fold_batchnorm(self.bn)
+        return kernels.meta_patch_conv(
+            x, signal, generator.weight, out_channels=self.out_channels,
+            signal_offset=generator.signal_offset, generator_groups=generator.groups,
+            row_start=start, groups=self.groups, kernel_size=1, scale=scale, shift=shift,
+            activation="relu")
+
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, groups={self.groups}"
 
@@ -252,6 +263,33 @@ class MetaInvertedResidual(nn.Module):
         op = ops.patch_inverted_residual if self.version == "v1" else ops.patch_inverted_residual_v01
         return op(x, *self.kernels(params), norm1=self.bn1, norm2=self.bn2, norm3=self.bn3,
                   residual=self.residual, padding_mode=self.padding_mode)
+
+    def forward_fused(self, x: Tensor, signal: Tensor, generator: "WeightGenerator",
+                      start: int) -> Tensor:
+        """Eval-mode forward on the Triton kernels: one fused launch for v1; for v0_1 one fused
+        ``meta_patch_conv`` launch per sub-layer (the depthwise halo needs the neighbours'
+        expanded features, so the expand must be complete before it)."""
+        from . import kernels
+        source = dict(signal_offset=generator.signal_offset, generator_groups=generator.groups)
+        norms = [ops.fold_batchnorm(bn) for bn in (self.bn1, self.bn2, self.bn3)]
+        if self.version == "v1":
+            return kernels.meta_inverted_residual(
+                x, signal, generator.weight, hidden=self.hidden, out_channels=self.out_channels,
+                row_start=start, kernel_size=self.kernel_size, norm1=norms[0], norm2=norms[1],
+                norm3=norms[2], residual=self.residual, padding_mode=self.padding_mode, **source)
+        expand_rows, depthwise_rows, _ = self.sizes
+        y = kernels.meta_patch_conv(
+            x, signal, generator.weight, out_channels=self.hidden, row_start=start,
+            scale=norms[0][0], shift=norms[0][1], activation="relu6", **source)
+        y = kernels.meta_patch_conv(
+            y, signal, generator.weight, out_channels=self.hidden, row_start=start + expand_rows,
+            groups=self.hidden, kernel_size=self.kernel_size, scale=norms[1][0], shift=norms[1][1],
+            activation="relu6", padding_mode=self.padding_mode, **source)
+        y = kernels.meta_patch_conv(
+            y, signal, generator.weight, out_channels=self.out_channels,
+            row_start=start + expand_rows + depthwise_rows, scale=norms[2][0], shift=norms[2][1],
+            **source)
+        return y + x if self.residual else y
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, hidden={self.hidden}, "
@@ -325,10 +363,18 @@ class Decoder(nn.Module):
             p = torch.cat((feat, previous), dim=1)
         return torch.cat((coordinates(p.shape[0], p.shape[2], p.shape[3], p), p), dim=1)
 
-    def forward(self, inputs: Sequence[Tensor], signal: Tensor) -> Tensor:
+    def forward(self, inputs: Sequence[Tensor], signal: Tensor, backend: str = "torch") -> Tensor:
+        """``backend="torch"``: the reference ops; ``"triton"``: the fused kernels (eval only)."""
+        if backend not in ("torch", "triton"):
+            raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
         p = None
         for level, block in enumerate(self.blocks):
-            p = block(self.level_input(level, inputs, p), self.block_weights(level, signal))
+            x = self.level_input(level, inputs, p)
+            if backend == "triton":
+                index, start = self.sources[level]
+                p = block.forward_fused(x, signal, self.generators[index], start)
+            else:
+                p = block(x, self.block_weights(level, signal))
         if p.shape[-2:] != inputs[0].shape[-2:]:
             p = F.interpolate(p, inputs[0].shape[-2:], mode="bilinear", align_corners=False)
         return p

@@ -22,9 +22,9 @@ def triton_available() -> bool:
     """True when the Triton kernels of ``hyperseg.kernels`` can be imported."""
     try:
         from . import kernels  # noqa: F401
-    except Exception:  # pragma: no cover - depends on the installation
+    except ImportError:  # pragma: no cover - depends on the installation
         return False
-    return getattr(kernels, "KERNELS_READY", False)
+    return True
 
 
 class HyperSeg(nn.Module):
@@ -43,7 +43,8 @@ class HyperSeg(nn.Module):
 
     ``backend`` selects the decoder's implementation: "torch" (the pure-PyTorch reference),
     "triton" (the fused kernels) or "auto" (triton for CUDA tensors when the kernels import,
-    torch otherwise). It may be changed at any time.
+    torch otherwise). It may be changed at any time. The kernels serve inference only: see
+    ``resolve_backend`` for when the reference runs instead.
     """
 
     def __init__(self, config: ModelConfig, *, pretrained_backbone: bool = False,
@@ -81,16 +82,27 @@ class HyperSeg(nn.Module):
         return self.config.num_classes
 
     def resolve_backend(self, x: Tensor) -> str:
-        """The backend that a forward pass on ``x`` uses."""
+        """The decoder implementation that a forward pass on ``x`` uses.
+
+        The Triton kernels implement the eval-mode forward only (BatchNorm folded, no backward).
+        In training mode, or when autograd records the pass (grad mode on and ``x`` or a parameter
+        requires grad), the decoder runs on the torch reference even with backend "triton", so
+        gradients and BatchNorm statistics are always right. Run inference under
+        ``torch.no_grad()`` / ``torch.inference_mode()`` to use the kernels.
+        """
         if self._backend == "torch":
             return "torch"
         if self._backend == "triton":
             if not triton_available():
                 raise NotImplementedError(
-                    "backend='triton' needs the Triton kernels of hyperseg.kernels, which are not "
-                    "available in this version; use backend='torch' or 'auto'")
-            return "triton"
-        return "triton" if x.is_cuda and triton_available() else "torch"
+                    "backend='triton' needs the Triton kernels of hyperseg.kernels, which could "
+                    "not be imported (is triton installed?); use backend='torch' or 'auto'")
+        elif not (x.is_cuda and triton_available()):
+            return "torch"
+        if self.training or (torch.is_grad_enabled() and (
+                x.requires_grad or any(p.requires_grad for p in self.parameters()))):
+            return "torch"
+        return "triton"
 
     # -- forward -----------------------------------------------------------------------------
 
@@ -120,8 +132,6 @@ class HyperSeg(nn.Module):
         """Logits of one (B, 3, H, W) batch, without test-time augmentation."""
         self.check_input(x)
         backend = self.resolve_backend(x)
-        if backend != "torch":  # pragma: no cover - replaced when the kernels land
-            raise NotImplementedError("the triton backend is not implemented yet")
         h, w = x.shape[-2:]
         d = self.config.size_divisor
         pad_h, pad_w = (-h) % d, (-w) % d
@@ -129,7 +139,7 @@ class HyperSeg(nn.Module):
             x = F.pad(x, (0, pad_w, 0, pad_h))
         feats, head = self.backbone(x)
         signal = self.context_head(head)
-        logits = self.decoder([x] + feats, signal)
+        logits = self.decoder([x] + feats, signal, backend)
         return logits[..., :h, :w]
 
     def forward(self, images: Union[Tensor, Sequence[Tensor]]) -> Tensor:

@@ -247,3 +247,84 @@ def patch_inverted_residual_v01(x: Tensor, expand: Tensor, depthwise: Tensor, pr
             raise ValueError(f"a residual needs Cin == Cout, got {cin} and {cout}")
         out = out + x
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Whole meta blocks in eval mode (BatchNorm folded into per-channel scale and shift): the reference
+# semantics of the fused kernels in ``hyperseg.kernels``, which take the same arguments.
+# ------------------------------------------------------------------------------------------------
+
+ACTIVATIONS = (None, "relu", "relu6")
+
+
+def _activate(t: Tensor, activation: Optional[str]) -> Tensor:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if activation == "relu":
+        return F.relu(t)
+    if activation == "relu6":
+        return F.relu6(t)
+    return t
+
+
+def generator_rows(signal: Tensor, generator_weight: Tensor, *, signal_offset: int, groups: int,
+                   row_start: int, count: int) -> Tensor:
+    """``generate_weights`` on ``signal[:, signal_offset:...]``: the signal slice a generator reads
+    is ``generator_weight.shape[1] * groups`` channels wide."""
+    width = generator_weight.shape[1] * groups
+    if signal_offset < 0 or signal_offset + width > signal.shape[1]:
+        raise ValueError(f"the generator reads signal channels {signal_offset}..{signal_offset + width}, "
+                         f"the signal has {signal.shape[1]}")
+    if row_start < 0 or row_start + count > generator_weight.shape[0]:
+        raise ValueError(f"rows {row_start}..{row_start + count} exceed the generator's "
+                         f"{generator_weight.shape[0]} rows")
+    return generate_weights(signal[:, signal_offset:signal_offset + width], generator_weight,
+                            groups=groups, start=row_start, count=count)
+
+
+def meta_patch_conv(x: Tensor, signal: Tensor, generator_weight: Tensor, *, out_channels: int,
+                    signal_offset: int = 0, generator_groups: int = 1, row_start: int = 0,
+                    groups: int = 1, kernel_size: int = 1, scale: Optional[Tensor] = None,
+                    shift: Optional[Tensor] = None, activation: Optional[str] = None,
+                    padding_mode: str = "reflect") -> Tensor:
+    """Generate each patch's (Cout, Cin / groups, k, k) kernel from the signal, apply it with
+    ``patch_conv2d``, then ``* scale + shift`` and the activation ("relu", "relu6" or None).
+
+    The kernel of a patch is rows ``row_start .. row_start + Cout * Cin / groups * k * k`` of the
+    generator's output at that patch, in (Cout, Cin / groups, k, k) order.
+    """
+    b, cin = x.shape[:2]
+    if cin % groups:
+        raise ValueError(f"{cin} input channels do not split into {groups} groups")
+    count = out_channels * (cin // groups) * kernel_size * kernel_size
+    params = generator_rows(signal, generator_weight, signal_offset=signal_offset,
+                            groups=generator_groups, row_start=row_start, count=count)
+    gh, gw = params.shape[1:3]
+    kernels = params.reshape(b, gh, gw, out_channels, cin // groups, kernel_size, kernel_size)
+    y = patch_conv2d(x, kernels, padding_mode=padding_mode, groups=groups)
+    if scale is not None:
+        y = affine(scale, shift)(y)
+    return _activate(y, activation)
+
+
+def meta_inverted_residual(x: Tensor, signal: Tensor, generator_weight: Tensor, *, hidden: int,
+                           out_channels: int, signal_offset: int = 0, generator_groups: int = 1,
+                           row_start: int = 0, kernel_size: int = 3,
+                           norm1: Tuple[Tensor, Tensor], norm2: Tuple[Tensor, Tensor],
+                           norm3: Tuple[Tensor, Tensor], residual: bool = False,
+                           padding_mode: str = "reflect") -> Tensor:
+    """The v1 ``MetaInvertedResidual`` in eval mode: weights generated from the signal (expand,
+    depthwise, project, in that order from ``row_start``), then ``patch_inverted_residual`` with
+    the (scale, shift) pairs ``norm1``, ``norm2``, ``norm3``."""
+    b, cin = x.shape[:2]
+    sizes = (hidden * cin, hidden * kernel_size * kernel_size, out_channels * hidden)
+    params = generator_rows(signal, generator_weight, signal_offset=signal_offset,
+                            groups=generator_groups, row_start=row_start, count=sum(sizes))
+    gh, gw = params.shape[1:3]
+    expand, depthwise, project = params.split(sizes, dim=-1)
+    return patch_inverted_residual(
+        x, expand.reshape(b, gh, gw, hidden, cin),
+        depthwise.reshape(b, gh, gw, hidden, kernel_size, kernel_size),
+        project.reshape(b, gh, gw, out_channels, hidden),
+        norm1=affine(*norm1), norm2=affine(*norm2), norm3=affine(*norm3),
+        residual=residual, padding_mode=padding_mode)

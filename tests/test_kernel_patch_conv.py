@@ -1,0 +1,160 @@
+"""Triton patch_conv2d and meta_patch_conv against the reference ops."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hyperseg import kernels, ops
+from kernel_utils import DEVICE, DTYPES, assert_matches, randn, small_pixel_blocks  # noqa: F401
+
+# (B, grid, patch, Cin, Cout, groups, k, padding mode, dtype, contiguous x)
+PATCH_CONV_CASES = [
+    (1, (1, 1), (1, 1), 3, 21, 1, 1, "zeros", "fp32", True),
+    (2, (2, 3), (4, 5), 21, 34, 1, 3, "reflect", "fp32", True),
+    (3, (4, 4), (2, 3), 34, 82, 2, 3, "replicate", "fp32", False),
+    (1, (3, 5), (3, 2), 82, 21, 1, 1, "reflect", "fp16", True),
+    (2, (2, 3), (16, 16), 6, 9, 3, 5, "zeros", "bf16", True),
+    (1, (1, 1), (16, 8), 21, 21, 21, 3, "reflect", "fp32", False),
+    (2, (4, 4), (1, 1), 3, 6, 3, 3, "replicate", "fp32", True),
+    (3, (3, 5), (5, 7), 10, 4, 2, 3, "reflect", "bf16", False),
+    (2, (2, 3), (4, 4), 34, 34, 34, 3, "zeros", "fp16", True),
+    (1, (2, 3), (7, 3), 5, 3, 1, 5, "replicate", "fp32", True),
+]
+
+
+@pytest.mark.parametrize("b,grid,patch,cin,cout,groups,k,mode,dtype,contiguous", PATCH_CONV_CASES)
+def test_patch_conv2d_matches_reference(b, grid, patch, cin, cout, groups, k, mode, dtype, contiguous):
+    dtype = DTYPES[dtype]
+    x = randn(b, cin, grid[0] * patch[0], grid[1] * patch[1], dtype=dtype, contiguous=contiguous)
+    weight = randn(b, *grid, cout, cin // groups, k, k, dtype=dtype, scale=0.3)
+    bias = randn(b, *grid, cout, dtype=dtype)
+    got = kernels.patch_conv2d(x, weight, bias, padding_mode=mode, groups=groups)
+    ref = ops.patch_conv2d(x.float(), weight.float(), bias.float(), padding_mode=mode, groups=groups)
+    assert_matches(got, ref, dtype)
+
+
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate"])
+@pytest.mark.parametrize("k,groups", [(1, 1), (3, 1), (3, 4), (5, 2)])
+def test_patch_conv2d_with_one_kernel_everywhere_is_conv2d(mode, k, groups):
+    x = randn(2, 4, 12, 10)
+    kernel = randn(6 if groups != 4 else 4, 4 // groups, k, k, scale=0.3)
+    weight = kernel.expand(2, 3, 2, *kernel.shape)
+    got = kernels.patch_conv2d(x, weight, padding_mode=mode, groups=groups)
+    padded = F.pad(x, (k // 2,) * 4, mode="constant" if mode == "zeros" else mode)
+    assert_matches(got, F.conv2d(padded, kernel, groups=groups), torch.float32)
+
+
+def test_patch_conv2d_several_pixel_blocks_per_patch(small_pixel_blocks):
+    x = randn(2, 5, 14, 18)
+    weight = randn(2, 2, 3, 7, 5, 3, 3, scale=0.3)
+    assert_matches(kernels.patch_conv2d(x, weight), ops.patch_conv2d(x, weight), torch.float32)
+
+
+# (B, grid, patch, Cin, Cout, groups, k, generator groups, signal offset, row start, act, dtype, contiguous)
+META_CONV_CASES = [
+    (1, (1, 1), (1, 1), 82, 64, 1, 1, 32, 0, 0, "relu", "fp32", True),
+    (2, (2, 3), (2, 2), 34, 21, 1, 1, 4, 8, 5, "relu6", "fp32", False),
+    (3, (4, 4), (1, 2), 21, 3, 1, 1, 1, 3, 0, None, "fp32", True),
+    (2, (3, 5), (4, 3), 12, 12, 12, 3, 2, 4, 7, "relu6", "fp32", True),
+    (1, (2, 3), (3, 3), 21, 34, 1, 1, 16, 0, 0, "relu", "bf16", True),
+    (2, (2, 3), (5, 2), 6, 6, 6, 3, 4, 0, 3, "relu6", "fp16", False),
+    (1, (2, 2), (4, 4), 8, 6, 2, 3, 2, 0, 0, "relu", "fp32", True),
+]
+
+
+def generator_for(rows, signal_width, groups, dtype=torch.float32):
+    rows = -(-rows // groups) * groups
+    return randn(rows, signal_width // groups, 1, 1, dtype=dtype, scale=(groups / signal_width) ** 0.5)
+
+
+@pytest.mark.parametrize("b,grid,patch,cin,cout,groups,k,ggroups,offset,start,act,dtype,contiguous",
+                         META_CONV_CASES)
+def test_meta_patch_conv_matches_reference(b, grid, patch, cin, cout, groups, k, ggroups, offset, start,
+                                           act, dtype, contiguous):
+    dtype = DTYPES[dtype]
+    x = randn(b, cin, grid[0] * patch[0], grid[1] * patch[1], dtype=dtype, contiguous=contiguous)
+    width = 32 if ggroups != 1 else 16
+    signal = randn(b, offset + width + 4, *grid, dtype=dtype)
+    count = cout * cin // groups * k * k
+    gen = generator_for(start + count + 3, width, ggroups)
+    scale, shift = torch.rand(cout, device=DEVICE) + 0.5, randn(cout)
+    kw = dict(out_channels=cout, signal_offset=offset, generator_groups=ggroups, row_start=start,
+              groups=groups, kernel_size=k, scale=scale, shift=shift, activation=act)
+    got = kernels.meta_patch_conv(x, signal, gen, **kw)
+    ref = ops.meta_patch_conv(x.float(), signal.float(), gen, **kw)
+    assert_matches(got, ref, dtype)
+
+
+def test_meta_patch_conv_several_pixel_blocks_and_no_affine(small_pixel_blocks):
+    x = randn(2, 9, 12, 10)
+    signal = randn(2, 24, 2, 2)
+    gen = generator_for(9 * 7, 24, 3)
+    kw = dict(out_channels=7, generator_groups=3)
+    assert_matches(kernels.meta_patch_conv(x, signal, gen, **kw), ops.meta_patch_conv(x, signal, gen, **kw),
+                   torch.float32)
+
+
+def test_patch_conv2d_errors():
+    x = randn(1, 4, 8, 8)
+    w = randn(1, 2, 2, 3, 4, 3, 3)
+    with pytest.raises(ValueError, match="tile"):
+        kernels.patch_conv2d(x, randn(1, 3, 3, 3, 4, 1, 1))
+    with pytest.raises(ValueError, match="kernel size"):
+        kernels.patch_conv2d(x, randn(1, 2, 2, 3, 4, 2, 2))
+    with pytest.raises(ValueError, match="groups"):
+        kernels.patch_conv2d(x, w, groups=3)
+    with pytest.raises(ValueError, match="does not fit"):
+        kernels.patch_conv2d(x, w, groups=2)
+    with pytest.raises(ValueError, match="bias"):
+        kernels.patch_conv2d(x, w, randn(1, 2, 2, 4))
+    with pytest.raises(ValueError, match="batch"):
+        kernels.patch_conv2d(randn(2, 4, 8, 8), w)
+    with pytest.raises(ValueError, match="padding_mode"):
+        kernels.patch_conv2d(x, w, padding_mode="circular")
+    with pytest.raises(ValueError, match="reflect"):
+        kernels.patch_conv2d(randn(1, 4, 2, 2), randn(1, 1, 1, 3, 4, 5, 5))
+    with pytest.raises(ValueError, match=r"\(B, Cin, H, W\)"):
+        kernels.patch_conv2d(randn(4, 8, 8), w)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        kernels.patch_conv2d(x, randn(1, 2, 2, 3, 4, 3))
+    with pytest.raises(TypeError, match="float64"):
+        kernels.patch_conv2d(x.double(), w.double())
+    with pytest.raises(TypeError, match="int"):
+        kernels.patch_conv2d(x.int(), w)
+
+
+def test_kernels_refuse_cpu_tensors_without_the_interpreter(monkeypatch):
+    from hyperseg.kernels import _common
+    monkeypatch.setattr(_common, "interpreting", lambda: False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        kernels.patch_conv2d(torch.randn(1, 4, 8, 8), torch.randn(1, 2, 2, 3, 4, 1, 1))
+
+
+def test_kernels_refuse_mixed_devices():
+    x = randn(1, 4, 8, 8)
+    with pytest.raises(ValueError, match="device"):
+        kernels.patch_conv2d(x, torch.empty(1, 2, 2, 3, 4, 1, 1, device="meta"))
+
+
+def test_meta_patch_conv_errors():
+    x = randn(1, 4, 8, 8)
+    signal = randn(1, 16, 2, 2)
+    gen = generator_for(12, 16, 4)
+    ok = dict(out_channels=3, generator_groups=4)
+    with pytest.raises(ValueError, match="rows"):
+        kernels.meta_patch_conv(x, signal, gen, **{**ok, "row_start": 2})
+    with pytest.raises(ValueError, match="signal channels"):
+        kernels.meta_patch_conv(x, signal, gen, **{**ok, "signal_offset": 4})
+    with pytest.raises(ValueError, match="groups"):
+        kernels.meta_patch_conv(x, signal, gen, out_channels=3, generator_groups=5)
+    with pytest.raises(ValueError, match="activation"):
+        kernels.meta_patch_conv(x, signal, gen, **ok, activation="gelu")
+    with pytest.raises(ValueError, match="scale and shift"):
+        kernels.meta_patch_conv(x, signal, gen, **ok, scale=torch.ones(3, device=DEVICE))
+    with pytest.raises(ValueError, match="batch"):
+        kernels.meta_patch_conv(randn(2, 4, 8, 8), signal, gen, **ok)
+    with pytest.raises(ValueError, match="signal must have shape"):
+        kernels.meta_patch_conv(x, signal[0], gen, **ok)
+    with pytest.raises(ValueError, match="generator weight"):
+        kernels.meta_patch_conv(x, signal, gen[..., 0, 0], **ok)
+    with pytest.raises(ValueError, match="tile"):
+        kernels.meta_patch_conv(randn(1, 4, 9, 8), signal, gen, **ok)
