@@ -4,10 +4,11 @@
     model = hyperseg.build("hyperseg-m")
     logits = model(images)          # (B, 3, H, W) -> (B, num_classes, H, W)
 """
+from .checkpoint import CheckpointError, load, save
 from .model import BACKENDS, HyperSeg, build, triton_available
 from .zoo import ModelConfig, get_config, list_models
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "HyperSeg", "ModelConfig", "build", "get_config", "list_models",
-           "triton_available", "__version__"]
+__all__ = ["BACKENDS", "CheckpointError", "HyperSeg", "ModelConfig", "build", "get_config",
+           "list_models", "load", "save", "triton_available", "__version__"]

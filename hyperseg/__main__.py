@@ -1,4 +1,4 @@
-"""Command line: ``python -m hyperseg list`` (also installed as ``hyperseg``)."""
+"""Command line: ``python -m hyperseg list|convert`` (also installed as ``hyperseg``)."""
 from __future__ import annotations
 
 import argparse
@@ -18,12 +18,32 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from .checkpoint import load, save
+
+    model = load(args.source, backend="torch")
+    save(model, args.target)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"{args.source} -> {args.target}: {model.config.name} ({model.config.arch}), "
+          f"{model.num_classes} classes, {params:,} parameters")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="hyperseg", description="HyperSeg semantic segmentation")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="list the zoo models").set_defaults(run=_list)
+    convert = commands.add_parser(
+        "convert", help="convert an official .pth checkpoint to our .safetensors format")
+    convert.add_argument("source", help="official checkpoint (.pth) or a hyperseg .safetensors file")
+    convert.add_argument("target", help="output .safetensors file")
+    convert.set_defaults(run=_convert)
     args = parser.parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (OSError, ValueError) as err:      # CheckpointError is a ValueError
+        print(f"hyperseg {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -55,14 +55,15 @@ class HyperSeg(nn.Module):
         self.backbone = Backbone(config.backbone, config.out_feat_scale, pretrained=pretrained_backbone)
         head = self.backbone.head_channels
         if config.arch == "v0_1":
-            self.context_head = ContextHeadV01(head, config.context_levels)
+            self.context_head = ContextHeadV01(head, config.context_levels,
+                                               global_pool=config.context_global_pool)
         else:
             self.context_head = ContextHead(head, config.context_levels)
         self.decoder = Decoder(config, [3] + self.backbone.feat_channels,
                                self.context_head.signal_channels)
         self.backend = backend
         self.tta_hflip = config.tta_hflip
-        self.tta_gather = "mean"
+        self.tta_gather = config.tta_gather
         self.tta_flip_gather = "max"
 
     # -- configuration -----------------------------------------------------------------------
@@ -183,7 +184,8 @@ def build(name: str, *, num_classes: Optional[int] = None, weights=None,
     Args:
         name: one of ``hyperseg.list_models()`` (a zoo name or an alias).
         num_classes: output classes (default: the dataset's: 19 Cityscapes, 12 CamVid, 21 VOC).
-        weights: path of a checkpoint to load (official ``.pth`` or our ``.safetensors``).
+        weights: path of a checkpoint to load (official ``.pth`` or our ``.safetensors``); its
+            architecture must be the named model's (else ``CheckpointError``).
         pretrained_backbone: initialise the backbone with timm's ImageNet weights. This downloads
             them from the Hugging Face hub, so it needs internet access (or timm's cache).
         backend: "auto", "torch" or "triton" (see ``HyperSeg``).
@@ -191,7 +193,13 @@ def build(name: str, *, num_classes: Optional[int] = None, weights=None,
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     config = get_config(name, num_classes)
+    checkpoint = None
     if weights is not None:
-        raise NotImplementedError("loading checkpoints is not implemented yet")
-    model = HyperSeg(config, pretrained_backbone=pretrained_backbone, backend=backend)
+        from .checkpoint import read_checkpoint
+        checkpoint = read_checkpoint(weights)
+    model = HyperSeg(config, pretrained_backbone=pretrained_backbone and checkpoint is None,
+                     backend=backend)
+    if checkpoint is not None:
+        from .checkpoint import load_into
+        load_into(model, checkpoint)
     return model.eval()

@@ -63,6 +63,8 @@ class ModelConfig:
         mean, std: input normalisation of the dataset the model was trained on.
         class_names: names of the classes, when the class count is the dataset's.
         tta_hflip: flip test-time augmentation for pyramid (list) inputs, as the official model.
+        tta_gather: how pyramid levels are merged, "mean" or "max".
+        context_global_pool: v0_1 only: replace the coarsest context map by its global mean.
         coords_res: resolutions for which the official model caches coordinate buffers.
         official_config: the official configuration file this entry reproduces.
     """
@@ -85,6 +87,8 @@ class ModelConfig:
     std: Tuple[float, float, float] = IMAGENET_STD
     class_names: Tuple[str, ...] = field(default=(), repr=False)
     tta_hflip: bool = True
+    tta_gather: str = "mean"
+    context_global_pool: bool = True
     coords_res: Tuple[Tuple[int, int], ...] = ()
     official_config: str = ""
 
@@ -136,6 +140,15 @@ class ModelConfig:
             raise ValueError("level_channels must have one entry per decoder level")
         if len(self.out_feat_scale) != 5:
             raise ValueError("out_feat_scale must have one entry per backbone stage (5)")
+        groups = self.weight_groups if isinstance(self.weight_groups, tuple) else (self.weight_groups,)
+        if not groups or any(not isinstance(g, int) or isinstance(g, bool) or g < 1 for g in groups):
+            raise ValueError(f"weight_groups must be a positive int or a non-empty tuple of them, "
+                             f"got {self.weight_groups!r}")
+        needed = {"v1_0": self.levels, "v1_0_unify": self.unify_level or 1, "v0_1": 1}[self.arch]
+        if isinstance(self.weight_groups, tuple) and len(groups) < needed:
+            raise ValueError(f"weight_groups needs at least {needed} entries, got {self.weight_groups!r}")
+        if self.tta_gather not in ("mean", "max"):
+            raise ValueError(f"tta_gather must be 'mean' or 'max', got {self.tta_gather!r}")
         if self.context_levels < 1:
             raise ValueError("context_levels must be >= 1")
         if self.arch == "v0_1" and self.expand_ratio == 1 and 3 in self.kernel_sizes:

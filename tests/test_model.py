@@ -127,9 +127,9 @@ def test_backend_switch(model):
     model.backend = "torch"
 
 
-def test_weights_argument_is_not_silently_ignored():
-    with pytest.raises(NotImplementedError):
-        hyperseg.build("hyperseg-m", weights="model.pth")
+def test_weights_argument_is_not_silently_ignored(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        hyperseg.build("hyperseg-m", weights=tmp_path / "model.pth")
 
 
 def test_training_mode_forward_and_backward():

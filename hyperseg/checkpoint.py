@@ -1,0 +1,391 @@
+"""Checkpoints: the official ``.pth`` files (read safely) and our native safetensors format.
+
+Official checkpoints are ``torch.save`` dicts with a ``'state_dict'`` (possibly ``module.``-
+prefixed) and an ``'arch'`` string, a Python call such as
+``hyperseg.models.hyperseg_v1_0.hyperseg_efficientnet('efficientnet-b1',levels=2,...)``. The
+file is read with ``torch.load(weights_only=True)``, so nothing in it can run code, and the arch
+string is *parsed* (its arguments must be literals), never evaluated.
+
+Our format is a safetensors file whose metadata holds the model configuration as JSON.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import os
+import pickle
+import re
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from .model import HyperSeg
+from .official import official_names
+from .zoo import ModelConfig, get_config, list_models
+
+FORMAT = "hyperseg"
+FORMAT_VERSION = "1"
+
+OFFICIAL_MODULES = {
+    "hyperseg.models.hyperseg_v1_0": "v1_0",
+    "hyperseg.models.hyperseg_v1_0_unify": "v1_0_unify",
+    "hyperseg.models.hyperseg_v0_1": "v0_1",
+}
+OFFICIAL_FACTORY = "hyperseg_efficientnet"
+OFFICIAL_BACKBONES = {"efficientnet-b1": "tf_efficientnet_b1", "efficientnet-b3": "tf_efficientnet_b3"}
+_COORD_BUFFER = re.compile(r"^decoder\.coord\d+_\d+$")
+_MAX_ARCH_LENGTH = 10_000
+
+# Fields that define the network; two configs with equal fields build interchangeable models.
+ARCHITECTURE_FIELDS = ("arch", "backbone", "num_classes", "context_levels", "out_feat_scale",
+                       "kernel_sizes", "level_channels", "expand_ratio", "weight_groups",
+                       "unify_level", "decoder_groups", "context_global_pool")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, is unsafe, or does not fit the model."""
+
+
+# ------------------------------------------------------------------------------------------------
+# The official 'arch' string
+# ------------------------------------------------------------------------------------------------
+
+def _dotted_name(node: ast.AST) -> str:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        return f"{_dotted_name(node.value)}.{node.attr}"
+    raise CheckpointError("the arch string must call a function by its dotted name")
+
+
+def _literal(node: ast.AST, what: str) -> Any:
+    try:
+        return ast.literal_eval(node)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError) as err:
+        raise CheckpointError(f"refusing the arch string: {what} is not a literal "
+                              f"(only numbers, strings, booleans, None, lists and tuples are "
+                              f"allowed; calls, names and attribute access are not)") from err
+
+
+def parse_arch(arch: str) -> Tuple[str, List[Any], Dict[str, Any]]:
+    """Split an official arch string into (function name, positional args, keyword args).
+
+    Only a single call of a dotted function name with literal arguments is accepted; the string is
+    parsed with ``ast`` and nothing in it is executed.
+    """
+    if not isinstance(arch, str):
+        raise CheckpointError(f"the arch entry must be a string, got {type(arch).__name__}")
+    if len(arch) > _MAX_ARCH_LENGTH:
+        raise CheckpointError(f"the arch string is implausibly long ({len(arch)} characters)")
+    try:
+        tree = ast.parse(arch.strip(), mode="eval")
+    except SyntaxError as err:
+        raise CheckpointError(f"the arch string is not a Python call: {err.msg}") from err
+    call = tree.body
+    if not isinstance(call, ast.Call):
+        raise CheckpointError("the arch string must be a single function call")
+    func = _dotted_name(call.func)
+    args = []
+    for i, node in enumerate(call.args):
+        if isinstance(node, ast.Starred):
+            raise CheckpointError("the arch string may not unpack arguments (*args)")
+        args.append(_literal(node, f"positional argument {i}"))
+    kwargs = {}
+    for keyword in call.keywords:
+        if keyword.arg is None:
+            raise CheckpointError("the arch string may not unpack arguments (**kwargs)")
+        kwargs[keyword.arg] = _literal(keyword.value, f"argument {keyword.arg!r}")
+    return func, args, kwargs
+
+
+def _as_tuple(value, length: int, what: str) -> tuple:
+    if isinstance(value, (list, tuple)):
+        if len(value) != length:
+            raise CheckpointError(f"{what} has {len(value)} entries, expected {length}")
+        return tuple(value)
+    return (value,) * length
+
+
+def config_from_arch(arch: str) -> ModelConfig:
+    """The ``ModelConfig`` described by an official arch string: the matching zoo entry when the
+    architecture is one of the five (with another class count if the file has one), else a custom
+    configuration named ``custom-<arch>``."""
+    func, args, kw = parse_arch(arch)
+    module, _, name = func.rpartition(".")
+    if module not in OFFICIAL_MODULES or name != OFFICIAL_FACTORY:
+        raise CheckpointError(f"unsupported architecture {func!r}; expected "
+                              f"{' / '.join(m + '.' + OFFICIAL_FACTORY for m in OFFICIAL_MODULES)}")
+    version = OFFICIAL_MODULES[module]
+    if len(args) > 1:
+        raise CheckpointError(f"unexpected positional arguments in the arch string: {args[1:]}")
+    model_name = args[0] if args else kw.pop("model_name", None)
+    if model_name not in OFFICIAL_BACKBONES:
+        raise CheckpointError(f"unsupported backbone {model_name!r}; expected one of "
+                              f"{sorted(OFFICIAL_BACKBONES)}")
+    for ignored in ("pretrained", "weights_path"):
+        kw.pop(ignored, None)
+    if kw.pop("with_out_fc", False):
+        raise CheckpointError("with_out_fc=True (a final patch-wise conv) is not supported")
+    kw.pop("decoder_dropout", None)          # only used by the unsupported final conv
+    if kw.pop("in_nc", 3) != 3:
+        raise CheckpointError("only 3-channel (RGB) inputs are supported")
+    layers = kw.pop("level_layers", 1)
+    if set(layers if isinstance(layers, (list, tuple)) else [layers]) != {1}:
+        raise CheckpointError("only one block per decoder level (level_layers=1) is supported")
+    num_classes = kw.pop("num_classes", 3)
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise CheckpointError(f"invalid num_classes {num_classes!r} in the arch string")
+
+    values: Dict[str, Any] = dict(
+        arch=version, backbone=OFFICIAL_BACKBONES[model_name],
+        num_classes=num_classes, context_levels=kw.pop("levels", 3),
+        tta_hflip=bool(kw.pop("inference_hflip", False)),
+        tta_gather=kw.pop("inference_gather", "mean"))
+    if version == "v0_1":
+        levels = 6
+        values["kernel_sizes"] = _as_tuple(kw.pop("kernel_sizes", 3), levels, "kernel_sizes")
+        values["weight_groups"] = kw.pop("weight_groups", 1)
+        values["context_global_pool"] = bool(kw.pop("avg_pool", True))
+        for one in ("down_groups", "flat_groups"):
+            if kw.pop(one, 1) != 1:
+                raise CheckpointError(f"{one} other than 1 is not supported")
+        kw.pop("groups", None)                # accepted and unused by the official v0_1 model
+    else:
+        if "level_channels" not in kw:
+            raise CheckpointError("the arch string has no level_channels")
+        values["level_channels"] = tuple(kw.pop("level_channels"))
+        levels = len(values["level_channels"])
+        values["kernel_sizes"] = _as_tuple(kw.pop("kernel_sizes", 3), levels, "kernel_sizes")
+        values["out_feat_scale"] = tuple(float(s) for s in _as_tuple(kw.pop("out_feat_scale", 0.25), 5,
+                                                                     "out_feat_scale"))
+        groups = kw.pop("weight_groups", 1)
+        values["weight_groups"] = tuple(groups) if isinstance(groups, (list, tuple)) else groups
+        values["decoder_groups"] = kw.pop("decoder_groups", 1)
+        kw.pop("groups", None)                # accepted and unused by the official v1 models
+        if version == "v1_0_unify":
+            values["unify_level"] = kw.pop("unify_level", None)
+        values["coords_res"] = tuple(tuple(r) for r in kw.pop("coords_res", None) or ())
+    expand = kw.pop("expand_ratio", 1)
+    if isinstance(expand, (list, tuple)):
+        if len(set(expand)) != 1:
+            raise CheckpointError("per-level expand ratios are not supported")
+        expand = expand[0]
+    values["expand_ratio"] = expand
+    if kw:
+        raise CheckpointError(f"unsupported arguments in the arch string: {sorted(kw)}")
+
+    for zoo_name in list_models(include_aliases=False):
+        zoo = get_config(zoo_name)
+        candidate = dataclasses.replace(zoo, **values)
+        if not architecture_differences(candidate, zoo, ignore=("num_classes",)):
+            return dataclasses.replace(get_config(zoo_name, num_classes),
+                                       tta_hflip=values["tta_hflip"], tta_gather=values["tta_gather"])
+    try:
+        config = ModelConfig(name=f"custom-{version}", dataset="custom", input_size=(512, 512),
+                             **values)
+        config.validate()
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"the arch string does not describe a valid model: {err}") from err
+    return config
+
+
+def architecture_differences(a: ModelConfig, b: ModelConfig, ignore=()) -> List[str]:
+    """Names and values of the architecture fields in which ``a`` and ``b`` differ."""
+    def norm(field, value):
+        if field == "weight_groups" and not isinstance(value, (list, tuple)):
+            return value
+        if isinstance(value, (list, tuple)):
+            return tuple(value)
+        return value
+    out = []
+    for field in ARCHITECTURE_FIELDS:
+        if field in ignore:
+            continue
+        va, vb = norm(field, getattr(a, field)), norm(field, getattr(b, field))
+        if va != vb:
+            out.append(f"{field}: {va!r} vs {vb!r}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# State dicts
+# ------------------------------------------------------------------------------------------------
+
+def official_state_dict(model: HyperSeg) -> Dict[str, torch.Tensor]:
+    """``model``'s tensors under the official implementation's names."""
+    names = official_names(model)
+    return {names[key]: value for key, value in model.state_dict().items()}
+
+
+def _fill(model: HyperSeg, tensors: Dict[str, torch.Tensor], rename: Dict[str, str],
+          layout: str) -> None:
+    """Load ``tensors`` (named as ``rename`` maps our keys) into ``model``, strictly."""
+    expected = set(rename.values())
+    missing = [(ours, theirs) for ours, theirs in rename.items() if theirs not in tensors]
+    if missing:
+        ours, theirs = missing[0]
+        alias = f" (ours: {ours!r})" if ours != theirs else ""
+        raise CheckpointError(f"{layout} checkpoint is missing {len(missing)} tensor(s), e.g. "
+                              f"{theirs!r}{alias}")
+    unexpected = sorted(set(tensors) - expected)
+    if unexpected:
+        raise CheckpointError(f"{layout} checkpoint has {len(unexpected)} unexpected tensor(s), "
+                              f"e.g. {unexpected[0]!r}")
+    own = model.state_dict()
+    state = {}
+    for ours, theirs in rename.items():
+        value = tensors[theirs]
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"entry {theirs!r} is a {type(value).__name__}, not a tensor")
+        if tuple(value.shape) != tuple(own[ours].shape):
+            raise CheckpointError(f"tensor {theirs!r} has shape {tuple(value.shape)} in the "
+                                  f"checkpoint but the model expects {tuple(own[ours].shape)}")
+        state[ours] = value
+    model.load_state_dict(state, strict=True)
+
+
+def load_official_state_dict(model: HyperSeg, state_dict: Dict[str, torch.Tensor]) -> None:
+    """Load an official-layout state dict into ``model``: ``module.`` prefixes are removed and the
+    cached ``decoder.coord{H}_{W}`` buffers dropped; every other tensor must map one to one."""
+    tensors = {}
+    for key, value in state_dict.items():
+        key = key[len("module."):] if key.startswith("module.") else key
+        if not _COORD_BUFFER.match(key):
+            tensors[key] = value
+    _fill(model, tensors, official_names(model), "official")
+
+
+def _layout(keys) -> str:
+    keys = list(keys)
+    if any(k.startswith(("backbone._", "weight_mapper.", "module.")) for k in keys):
+        return "official"
+    if any(k.startswith(("backbone.body.", "context_head.")) for k in keys):
+        return "hyperseg"
+    raise CheckpointError("the checkpoint's tensors belong neither to an official HyperSeg model "
+                          "nor to a hyperseg one")
+
+
+# ------------------------------------------------------------------------------------------------
+# Files
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint file holds: tensors, their layout, and the architecture if it says."""
+    tensors: Dict[str, torch.Tensor]
+    layout: str                        # "official" or "hyperseg"
+    config: Optional[ModelConfig]
+    extra: Dict[str, Any]
+
+
+def _is_safetensors(path: str) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9:
+        return False
+    size = int.from_bytes(head[:8], "little")
+    return 0 < size < os.path.getsize(path) and head[8:9] == b"{"
+
+
+def read_checkpoint(path, map_location="cpu") -> Checkpoint:
+    """Read an official ``.pth`` or a hyperseg ``.safetensors`` file (nothing is executed)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint file at {path!r}")
+    if _is_safetensors(path):
+        return _read_safetensors(path, map_location)
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's restricted unpickler names the global (class or function) it refused to import;
+        # anything else it cannot read is corruption, not a threat
+        if "global" in str(err).lower():
+            raise CheckpointError(
+                f"refusing to load {path!r}: it holds objects other than tensors and plain "
+                f"containers, and unpickling them could run arbitrary code") from err
+        raise CheckpointError(f"{path!r} is not a readable checkpoint (corrupt pickle: {err})") from err
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, ImportError,
+            IndexError, KeyError, TypeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path!r} is not a readable checkpoint (truncated, corrupt or "
+                              f"another format): {type(err).__name__}: {err}") from err
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path!r} holds a {type(obj).__name__}, not a checkpoint dict")
+    if "state_dict" in obj:
+        tensors, extra = obj["state_dict"], {k: v for k, v in obj.items() if k != "state_dict"}
+    else:
+        tensors, extra = obj, {}
+    if not isinstance(tensors, dict) or not tensors:
+        raise CheckpointError(f"{path!r} has no state dict")
+    for key, value in tensors.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{path!r}: state dict entry {key!r} is not a named tensor")
+    arch = extra.get("arch")
+    config = config_from_arch(arch) if arch is not None else None
+    return Checkpoint(dict(tensors), _layout(tensors), config, extra)
+
+
+def _read_safetensors(path: str, map_location) -> Checkpoint:
+    from safetensors import SafetensorError, safe_open
+    device = str(map_location) if map_location is not None else "cpu"
+    try:
+        with safe_open(path, framework="pt", device=device) as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path!r} is not a readable safetensors file: {err}") from err
+    if metadata.get("format") != FORMAT or "config" not in metadata:
+        raise CheckpointError(f"{path!r} is a safetensors file without a hyperseg model config in "
+                              f"its metadata")
+    try:
+        config = ModelConfig.from_dict(json.loads(metadata["config"]))
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{path!r}: invalid model config in the metadata: {err}") from err
+    return Checkpoint(tensors, _layout(tensors), config, {"format_version": metadata.get("format_version")})
+
+
+def load_into(model: HyperSeg, checkpoint: Checkpoint) -> HyperSeg:
+    """Fill ``model`` from a checkpoint, after checking that the architectures agree."""
+    if checkpoint.config is not None:
+        diffs = architecture_differences(checkpoint.config, model.config)
+        if diffs:
+            raise CheckpointError(
+                f"the checkpoint is a {checkpoint.config.name} model, which differs from "
+                f"{model.config.name} in " + "; ".join(diffs) +
+                " (file vs model); use hyperseg.load(path) to build the file's own architecture")
+    if checkpoint.layout == "official":
+        load_official_state_dict(model, checkpoint.tensors)
+    else:
+        own = {key: key for key in model.state_dict()}
+        _fill(model, checkpoint.tensors, own, "hyperseg")
+    return model
+
+
+def load(path, *, backend: str = "auto", map_location="cpu") -> HyperSeg:
+    """Build the model a checkpoint describes and load its weights, in eval mode.
+
+    Reads official checkpoints (architecture from their ``'arch'`` string, parsed, never
+    evaluated) and our safetensors files. ``map_location`` is where tensors are loaded and where
+    the model is placed.
+    """
+    checkpoint = read_checkpoint(path, map_location)
+    if checkpoint.config is None:
+        raise CheckpointError(f"{os.fspath(path)!r} does not say which architecture it holds (no "
+                              f"'arch' entry); use hyperseg.build(name, weights=path)")
+    model = HyperSeg(checkpoint.config, backend=backend)
+    load_into(model, checkpoint)
+    if isinstance(map_location, (str, torch.device)):
+        model.to(map_location)
+    return model.eval()
+
+
+def save(model: HyperSeg, path) -> None:
+    """Save ``model`` in our format: safetensors tensors plus its config as JSON metadata."""
+    from safetensors.torch import save_file
+    if not isinstance(model, HyperSeg):
+        raise TypeError(f"save expects a HyperSeg model, got {type(model).__name__}")
+    tensors = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION,
+                "config": json.dumps(model.config.to_dict())}
+    save_file(tensors, os.fspath(path), metadata=metadata)
