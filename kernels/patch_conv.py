@@ -61,7 +61,7 @@ def _patch_conv_kernel(
             wk_mask = co_mask[:, None] & (taps[None, :] < KK)
             wk = generate_rows(row_start + co[:, None] * KK + taps[None, :], wk_mask,
                                sig_base, gen_ptr, sig_offset, gen_spg, gen_rpg, GH * GW)
-        for t in tl.static_range(KK):
+        for t in range(KK):
             sy, vy = border_index(yy + (t // K - R), H, PAD_MODE)
             sx, vx = border_index(xx + (t % K - R), W, PAD_MODE)
             m = co_mask[:, None] & (p_mask & vy & vx)[None, :]
@@ -84,7 +84,7 @@ def _patch_conv_kernel(
             ci_mask = ci_local < CIN_G
             ci = g * CIN_G + ci_local
             w_mask = co_mask[:, None] & ci_mask[None, :]
-            for t in tl.static_range(KK):
+            for t in range(KK):
                 sy, vy = border_index(yy + (t // K - R), H, PAD_MODE)
                 sx, vx = border_index(xx + (t % K - R), W, PAD_MODE)
                 m = ci_mask[:, None] & (p_mask & vy & vx)[None, :]
