@@ -259,10 +259,24 @@ class MetaInvertedResidual(nn.Module):
                 depthwise.reshape(b, gh, gw, self.hidden, k, k),
                 project.reshape(b, gh, gw, self.out_channels, self.hidden))
 
+    # Eval-mode v1 blocks expand this many values at most at a time (rows of patches are
+    # processed in bands), which bounds the block's extra memory.
+    EXPANDED_BUDGET = 1 << 22
+
     def forward(self, x: Tensor, params: Tensor) -> Tensor:
-        op = ops.patch_inverted_residual if self.version == "v1" else ops.patch_inverted_residual_v01
-        return op(x, *self.kernels(params), norm1=self.bn1, norm2=self.bn2, norm3=self.bn3,
-                  residual=self.residual, padding_mode=self.padding_mode)
+        kernels = self.kernels(params)
+        norms = dict(norm1=self.bn1, norm2=self.bn2, norm3=self.bn3)
+        if self.version == "v0_1":
+            return ops.patch_inverted_residual_v01(x, *kernels, **norms, residual=self.residual,
+                                                   padding_mode=self.padding_mode)
+        chunk_rows = None
+        if not self.training:       # train-mode BatchNorm needs every patch at once
+            b, gh, gw = params.shape[:3]
+            halo = self.kernel_size // 2
+            row = b * gw * self.hidden * (x.shape[2] // gh + 2 * halo) * (x.shape[3] // gw + 2 * halo)
+            chunk_rows = max(1, self.EXPANDED_BUDGET // row)
+        return ops.patch_inverted_residual(x, *kernels, **norms, residual=self.residual,
+                                           padding_mode=self.padding_mode, chunk_rows=chunk_rows)
 
     def forward_fused(self, x: Tensor, signal: Tensor, generator: "WeightGenerator",
                       start: int) -> Tensor:

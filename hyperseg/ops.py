@@ -158,6 +158,15 @@ def patch_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
     halo = kh // 2
 
     patches = split_patches(pad_border(x, halo, padding_mode), (gh, gw), halo)
+    if cin_g == 1 and cout == groups:
+        # depthwise: every (patch, channel) pair is its own filter, one grouped convolution
+        n = b * gh * gw * cout
+        out = F.conv2d(patches.reshape(1, n, ph + 2 * halo, pw + 2 * halo),
+                       weight.reshape(n, 1, kh, kw), groups=n)
+        out = out.reshape(b, gh, gw, cout, ph * pw)
+        if bias is not None:
+            out = out + bias.unsqueeze(-1)
+        return merge_patches(out.reshape(b, gh, gw, cout, ph, pw))
     patches = patches.reshape(b, gh, gw, groups, cin_g, ph + 2 * halo, pw + 2 * halo)
     kernels = weight.reshape(b, gh, gw, groups, cout // groups, cin_g, kh, kw)
     out = None
@@ -174,7 +183,8 @@ def patch_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
 
 def patch_inverted_residual(x: Tensor, expand: Tensor, depthwise: Tensor, project: Tensor, *,
                             norm1: Norm = None, norm2: Norm = None, norm3: Norm = None,
-                            residual: bool = False, padding_mode: str = "reflect") -> Tensor:
+                            residual: bool = False, padding_mode: str = "reflect",
+                            chunk_rows: Optional[int] = None) -> Tensor:
     """The v1 patch-wise inverted residual block (HyperSeg ``MetaInvertedResidual``).
 
     For every patch, with that patch's own weights:
@@ -191,36 +201,53 @@ def patch_inverted_residual(x: Tensor, expand: Tensor, depthwise: Tensor, projec
             patch by patch (N = B * GH * GW; for norm1 h, w include the halo), e.g. BatchNorm
             modules or ``affine(scale, shift)``. None: identity.
         residual: add ``x`` to the result (needs Cin == Cout).
+        chunk_rows: process this many rows of patches at a time, which bounds the memory of the
+            expanded features. Only for norms that act per channel independently of the batch
+            (eval-mode BatchNorm, ``affine``): train-mode BatchNorm needs all patches at once.
     """
-    norm1, norm2, norm3 = (n or _identity for n in (norm1, norm2, norm3))
-    b, cin, _, _ = x.shape
+    b, cin, h, w = x.shape
     _, gh, gw, hidden, _ = expand.shape
     cout = project.shape[3]
-    k = depthwise.shape[-1]
     ph, pw = check_grid(x, (gh, gw))
-    halo = k // 2
+    if residual and cin != cout:
+        raise ValueError(f"a residual needs Cin == Cout, got {cin} and {cout}")
+    halo = depthwise.shape[-1] // 2
+    padded = pad_border(x, halo, padding_mode)
+    step = gh if not chunk_rows else max(1, chunk_rows)
+    if step >= gh:
+        out = _inverted_residual_rows(padded, expand, depthwise, project, norm1, norm2, norm3, halo)
+    else:
+        out = x.new_empty(b, cout, h, w)
+        for r in range(0, gh, step):
+            rows = slice(r, min(gh, r + step))
+            band = padded[:, :, r * ph:rows.stop * ph + 2 * halo]
+            out[:, :, r * ph:rows.stop * ph] = _inverted_residual_rows(
+                band, expand[:, rows], depthwise[:, rows], project[:, rows], norm1, norm2, norm3, halo)
+    return out + x if residual else out
+
+
+def _inverted_residual_rows(padded: Tensor, expand: Tensor, depthwise: Tensor, project: Tensor,
+                            norm1: Norm, norm2: Norm, norm3: Norm, halo: int) -> Tensor:
+    """``patch_inverted_residual`` (without residual) on a border-padded band of patch rows."""
+    norm1, norm2, norm3 = (n or _identity for n in (norm1, norm2, norm3))
+    b, gh, gw, hidden, cin = expand.shape
+    cout = project.shape[3]
+    k = depthwise.shape[-1]
+    ph = (padded.shape[2] - 2 * halo) // gh
+    pw = (padded.shape[3] - 2 * halo) // gw
     hh, hw = ph + 2 * halo, pw + 2 * halo
+    n = b * gh * gw
 
-    patches = split_patches(pad_border(x, halo, padding_mode), (gh, gw), halo)
+    patches = split_patches(padded, (gh, gw), halo)                     # (B, GH, GW, Cin, hh, hw)
     y = expand @ patches.reshape(b, gh, gw, cin, hh * hw)                # (B, GH, GW, hidden, hh*hw)
-    y = F.relu6(norm1(y.reshape(b * gh * gw, hidden, hh, hw)))
-    y = y.reshape(b, gh, gw, hidden, hh, hw)
-
-    z = None
-    for dy in range(k):
-        for dx in range(k):
-            term = depthwise[..., dy, dx, None, None] * y[..., dy:dy + ph, dx:dx + pw]
-            z = term if z is None else z + term
-    z = F.relu6(norm2(z.reshape(b * gh * gw, hidden, ph, pw)))
-
+    y = F.relu6(norm1(y.reshape(n, hidden, hh, hw)))
+    # every (patch, channel) pair is its own depthwise filter: one grouped convolution
+    z = F.conv2d(y.reshape(1, n * hidden, hh, hw), depthwise.reshape(n * hidden, 1, k, k),
+                 groups=n * hidden)
+    z = F.relu6(norm2(z.reshape(n, hidden, ph, pw)))
     out = project @ z.reshape(b, gh, gw, hidden, ph * pw)                # (B, GH, GW, Cout, ph*pw)
-    out = norm3(out.reshape(b * gh * gw, cout, ph, pw))
-    out = merge_patches(out.reshape(b, gh, gw, cout, ph, pw))
-    if residual:
-        if cin != cout:
-            raise ValueError(f"a residual needs Cin == Cout, got {cin} and {cout}")
-        out = out + x
-    return out
+    out = norm3(out.reshape(n, cout, ph, pw))
+    return merge_patches(out.reshape(b, gh, gw, cout, ph, pw))
 
 
 def patch_inverted_residual_v01(x: Tensor, expand: Tensor, depthwise: Tensor, project: Tensor, *,

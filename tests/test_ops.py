@@ -195,3 +195,15 @@ def test_residual_needs_equal_channels():
     with pytest.raises(ValueError, match="residual"):
         ops.patch_inverted_residual(x, torch.randn(1, 1, 1, 6, 3), torch.randn(1, 1, 1, 6, 3, 3),
                                     torch.randn(1, 1, 1, 2, 6), residual=True)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 2, 3])
+def test_inverted_residual_in_bands_of_patch_rows_is_identical(chunk_rows):
+    x = torch.randn(2, 4, 15, 8, dtype=torch.float64)
+    expand = torch.randn(2, 5, 2, 6, 4, dtype=torch.float64)
+    dw = torch.randn(2, 5, 2, 6, 3, 3, dtype=torch.float64)
+    project = torch.randn(2, 5, 2, 4, 6, dtype=torch.float64)
+    norms = dict(norm1=ops.affine(*bn_like(6, 1)), norm2=ops.affine(*bn_like(6, 2)), norm3=ops.affine(*bn_like(4, 3)))
+    whole = ops.patch_inverted_residual(x, expand, dw, project, residual=True, **norms)
+    bands = ops.patch_inverted_residual(x, expand, dw, project, residual=True, chunk_rows=chunk_rows, **norms)
+    torch.testing.assert_close(bands, whole, rtol=1e-12, atol=1e-12)

@@ -1,0 +1,107 @@
+"""The headline benchmark (bench/profile_kernels.py) runs end to end on CPU and writes every figure."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import hyperseg
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "profile_kernels.py"
+CPU_TARGETS = {"decoder torch >= 1.5x official (sum of blocks)",
+               "whole torch no slower than official decoder",
+               "decoder extra memory torch <= 0.5x official"}
+
+
+def _run(args, tmp_path, interpret=False):
+    out = tmp_path / "out.json"
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)       # the script sets it itself for --interpret
+    # One thread: on a shared 2-core machine two OpenMP threads stall badly whenever another
+    # process holds a core, which only makes the test slow.
+    cmd = [sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--threads", "1",
+           "--json", str(out)] + args
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    with open(out) as f:
+        return json.load(f), proc.stdout
+
+
+def _positive(value):
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def _check_context(rec, dtype="fp32"):
+    assert rec["device"] and rec["device_type"] == "cpu"
+    assert rec["dtype"] == dtype
+    assert rec["batch"] == 1
+    for name in ("torch", "triton", "timm", "hyperseg"):
+        assert rec["versions"][name], name
+
+
+def test_quick_cpu_run_reports_every_block(tmp_path):
+    data, stdout = _run([], tmp_path)
+    name = "hyperseg-m-cityscapes"
+    levels = hyperseg.get_config(name).levels
+    blocks = [r for r in data["blocks"] if r["model"] == name]
+    assert sorted({r["level"] for r in blocks}) == list(range(levels))
+    for level in range(levels):
+        by_variant = {r["variant"]: r for r in blocks if r["level"] == level}
+        assert {"torch", "official"} <= set(by_variant)
+        assert "triton" not in by_variant                # no GPU, no --interpret
+        for rec in by_variant.values():
+            _check_context(rec)
+            assert rec["image_size"] == [128, 256]
+            assert len(rec["input_shape"]) == 4 and len(rec["output_shape"]) == 4
+            assert _positive(rec["median_ms"])
+            assert all(_positive(t) for t in rec["times_ms"])
+            assert _positive(rec["bytes"]) and rec["bytes"] == sum(rec["bytes_detail"].values())
+            assert _positive(rec["gb_s"]) and _positive(rec["pct_peak_bw"])
+            assert _positive(rec["flops"]) and _positive(rec["tflop_s"])
+            assert isinstance(rec["extra_memory_bytes"], int) and rec["extra_memory_bytes"] >= 0
+            assert rec["meaningful"] is True and rec["correct"] is True
+            assert rec["max_abs_err"] <= 1e-4 * rec["ref_scale"]
+    assert data["peak_bandwidth"]["source"] == "measured copy bandwidth"
+    assert _positive(data["peak_bandwidth"]["gb_s"])
+
+    whole = {r["backend"]: r for r in data["whole_model"] if r["model"] == name}
+    assert {"torch", "official"} <= set(whole)
+    for rec in whole.values():
+        _check_context(rec)
+        assert _positive(rec["fps"]) and _positive(rec["median_ms"])
+        assert all(_positive(v) for v in rec["stages_ms"].values())
+        assert _positive(rec["peak_memory_bytes"])
+
+    targets = data["targets"]
+    assert {t["target"] for t in targets} == CPU_TARGETS
+    for t in targets:
+        _check_context(t)
+        assert t["status"] in ("met", "missed")
+        assert _positive(t["measured"])
+        assert (t["status"] == "missed") == ("cause" in t)
+    assert "Triton timings need a GPU" in stdout
+    assert data["failures"] == []
+
+
+def test_quick_interpret_checks_triton_blocks(tmp_path):
+    name = "hyperseg-s-camvid"
+    data, stdout = _run(["--interpret", "--model", name, "--size", "64x64", "--repeats", "1"],
+                        tmp_path)
+    assert data["settings"]["interpret"] is True
+    levels = hyperseg.get_config(name).levels
+    triton = [r for r in data["blocks"] if r["variant"] == "triton"]
+    assert sorted(r["level"] for r in triton) == list(range(levels))
+    for rec in triton:
+        _check_context(rec)
+        assert rec["meaningful"] is False
+        assert rec["correct"] is True
+        assert rec["max_abs_err"] <= 1e-4 * max(1.0, rec["ref_scale"])
+    for variant in ("torch", "official"):
+        assert len([r for r in data["blocks"] if r["variant"] == variant]) == levels
+    whole = {r["backend"]: r for r in data["whole_model"]}
+    assert whole["triton"]["meaningful"] is False
+    assert whole["triton"]["max_abs_err_vs_torch"] <= whole["triton"]["err_bound"]
+    assert "interp" in stdout
+    assert data["failures"] == []
