@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The one prepared GPU run (for a session lent an NVIDIA GPU through the device tool):
+#   run: bash bench/gpu_check.sh            (writes everything under $OUT, or ./gpu-out)
+# 1. install without touching the machine's torch / triton (no package registry there);
+# 2. the kernel and triton-backend tests on the GPU, without the interpreter;
+# 3. the benchmark: hyperseg-m at 512x1024 (fp32 + fp16), then every zoo model at its official size.
+set -uo pipefail
+out="${OUT:-./gpu-out}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+} 2>&1 | tee "$out/environment.txt"
+pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-' | tr -cd 'A-Za-z0-9_.-')
+day=$(date -u +%Y-%m-%d)
+timeout 240 python -m pytest -q -x -p no:cacheprovider tests/test_kernel_patch_conv.py \
+  tests/test_kernel_meta_inverted_residual.py tests/test_triton_backend.py 2>&1 | tee "$out/gpu-tests.txt" | tail -15
+timeout 150 python bench/profile_kernels.py --json "$out/bench-$gpu-$day-hyperseg-m.json" 2>&1 \
+  | tee "$out/bench-hyperseg-m.txt" | tail -40
+timeout 150 python bench/profile_kernels.py --model all --no-whole --json "$out/bench-$gpu-$day-all.json" 2>&1 \
+  | tee "$out/bench-all.txt" | tail -60
