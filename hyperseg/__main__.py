@@ -1,9 +1,22 @@
-"""Command line: ``python -m hyperseg list|convert`` (also installed as ``hyperseg``)."""
+"""Command line: ``python -m hyperseg list|convert|predict|export`` (also installed as ``hyperseg``)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+UNTRAINED_WARNING = """\
+!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
+!!  WARNING: no --weights given. {name} is RANDOMLY INITIALISED and UNTRAINED.
+!!  Its {what} meaningless: use it only to try out the pipeline.
+!!  Pass --weights FILE (an official .pth checkpoint or a hyperseg .safetensors file).
+!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"""
+
+
+class UsageError(ValueError):
+    """A command line that cannot run as given."""
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -29,7 +42,261 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def _load_model(args: argparse.Namespace, backend: str, what: str):
+    """The model of ``--weights`` (architecture from the file, or ``--model``'s), or an untrained
+    ``--model`` with a loud warning on stderr."""
+    from .checkpoint import load
+    from .model import build
+
+    if args.weights:
+        if args.model:
+            return build(args.model, weights=args.weights, backend=backend)
+        return load(args.weights, backend=backend)
+    if not args.model:
+        raise UsageError("give --weights FILE (or --model NAME for an untrained model)")
+    model = build(args.model, backend=backend)
+    print(UNTRAINED_WARNING.format(name=model.config.name, what=what), file=sys.stderr)
+    return model
+
+
+def _device(name: Optional[str]):
+    """The torch device of ``--device`` (default: cuda if available, else cpu)."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as err:
+        raise UsageError(f"invalid --device {name!r}: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def _size_arg(text: str):
+    from .predict import parse_size
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _alpha_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
+def _scales_arg(text: str) -> Tuple[float, ...]:
+    try:
+        scales = tuple(float(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not scales or any(s <= 0 for s in scales):
+        raise argparse.ArgumentTypeError(f"expected positive scales, got {text!r}")
+    return scales
+
+
+# ------------------------------------------------------------------------------------------------
+# predict
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Job:
+    source: str           # the image file
+    out_dir: str          # where its outputs go
+    stem: str             # output names: <stem>_labels.png, <stem>_color.png, <stem>_overlay.png
+
+
+def _plan_jobs(inputs: Sequence[str], out: str) -> Tuple[List[_Job], List[str]]:
+    """One job per image: files as given (any extension: a wrong one is that image's error),
+    directories searched recursively for JPEG/PNG files, whose outputs mirror their
+    sub-directories under ``out``. Output names that would collide get the source extension, then
+    a counter. Returns the jobs and the errors of inputs that yield no image."""
+    from .predict import is_image_file
+
+    jobs, errors, taken = [], [], set()
+
+    def add(source: str, rel_dir: str, name: str) -> None:
+        base, ext = os.path.splitext(name)
+        stem = base or name
+        candidates = [stem, f"{stem}_{ext.lstrip('.')}" if ext else stem]
+        key = None
+        for candidate in candidates:
+            if (rel_dir, candidate) not in taken:
+                key = candidate
+                break
+        n = 2
+        while key is None:
+            if (rel_dir, f"{candidates[-1]}~{n}") not in taken:
+                key = f"{candidates[-1]}~{n}"
+            n += 1
+        taken.add((rel_dir, key))
+        jobs.append(_Job(source, os.path.join(out, rel_dir) if rel_dir else out, key))
+
+    for item in inputs:
+        if os.path.isdir(item):
+            found = 0
+            for root, dirs, files in os.walk(item):
+                dirs.sort()
+                for name in sorted(files):
+                    if is_image_file(name):
+                        rel = os.path.relpath(root, item)
+                        add(os.path.join(root, name), "" if rel == "." else rel, name)
+                        found += 1
+            if not found:
+                errors.append(f"{item}: no JPEG/PNG images in this directory")
+        else:
+            add(item, "", os.path.basename(os.path.normpath(item)))
+    return jobs, errors
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from .predict import (ImageError, network_size, read_image, save_prediction, segment,
+                          to_tensor, model_palette)
+
+    def report(message: str) -> None:
+        tqdm.write(f"hyperseg predict: error: {message}", file=sys.stderr)
+
+    if not args.weights and not args.model:
+        raise UsageError("give --weights FILE (or --model NAME for an untrained model)")
+    jobs, errors = _plan_jobs(args.inputs, args.out)
+    for message in errors:
+        report(message)
+    if not jobs:
+        return 1
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as err:
+        report(f"cannot create the output directory {args.out!r}: {err.strerror or err}; no image "
+               f"was segmented")
+        return 1
+
+    device = _device(args.device)
+    model = _load_model(args, args.backend, "predictions are").to(device)
+    config = model.config
+    colors = model_palette(model)
+    failed = len(errors)
+    done = 0
+
+    def run(batch: List[Tuple[_Job, "torch.Tensor"]]) -> int:
+        try:
+            labels = segment(model, [image for _, image in batch], size=args.size,
+                             batch_size=args.batch_size, tta=args.tta, tta_scales=args.tta_scales)
+        except (RuntimeError, ValueError) as err:
+            for job, _ in batch:
+                report(f"{job.source}: segmentation failed: {err}")
+            return 0
+        ok = 0
+        for (job, image), label in zip(batch, labels):
+            try:
+                save_prediction(label, image, colors, job.out_dir, job.stem, args.alpha)
+                ok += 1
+            except OSError as err:
+                where = err.filename or job.out_dir
+                report(f"{job.source}: cannot write its outputs to {where!r}: "
+                       f"{err.strerror or err}")
+        return ok
+
+    progress = tqdm(total=len(jobs), unit="image", file=sys.stderr,
+                    disable=True if args.quiet else None)
+    batch: List[Tuple[_Job, torch.Tensor]] = []
+    with progress:
+        for job in jobs:
+            try:
+                image = to_tensor(read_image(job.source))
+                network_size(config, args.size, tuple(image.shape[-2:]))
+            except ImageError as err:
+                report(f"{job.source}: {err}")
+                progress.update(1)
+                continue
+            batch.append((job, image))
+            if len(batch) == args.batch_size:
+                done += run(batch)
+                progress.update(len(batch))
+                batch = []
+        if batch:
+            done += run(batch)
+            progress.update(len(batch))
+    failed += len(jobs) - done
+    print(f"segmented {done} of {len(jobs)} image(s) with {config.name}; outputs in {args.out}")
+    return 1 if failed else 0
+
+
+# ------------------------------------------------------------------------------------------------
+# export
+# ------------------------------------------------------------------------------------------------
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import DEFAULT_OPSET, export_onnx
+
+    if args.size == "native":
+        raise UsageError("--size native has no meaning for an export: give HxW")
+    model = _load_model(args, "torch", "exported graph is")
+    size = args.size or tuple(model.config.input_size)
+    try:
+        export_onnx(model, args.onnx, size=size, batch_size=args.batch_size, opset=args.opset,
+                    verbose=args.verbose)
+    except (ImportError, RuntimeError) as err:
+        print(f"hyperseg export: error: {err}", file=sys.stderr)
+        return 2
+    print(f"exported {model.config.name} (torch backend, input {args.batch_size}x3x{size[0]}x"
+          f"{size[1]}, opset {args.opset or DEFAULT_OPSET}) to {args.onnx}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# main
+# ------------------------------------------------------------------------------------------------
+
+PREDICT_DESCRIPTION = """\
+Segment JPEG/PNG images. Each image is resized to the network input size (--size; by default the
+model's official resolution), normalised with the model's dataset mean/std, segmented, and the
+logits are resized back to the image's own size. For every image three PNGs are written to
+--out: <name>_labels.png (class ids, 8-bit), <name>_color.png (the dataset's palette:
+Cityscapes, CamVid or PASCAL VOC) and <name>_overlay.png (the image blended with the colours).
+Directories are searched recursively and their sub-directories mirrored under --out. An image
+that cannot be read or written is reported on stderr and the others are still processed; the
+exit status is 1 if any image failed."""
+
+EXPORT_DESCRIPTION = """\
+Export a model to ONNX with the torch exporter (torch.onnx.export(..., dynamo=True)). The graph
+is the pure-PyTorch reference decoder: the export always uses backend="torch", because the
+Triton kernels cannot be exported to ONNX. The graph has static shapes: input "images"
+(B, 3, H, W), normalised with the model's mean/std, and output "logits" (B, classes, H, W).
+Needs the onnx and onnxscript packages."""
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weights", "-w", metavar="FILE",
+                        help="checkpoint: an official .pth file or a hyperseg .safetensors file; "
+                             "the architecture comes from the file unless --model is given")
+    parser.add_argument("--model", "-m", metavar="NAME",
+                        help="zoo model name (see 'hyperseg list'); without --weights the model "
+                             "is RANDOM and UNTRAINED (for testing only)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .model import BACKENDS
+
     parser = argparse.ArgumentParser(prog="hyperseg", description="HyperSeg semantic segmentation")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="list the zoo models").set_defaults(run=_list)
@@ -38,10 +305,55 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     convert.add_argument("source", help="official checkpoint (.pth) or a hyperseg .safetensors file")
     convert.add_argument("target", help="output .safetensors file")
     convert.set_defaults(run=_convert)
+
+    predict = commands.add_parser(
+        "predict", help="segment JPEG/PNG images and write label, colour and overlay PNGs",
+        description=PREDICT_DESCRIPTION)
+    predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR",
+                         help="JPEG/PNG files, or directories searched recursively for them")
+    _add_model_args(predict)
+    predict.add_argument("--out", "-o", required=True, metavar="DIR", help="output directory")
+    predict.add_argument("--size", type=_size_arg, default=None, metavar="HxW|native",
+                         help="network input size: HxW, or 'native' to keep each image's size "
+                              "(default: the model's official resolution)")
+    predict.add_argument("--batch-size", "-b", type=_positive_int, default=4, metavar="N",
+                         help="images per forward pass (default: 4)")
+    predict.add_argument("--device", default=None,
+                         help="torch device, e.g. cuda, cuda:1, cpu (default: cuda if available)")
+    predict.add_argument("--backend", choices=BACKENDS, default="auto",
+                         help="decoder implementation (default: auto = triton on CUDA)")
+    predict.add_argument("--tta", action="store_true",
+                         help="test-time augmentation: an image pyramid (--tta-scales), each "
+                              "level also flipped when the model asks for it (tta_hflip)")
+    predict.add_argument("--tta-scales", type=_scales_arg, default=(1.0, 0.75, 1.25),
+                         metavar="S,S,...", help="pyramid scales for --tta (default: 1,0.75,1.25)")
+    predict.add_argument("--alpha", type=_alpha_arg, default=0.5,
+                         help="opacity of the colours in the overlay (default: 0.5)")
+    predict.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    predict.set_defaults(run=_predict)
+
+    export = commands.add_parser(
+        "export", help="export the torch backend to ONNX (the Triton kernels cannot be exported)",
+        description=EXPORT_DESCRIPTION)
+    _add_model_args(export)
+    export.add_argument("--onnx", required=True, metavar="FILE", help="the .onnx file to write")
+    export.add_argument("--size", type=_size_arg, default=None, metavar="HxW",
+                        help="input size of the graph (default: the model's official resolution)")
+    export.add_argument("--batch-size", "-b", type=_positive_int, default=1, metavar="N",
+                        help="batch size of the graph (default: 1)")
+    export.add_argument("--opset", type=_positive_int, default=None, metavar="N",
+                        help="ONNX opset version (default: 18)")
+    export.add_argument("--verbose", action="store_true", help="show the exporter's progress")
+    export.set_defaults(run=_export)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (OSError, ValueError) as err:      # CheckpointError is a ValueError
+    except (OSError, ValueError) as err:      # CheckpointError and UsageError are ValueErrors
         print(f"hyperseg {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from ._common import (PADDING_CODES, block, border_index, check_device, dot_in_fp32, generate_rows,
                       pixel_block)
-from .patch_conv import _check_common, check_generator
+from .patch_conv import _check_common, _output_like, check_generator
 
 
 @triton.jit
@@ -134,15 +134,28 @@ def meta_inverted_residual(x: torch.Tensor, signal: torch.Tensor, generator_weig
     count = hidden * cin + hidden * kernel_size ** 2 + out_channels * hidden
     check_generator(signal, generator_weight, signal_offset, generator_groups, row_start, count)
     check_device(x, signal, generator_weight, *norm1, *norm2, *norm3)
+    return torch.ops.hyperseg.meta_inverted_residual(
+        x, signal, generator_weight, hidden, out_channels, signal_offset, generator_groups,
+        row_start, kernel_size, *norm1, *norm2, *norm3, residual, padding_mode)
 
+
+# The PyTorch custom op behind ``meta_inverted_residual`` (see the note in patch_conv.py): one
+# opaque node for torch.compile, with a fake implementation; it takes validated arguments only.
+@torch.library.custom_op("hyperseg::meta_inverted_residual", mutates_args=())
+def _meta_inverted_residual_op(
+        x: torch.Tensor, signal: torch.Tensor, generator_weight: torch.Tensor, hidden: int,
+        out_channels: int, signal_offset: int, generator_groups: int, row_start: int,
+        kernel_size: int, scale1: torch.Tensor, shift1: torch.Tensor, scale2: torch.Tensor,
+        shift2: torch.Tensor, scale3: torch.Tensor, shift3: torch.Tensor, residual: bool,
+        padding_mode: str) -> torch.Tensor:
     x = x.contiguous()
-    b, _, h, w = x.shape
-    gh, gw = grid
+    b, cin, h, w = x.shape
+    gh, gw = signal.shape[2:4]
     ph, pw = h // gh, w // gw
     rows, spg = generator_weight.shape[:2]
-    out = torch.empty(b, out_channels, h, w, device=x.device, dtype=x.dtype)
+    out = _output_like(x, out_channels)
     block_p = pixel_block(ph * pw)
-    norms = [t.float().contiguous() for t in (*norm1, *norm2, *norm3)]
+    norms = [t.float().contiguous() for t in (scale1, shift1, scale2, shift2, scale3, shift3)]
     _meta_inverted_residual_kernel[(b * gh * gw, triton.cdiv(ph * pw, block_p))](
         x, out, signal.contiguous(), generator_weight.contiguous(), *norms,
         h, w, gh, gw, cin, hidden, out_channels,
@@ -152,3 +165,8 @@ def meta_inverted_residual(x: torch.Tensor, signal: torch.Tensor, generator_weig
         BLOCK_CI=block(cin, high=1 << 20), BLOCK_H=block(hidden, high=1 << 20),
         BLOCK_CO=block(out_channels, high=1 << 20), BLOCK_P=block_p, num_warps=4)
     return out
+
+
+@_meta_inverted_residual_op.register_fake
+def _meta_inverted_residual_fake(x, signal, generator_weight, hidden, out_channels, *args):
+    return _output_like(x, out_channels)

@@ -181,13 +181,35 @@ def patch_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     if bias is not None and tuple(bias.shape) != (b, gh, gw, cout):
         raise ValueError(f"bias must have shape {(b, gh, gw, cout)}, got {tuple(bias.shape)}")
     check_device(x, weight, bias)
+    return torch.ops.hyperseg.patch_conv2d(x, weight, bias, padding_mode, groups)
+
+
+# ------------------------------------------------------------------------------------------------
+# PyTorch custom ops. The public functions above validate their arguments and call these, so that
+# torch.compile sees each launch as one opaque op (hyperseg::patch_conv2d, hyperseg::meta_patch_conv)
+# whose fake implementation gives the output's shape, dtype and device without running a kernel:
+# no graph break. The ops take validated arguments only.
+# ------------------------------------------------------------------------------------------------
+
+def _output_like(x: torch.Tensor, channels: int) -> torch.Tensor:
+    return x.new_empty((x.shape[0], channels, x.shape[2], x.shape[3]))
+
+
+@torch.library.custom_op("hyperseg::patch_conv2d", mutates_args=())
+def _patch_conv2d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                     padding_mode: str, groups: int) -> torch.Tensor:
     x = x.contiguous()
-    out = torch.empty(x.shape[0], cout, *x.shape[2:], device=x.device, dtype=x.dtype)
+    out = _output_like(x, weight.shape[3])
     return _launch(x, out, weight=weight.contiguous(),
                    bias=None if bias is None else bias.contiguous(), signal=None, generator=None,
                    signal_offset=0, gen_spg=0, gen_rpg=1, row_start=0, groups=groups,
-                   kernel_size=kh, scale=None, shift=None, activation=None,
+                   kernel_size=weight.shape[-1], scale=None, shift=None, activation=None,
                    padding_mode=padding_mode)
+
+
+@_patch_conv2d_op.register_fake
+def _patch_conv2d_fake(x, weight, bias, padding_mode, groups):
+    return _output_like(x, weight.shape[3])
 
 
 def check_generator(signal: torch.Tensor, generator_weight: torch.Tensor, signal_offset: int,
@@ -228,9 +250,20 @@ def meta_patch_conv(x: torch.Tensor, signal: torch.Tensor, generator_weight: tor
     count = out_channels * (x.shape[1] // groups) * kernel_size * kernel_size
     check_generator(signal, generator_weight, signal_offset, generator_groups, row_start, count)
     check_device(x, signal, generator_weight, scale, shift)
+    return torch.ops.hyperseg.meta_patch_conv(
+        x, signal, generator_weight, out_channels, signal_offset, generator_groups, row_start,
+        groups, kernel_size, scale, shift, activation, padding_mode)
+
+
+@torch.library.custom_op("hyperseg::meta_patch_conv", mutates_args=())
+def _meta_patch_conv_op(x: torch.Tensor, signal: torch.Tensor, generator_weight: torch.Tensor,
+                        out_channels: int, signal_offset: int, generator_groups: int,
+                        row_start: int, groups: int, kernel_size: int,
+                        scale: Optional[torch.Tensor], shift: Optional[torch.Tensor],
+                        activation: Optional[str], padding_mode: str) -> torch.Tensor:
     x = x.contiguous()
     rows, spg = generator_weight.shape[:2]
-    out = torch.empty(x.shape[0], out_channels, *x.shape[2:], device=x.device, dtype=x.dtype)
+    out = _output_like(x, out_channels)
     return _launch(x, out, weight=None, bias=None, signal=signal.contiguous(),
                    generator=generator_weight.contiguous(), signal_offset=signal_offset,
                    gen_spg=spg, gen_rpg=rows // generator_groups, row_start=row_start,
@@ -238,3 +271,10 @@ def meta_patch_conv(x: torch.Tensor, signal: torch.Tensor, generator_weight: tor
                    scale=None if scale is None else scale.float().contiguous(),
                    shift=None if shift is None else shift.float().contiguous(),
                    activation=activation, padding_mode=padding_mode)
+
+
+@_meta_patch_conv_op.register_fake
+def _meta_patch_conv_fake(x, signal, generator_weight, out_channels, signal_offset,
+                          generator_groups, row_start, groups, kernel_size, scale, shift,
+                          activation, padding_mode):
+    return _output_like(x, out_channels)

@@ -1,0 +1,306 @@
+"""Segmenting images: reading, resizing, normalising, running the model, writing label maps.
+
+    import hyperseg
+    model = hyperseg.load("hyperseg-m.safetensors")
+    labels = hyperseg.predict(model, "street.jpg")          # (H, W) torch.int64 class ids
+
+``predict`` / ``predict_batch`` take images as paths, PIL images, (H, W, 3) uint8 numpy arrays or
+(3, H, W) float tensors in [0, 1]. Each image is resized to the network's input size (by default
+the model's official resolution, ``model.config.input_size``), normalised with the model's
+dataset statistics, segmented, and the logits are resized back to the image's own size before the
+arg-max, so the label map always has the size of the image given.
+"""
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Iterable, List, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .model import MIN_SIDE
+from .palettes import colorize, overlay, palette
+
+if TYPE_CHECKING:                     # Pillow is imported when an image is read or written
+    import PIL.Image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+DEFAULT_TTA_SCALES = (1.0, 0.75, 1.25)
+
+Size = Union[None, str, Tuple[int, int]]
+ImageLike = Union[str, "os.PathLike[str]", "PIL.Image.Image", np.ndarray, Tensor]
+
+
+class ImageError(ValueError):
+    """An image that cannot be read or used."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Images in
+# ------------------------------------------------------------------------------------------------
+
+def is_image_file(path) -> bool:
+    """True when ``path`` has a JPEG or PNG extension (case-insensitive)."""
+    return os.path.splitext(os.fspath(path))[1].lower() in IMAGE_EXTENSIONS
+
+
+def read_image(path) -> "PIL.Image.Image":
+    """Read a JPEG or PNG file as an RGB PIL image, turned upright by its EXIF orientation.
+
+    Raises ``ImageError`` (with the reason) for a missing file, another extension, or a file that
+    is not a readable image.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    path = os.fspath(path)
+    if not is_image_file(path):
+        ext = os.path.splitext(path)[1] or "no extension"
+        raise ImageError(f"unsupported image type ({ext}); expected one of "
+                         f"{', '.join(IMAGE_EXTENSIONS)}")
+    if not os.path.exists(path):
+        raise ImageError("no such file")
+    if os.path.isdir(path):
+        raise ImageError("is a directory")
+    try:
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image)
+            image.load()
+            return image.convert("RGB")
+    except UnidentifiedImageError:
+        raise ImageError("not a readable JPEG/PNG image") from None
+    except (OSError, SyntaxError, ValueError) as err:   # truncated or corrupt data, permissions
+        raise ImageError(f"cannot read the image: {err}") from None
+
+
+def to_tensor(image: ImageLike) -> Tensor:
+    """Any accepted image as a (3, H, W) float32 CPU tensor in [0, 1].
+
+    Accepted: a path (JPEG/PNG), a PIL image (any mode, converted to RGB), an (H, W, 3) uint8
+    numpy array, or a (3, H, W) tensor: floating point in [0, 1], or uint8.
+    """
+    from PIL import Image
+
+    if isinstance(image, (str, os.PathLike)):
+        image = read_image(image)
+    if isinstance(image, Image.Image):
+        array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+        return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255)
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ImageError(f"a numpy image must be an (H, W, 3) uint8 array, got {image.shape} "
+                             f"{image.dtype}")
+        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)
+    if isinstance(image, Tensor):
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise ImageError(f"a tensor image must have shape (3, H, W), got {tuple(image.shape)}")
+        if image.dtype == torch.uint8:
+            return image.detach().cpu().float().div_(255)
+        if not image.is_floating_point():
+            raise ImageError(f"a tensor image must be floating point in [0, 1] or uint8, got "
+                             f"{image.dtype}")
+        return image.detach().cpu().float()
+    raise TypeError(f"cannot use a {type(image).__name__} as an image; give a path, a PIL image, an "
+                    f"(H, W, 3) uint8 array or a (3, H, W) tensor")
+
+
+def to_uint8(image: Tensor) -> np.ndarray:
+    """A (3, H, W) tensor in [0, 1] as an (H, W, 3) uint8 array."""
+    return image.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+# ------------------------------------------------------------------------------------------------
+# Sizes and preprocessing
+# ------------------------------------------------------------------------------------------------
+
+def parse_size(text: str) -> Union[str, Tuple[int, int]]:
+    """``"HxW"`` -> (H, W); ``"native"`` -> "native" (keep each image's size)."""
+    text = text.strip().lower()
+    if text == "native":
+        return "native"
+    parts = text.replace("*", "x").split("x")
+    try:
+        h, w = (int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"size must be HxW (e.g. 512x1024) or 'native', got {text!r}") from None
+    return check_size((h, w))
+
+
+def check_size(size) -> Tuple[int, int]:
+    h, w = size
+    if h < MIN_SIDE or w < MIN_SIDE:
+        raise ValueError(f"the network input must be at least {MIN_SIDE} x {MIN_SIDE}, got {h} x {w}")
+    return int(h), int(w)
+
+
+def network_size(config, size: Size, image_hw: Tuple[int, int]) -> Tuple[int, int]:
+    """The size an image of ``image_hw`` is segmented at: ``size`` None or "model" -> the model's
+    official resolution; "native" -> the image's own size; (H, W) -> that."""
+    if isinstance(size, str) and size != "model":
+        size = parse_size(size)
+    if size is None or size == "model":
+        return tuple(config.input_size)
+    if size == "native":
+        h, w = image_hw
+        if h < MIN_SIDE or w < MIN_SIDE:
+            raise ImageError(f"the image is {h} x {w}; segmenting at its native size needs at "
+                             f"least {MIN_SIDE} x {MIN_SIDE}")
+        return int(h), int(w)
+    return check_size(size)
+
+
+def resize(image: Tensor, size: Tuple[int, int]) -> Tensor:
+    """Bilinear resize of a (C, H, W) or (B, C, H, W) tensor (antialiased when shrinking)."""
+    batched = image.dim() == 4
+    x = image if batched else image[None]
+    if tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
+    return x if batched else x[0]
+
+
+def normalize(images: Tensor, config) -> Tensor:
+    """``(images - mean) / std`` with the model's dataset statistics; images in [0, 1]."""
+    mean = torch.tensor(config.mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(config.std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    return (images - mean) / std
+
+
+def pyramid(images: Tensor, scales: Sequence[float]) -> List[Tensor]:
+    """Test-time augmentation inputs: ``images`` first (its size is the output size), then the
+    other scales. Every level keeps sides >= 32."""
+    levels = [images]
+    h, w = images.shape[-2:]
+    for s in scales:
+        if s <= 0:
+            raise ValueError(f"TTA scales must be positive, got {s}")
+        size = (max(MIN_SIDE, round(h * s)), max(MIN_SIDE, round(w * s)))
+        if abs(s - 1.0) > 1e-9 and size != (h, w):
+            levels.append(F.interpolate(images, size=size, mode="bilinear", align_corners=False,
+                                        antialias=True))
+    return levels
+
+
+# ------------------------------------------------------------------------------------------------
+# Prediction
+# ------------------------------------------------------------------------------------------------
+
+def _model_of(model):
+    """The HyperSeg module behind ``model`` (also a torch.compile'd one)."""
+    return getattr(model, "_orig_mod", model)
+
+
+def segment(model, images: Sequence[Tensor], *, size: Size = None, batch_size: int = 4,
+            tta: bool = False, tta_scales: Sequence[float] = DEFAULT_TTA_SCALES) -> List[Tensor]:
+    """Label maps of (3, H, W) float tensors in [0, 1] (see ``predict_batch``): consecutive images
+    of equal network input size are batched, ``batch_size`` at most per forward pass."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    config = _model_of(model).config
+    targets = [network_size(config, size, tuple(image.shape[-2:])) for image in images]
+    results: List[Tensor] = []
+    start = 0
+    while start < len(images):
+        stop = start + 1
+        while stop < len(images) and stop - start < batch_size and targets[stop] == targets[start]:
+            stop += 1
+        results += _segment_batch(model, config, images[start:stop], targets[start], tta,
+                                  tta_scales)
+        start = stop
+    return results
+
+
+def predict_batch(model, images: Iterable[ImageLike], *, size: Size = None,
+                  batch_size: int = 4, tta: bool = False,
+                  tta_scales: Sequence[float] = DEFAULT_TTA_SCALES) -> List[Tensor]:
+    """Segment several images; returns one (H, W) ``torch.int64`` CPU label map per image, each of
+    its image's own size.
+
+    Args:
+        model: a ``HyperSeg`` (or a ``torch.compile``'d one); it runs on its own device and dtype,
+            in eval mode, under ``torch.inference_mode``.
+        images: paths, PIL images, (H, W, 3) uint8 arrays or (3, H, W) tensors in [0, 1]. All are
+            read before the first forward pass: segment a long list in chunks.
+        size: network input size: None (the model's official ``config.input_size``), "native"
+            (each image's own size, at least 32 x 32), (H, W) or "HxW".
+        batch_size: images per forward pass (consecutive images of equal network size).
+        tta: test-time augmentation: a pyramid of ``tta_scales`` (plus the flips that the model's
+            ``tta_hflip`` asks for), merged by the model (``HyperSeg.forward_pyramid``).
+    """
+    return segment(model, [to_tensor(image) for image in images], size=size,
+                   batch_size=batch_size, tta=tta, tta_scales=tta_scales)
+
+
+def predict(model, image: ImageLike, *, size: Size = None, tta: bool = False,
+            tta_scales: Sequence[float] = DEFAULT_TTA_SCALES) -> Tensor:
+    """Segment one image: its (H, W) label map of class ids, a ``torch.int64`` CPU tensor of the
+    image's own size (``.numpy().astype(numpy.uint8)`` gives a uint8 array when there are at most
+    256 classes). Arguments as ``predict_batch``."""
+    return predict_batch(model, [image], size=size, tta=tta, tta_scales=tta_scales)[0]
+
+
+def _segment_batch(model, config, images: Sequence[Tensor], target: Tuple[int, int], tta: bool,
+                   tta_scales: Sequence[float]) -> List[Tensor]:
+    """Label maps of images segmented at one network input size ``target``."""
+    module = _model_of(model)
+    param = next(module.parameters())
+    batch = torch.stack([resize(image, target) for image in images])
+    batch = normalize(batch.to(param.device), config).to(param.dtype)
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.inference_mode():
+            logits = model(pyramid(batch, tta_scales) if tta else batch)
+            out = []
+            for image, scores in zip(images, logits):
+                scores = scores[None].float()
+                if tuple(scores.shape[-2:]) != tuple(image.shape[-2:]):
+                    # logits back to the image's size: plain bilinear, as the official evaluation
+                    scores = F.interpolate(scores, size=tuple(image.shape[-2:]), mode="bilinear",
+                                           align_corners=False)
+                out.append(scores.argmax(1)[0].cpu())
+    finally:
+        module.train(was_training)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Images out
+# ------------------------------------------------------------------------------------------------
+
+def label_image(labels: Union[Tensor, np.ndarray]) -> "PIL.Image.Image":
+    """A label map as a PIL image of its class ids: 8-bit grayscale ("L"), or 16-bit ("I;16")
+    when an id exceeds 255."""
+    from PIL import Image
+
+    if isinstance(labels, Tensor):
+        labels = labels.detach().cpu().numpy()
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"a label map must have shape (H, W), got {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() > 65535):
+        raise ValueError("class ids must be in [0, 65535] to be written as a PNG")
+    if labels.size == 0 or labels.max() <= 255:
+        return Image.fromarray(labels.astype(np.uint8))            # mode "L"
+    return Image.fromarray(labels.astype(np.uint16))           # mode "I;16"
+
+
+def save_prediction(labels: Tensor, image: Tensor, colors: np.ndarray, out_dir: str, stem: str,
+                    alpha: float = 0.5) -> List[str]:
+    """Write ``<stem>_labels.png`` (class ids), ``<stem>_color.png`` (palette colours) and
+    ``<stem>_overlay.png`` (the image blended with the colours) into ``out_dir`` (created if
+    needed). ``image`` is the (3, H, W) [0, 1] image the labels belong to. Returns the paths."""
+    from PIL import Image
+
+    os.makedirs(out_dir, exist_ok=True)
+    color = colorize(labels, colors)
+    paths = [os.path.join(out_dir, f"{stem}_{kind}.png") for kind in ("labels", "color", "overlay")]
+    label_image(labels).save(paths[0])
+    Image.fromarray(color).save(paths[1])
+    Image.fromarray(overlay(to_uint8(image), color, alpha)).save(paths[2])
+    return paths
+
+
+def model_palette(model) -> np.ndarray:
+    """The palette of a model's dataset and class count (see ``hyperseg.palettes.palette``)."""
+    return palette(_model_of(model).config)
