@@ -32,6 +32,20 @@ def border_index(i, n, PAD_MODE: tl.constexpr):
 
 
 @triton.jit
+def patch_pixels(pid_patch, pid_p, H, W, GH, GW, BLOCK_P: tl.constexpr):
+    """The pixels of one program: ``pid_patch`` numbers a patch of one image (b, gi, gj), and
+    ``pid_p`` a block of BLOCK_P of its pixels in row-major order. Returns the image index ``b``,
+    the patch's grid position (gi, gj), the pixels' image rows and columns, and their mask."""
+    gj = pid_patch % GW
+    gi = (pid_patch // GW) % GH
+    b = pid_patch // (GH * GW)
+    PH = H // GH
+    PW = W // GW
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    return b, gi, gj, gi * PH + p // PW, gj * PW + p % PW, p < PH * PW
+
+
+@triton.jit
 def generate_rows(rows, mask, sig_base, gen_ptr, sig_offset, gen_spg, gen_rpg, GHW):
     """Generated parameters of one patch: for every entry of ``rows`` (a tile of output-row indices
     of the generator's grouped 1x1 convolution), the dot product of that row of the generator

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ._common import (PADDING_CODES, block, border_index, check_device, dot_in_fp32, generate_rows,
-                      pixel_block)
+                      patch_pixels, pixel_block)
 from .patch_conv import _check_common, _output_like, check_generator
 
 
@@ -37,19 +37,10 @@ def _meta_inverted_residual_kernel(
     # neighbour's input, expanded with this patch's weights).
     pid_patch = tl.program_id(0)
     pid_p = tl.program_id(1)
-    gj = pid_patch % GW
-    gi = (pid_patch // GW) % GH
-    b = pid_patch // (GH * GW)
-    PH = H // GH
-    PW = W // GW
+    b, gi, gj, yy, xx, p_mask = patch_pixels(pid_patch, pid_p, H, W, GH, GW, BLOCK_P)
     HW = H * W
     KK: tl.constexpr = K * K
     R: tl.constexpr = K // 2
-
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_mask = p < PH * PW
-    yy = gi * PH + p // PW
-    xx = gj * PW + p % PW
     x_base = x_ptr + b.to(tl.int64) * CIN * HW
     sig_base = sig_ptr + b.to(tl.int64) * SIG_C * GH * GW + gi * GW + gj
 

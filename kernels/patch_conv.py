@@ -16,7 +16,7 @@ import triton.language as tl
 from .. import ops
 
 from ._common import (ACTIVATION_CODES, PADDING_CODES, activate, block, border_index, check_device,
-                      check_dtype, dot_in_fp32, generate_rows, pixel_block)
+                      check_dtype, dot_in_fp32, generate_rows, patch_pixels, pixel_block)
 
 
 @triton.jit
@@ -34,19 +34,10 @@ def _patch_conv_kernel(
     pid_patch = tl.program_id(0)
     pid_co = tl.program_id(1)
     pid_p = tl.program_id(2)
-    gj = pid_patch % GW
-    gi = (pid_patch // GW) % GH
-    b = pid_patch // (GH * GW)
-    PH = H // GH
-    PW = W // GW
+    b, gi, gj, yy, xx, p_mask = patch_pixels(pid_patch, pid_p, H, W, GH, GW, BLOCK_P)
     HW = H * W
     KK: tl.constexpr = K * K
     R: tl.constexpr = K // 2
-
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_mask = p < PH * PW
-    yy = gi * PH + p // PW
-    xx = gj * PW + p % PW
     x_base = x_ptr + b.to(tl.int64) * CIN * HW
     sig_base = sig_ptr + b.to(tl.int64) * SIG_C * GH * GW + gi * GW + gj
     # Explicit weights: (B, GH, GW, COUT, CIN_G, K, K) contiguous.
