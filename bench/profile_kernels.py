@@ -527,13 +527,18 @@ def _pad_input(model, x):
     return F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
 
 
-def official_forward(model, x, clock=None):
-    """The whole model with the official-algorithm decoder (backbone and context head shared)."""
+def decoder_inputs(model, x):
+    """The decoder's inputs (padded image and backbone features) and the context signal."""
     xp = _pad_input(model, x)
     feats, head = model.backbone(xp)
-    signal = model.context_head(head)
+    return [xp] + feats, model.context_head(head)
+
+
+def official_forward(model, x, clock=None):
+    """The whole model with the official-algorithm decoder (backbone and context head shared)."""
+    inputs, signal = decoder_inputs(model, x)
     t0 = time.perf_counter()
-    out = official_decoder(model, [xp] + feats, signal)
+    out = official_decoder(model, inputs, signal)
     if clock is not None:
         clock.current["decoder"] = (time.perf_counter() - t0) * 1e3
     return out[..., :x.shape[2], :x.shape[3]]
@@ -635,16 +640,13 @@ def bench_blocks(run, model, x, dtype: str, use_triton: bool) -> list:
     d = model.decoder
     model.backend = "torch"
     with amp():
-        xp = _pad_input(model, x)
-        feats, head = model.backbone(xp)
-        signal = model.context_head(head)
-        inputs = [xp] + feats
+        inputs, signal = decoder_inputs(model, x)
         levels, prev = [], None
         for level, block in enumerate(d.blocks):
             xl = d.level_input(level, inputs, prev)
             prev = block(xl, d.block_weights(level, signal))
             levels.append((xl, prev))
-    del feats, head, inputs
+    del inputs
 
     records = []
     for level, block in enumerate(d.blocks):

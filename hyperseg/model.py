@@ -1,7 +1,7 @@
 """The HyperSeg model and ``build``."""
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -192,9 +192,15 @@ def calibrate_batchnorm(model: HyperSeg, x: Tensor) -> HyperSeg:
         bn.running_var.copy_(t.var(dims, unbiased=False).clamp_min(1e-2))
 
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    handles = [bn.register_forward_pre_hook(set_stats) for bn in bns]
+    return reference_pass(model, x, [bn.register_forward_pre_hook(set_stats) for bn in bns])
+
+
+def reference_pass(model: HyperSeg, x: Tensor, handles=()) -> HyperSeg:
+    """One eval-mode, no-grad forward of ``x`` on the torch reference, over all patches at once
+    (no bands of patch rows), for hooks that inspect it; ``handles`` (hook handles) are removed
+    and the model's backend restored afterwards. Returns the model, in eval mode."""
     banded = [m for m in model.modules() if isinstance(m, MetaInvertedResidual)]
-    for block in banded:            # one pass over all patches, not per band of patch rows
+    for block in banded:
         block.EXPANDED_BUDGET = 1 << 62
     backend = model.backend
     model.eval()

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from hyperseg.decoder import MetaConv, MetaInvertedResidual
+from hyperseg.model import reference_pass
 
 KAPPA = 16.0
 
@@ -86,17 +87,7 @@ def calibrate_conditioned(model, x, kappa: float = KAPPA):
             handles.append(m.register_forward_pre_hook(meta_conv_hook))
         elif isinstance(m, MetaInvertedResidual):
             handles.append(m.register_forward_pre_hook(meta_ir_hook))
-    backend = model.backend
-    model.eval()
-    model.backend = "torch"
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        model.backend = backend
-        for h in handles:
-            h.remove()
-    return model
+    return reference_pass(model, x, handles)
 
 
 def max_error(got, ref) -> float:
