@@ -85,11 +85,12 @@ class HyperSeg(nn.Module):
     def resolve_backend(self, x: Tensor) -> str:
         """The decoder implementation that a forward pass on ``x`` uses.
 
-        The Triton kernels implement the eval-mode forward only (BatchNorm folded, no backward).
-        In training mode, or when autograd records the pass (grad mode on and ``x`` or a parameter
-        requires grad), the decoder runs on the torch reference even with backend "triton", so
-        gradients and BatchNorm statistics are always right. Run inference under
-        ``torch.no_grad()`` / ``torch.inference_mode()`` to use the kernels.
+        "torch": the reference. "triton": the Triton kernels, in every mode: fused inference
+        kernels in eval mode without autograd; in training, or when autograd records the pass,
+        the differentiable Triton ops (weight generation and patch-wise convolution, with Triton
+        backward kernels) composed with torch's BatchNorm. "auto": triton for CUDA inputs in eval
+        mode without autograd, the reference otherwise (the backward kernels are not yet tuned
+        or measured on a GPU, so training stays on the cuDNN-backed reference unless asked).
         """
         if self._backend == "torch":
             return "torch"
@@ -98,7 +99,8 @@ class HyperSeg(nn.Module):
                 raise NotImplementedError(
                     "backend='triton' needs the Triton kernels of hyperseg.kernels, which could "
                     "not be imported (is triton installed?); use backend='torch' or 'auto'")
-        elif not (x.is_cuda and triton_available()):
+            return "triton"
+        if not (x.is_cuda and triton_available()):
             return "torch"
         if self.training or (torch.is_grad_enabled() and (
                 x.requires_grad or any(p.requires_grad for p in self.parameters()))):

@@ -250,25 +250,74 @@ def _inverted_residual_rows(padded: Tensor, expand: Tensor, depthwise: Tensor, p
     return merge_patches(out.reshape(b, gh, gw, cout, ph, pw))
 
 
-def patch_inverted_residual_v01(x: Tensor, expand: Tensor, depthwise: Tensor, project: Tensor, *,
-                                norm1: Norm = None, norm2: Norm = None, norm3: Norm = None,
-                                residual: bool = False, padding_mode: str = "reflect") -> Tensor:
-    """The v0.1 patch-wise inverted residual block (the VOC model).
+def tile_patches(x: Tensor, grid: Tuple[int, int], halo: int, padding_mode: str = "reflect") -> Tensor:
+    """Lay every patch of ``x`` (B, C, H, W) out with its own halo, side by side:
+    (B, C, GH * (ph + 2 halo), GW * (pw + 2 halo)). Tile (i, j) holds patch (i, j) and its halo
+    (the neighbours' pixels; ``padding_mode`` at the image border)."""
+    patches = split_patches(pad_border(x, halo, padding_mode), grid, halo)   # (B, GH, GW, C, hh, hw)
+    b, gh, gw, c, hh, hw = patches.shape
+    return patches.permute(0, 3, 1, 4, 2, 5).reshape(b, c, gh * hh, gw * hw)
 
-    Each sub-layer is its own patch-wise convolution over the whole map, so the depthwise
-    convolution's halo holds the *neighbour's* expanded features (expanded with the neighbour's
-    weights). Norms act on whole (B, C, H, W) maps. Arguments as ``patch_inverted_residual``.
+
+def crop_tiles(tiles: Tensor, grid: Tuple[int, int], halo: int) -> Tensor:
+    """Inverse of ``tile_patches``: drop each tile's halo, (B, C, GH * hh, GW * hw) -> (B, C, H, W)."""
+    b, c, th, tw = tiles.shape
+    gh, gw = grid
+    hh, hw = th // gh, tw // gw
+    inner = tiles.reshape(b, c, gh, hh, gw, hw)[:, :, :, halo:hh - halo, :, halo:hw - halo]
+    return inner.reshape(b, c, gh * (hh - 2 * halo), gw * (hw - 2 * halo))
+
+
+def patch_inverted_residual_tiled(x: Tensor, expand: Tensor, depthwise: Tensor, project: Tensor, *,
+                                  norm1: Norm = None, norm2: Norm = None, norm3: Norm = None,
+                                  residual: bool = False, padding_mode: str = "reflect",
+                                  conv: Callable = patch_conv2d) -> Tensor:
+    """``patch_inverted_residual`` (v1) written as three patch-wise convolutions ``conv``
+    (``patch_conv2d`` or its Triton kernel), for training on the kernels.
+
+    The patches are laid out with their halos side by side (``tile_patches``): the expand is then
+    a patch-wise 1x1 convolution over the tiles, whose weights are the patch's own, as v1 wants
+    for the halo. A zero-padded k x k patch-wise depthwise convolution over the tiles equals the
+    valid convolution inside each tile, whose halo is cropped afterwards. ``norm1`` sees the same
+    values as in ``patch_inverted_residual`` (every patch with its halo), so train-mode BatchNorm
+    gets the same batch statistics. Arguments as ``patch_inverted_residual``.
     """
     norm1, norm2, norm3 = (n or _identity for n in (norm1, norm2, norm3))
     b, gh, gw, hidden, cin = expand.shape
     cout = project.shape[3]
     k = depthwise.shape[-1]
-    y = patch_conv2d(x, expand.reshape(b, gh, gw, hidden, cin, 1, 1))
+    check_grid(x, (gh, gw))
+    if residual and cin != cout:
+        raise ValueError(f"a residual needs Cin == Cout, got {cin} and {cout}")
+    halo = k // 2
+    y = conv(tile_patches(x, (gh, gw), halo, padding_mode), expand.reshape(b, gh, gw, hidden, cin, 1, 1))
     y = F.relu6(norm1(y))
-    y = patch_conv2d(y, depthwise.reshape(b, gh, gw, hidden, 1, k, k),
-                     padding_mode=padding_mode, groups=hidden)
+    z = conv(y, depthwise.reshape(b, gh, gw, hidden, 1, k, k), padding_mode="zeros", groups=hidden)
+    z = F.relu6(norm2(crop_tiles(z, (gh, gw), halo)))
+    out = norm3(conv(z, project.reshape(b, gh, gw, cout, hidden, 1, 1)))
+    return out + x if residual else out
+
+
+def patch_inverted_residual_v01(x: Tensor, expand: Tensor, depthwise: Tensor, project: Tensor, *,
+                                norm1: Norm = None, norm2: Norm = None, norm3: Norm = None,
+                                residual: bool = False, padding_mode: str = "reflect",
+                                conv: Callable = patch_conv2d) -> Tensor:
+    """The v0.1 patch-wise inverted residual block (the VOC model).
+
+    Each sub-layer is its own patch-wise convolution over the whole map, so the depthwise
+    convolution's halo holds the *neighbour's* expanded features (expanded with the neighbour's
+    weights). Norms act on whole (B, C, H, W) maps. Arguments as ``patch_inverted_residual``;
+    ``conv`` is the patch-wise convolution (``patch_conv2d`` or its Triton kernel).
+    """
+    norm1, norm2, norm3 = (n or _identity for n in (norm1, norm2, norm3))
+    b, gh, gw, hidden, cin = expand.shape
+    cout = project.shape[3]
+    k = depthwise.shape[-1]
+    y = conv(x, expand.reshape(b, gh, gw, hidden, cin, 1, 1))
+    y = F.relu6(norm1(y))
+    y = conv(y, depthwise.reshape(b, gh, gw, hidden, 1, k, k), padding_mode=padding_mode, groups=hidden)
     y = F.relu6(norm2(y))
-    out = norm3(patch_conv2d(y, project.reshape(b, gh, gw, cout, hidden, 1, 1)))
+    out = norm3(conv(y, project.reshape(b, gh, gw, cout, hidden, 1, 1)))
     if residual:
         if cin != cout:
             raise ValueError(f"a residual needs Cin == Cout, got {cin} and {cout}")

@@ -32,6 +32,41 @@ def border_index(i, n, PAD_MODE: tl.constexpr):
 
 
 @triton.jit
+def mirror_source(q, m, n, PAD_MODE: tl.constexpr, R: tl.constexpr):
+    """The inverse of ``border_index`` along one axis, for the backward pass: the ``m``-th virtual
+    index v (in [-R, n + R)) that ``border_index`` maps to the in-image index ``q``.
+
+    m = 0 is q itself. With reflect padding, m = 1 is the mirror image -q beyond the first index
+    (exists for 1 <= q <= R) and m = 2 the one beyond the last, 2 (n - 1) - q (for
+    n - 1 - R <= q <= n - 2). With replicate padding, m = 1..R are -1..-R (exist for q = 0) and
+    m = R + 1..2R are n..n + R - 1 (for q = n - 1). Returns (v, exists).
+    """
+    v = q
+    exists = q == q
+    if PAD_MODE == 1:
+        if m == 1:
+            v = -q
+            exists = (q >= 1) & (q <= R)
+        elif m == 2:
+            v = 2 * (n - 1) - q
+            exists = (q <= n - 2) & (q >= n - 1 - R)
+    elif PAD_MODE == 2:
+        if m > 0:
+            if m <= R:
+                v = q * 0 - m
+                exists = q == 0
+            else:
+                v = q * 0 + (n - 1 + m - R)
+                exists = q == n - 1
+    return v, exists
+
+
+def mirror_slots(padding_mode: str, halo: int) -> int:
+    """How many virtual indices ``mirror_source`` enumerates per axis."""
+    return {"zeros": 1, "reflect": 3, "replicate": 2 * halo + 1}[padding_mode] if halo else 1
+
+
+@triton.jit
 def patch_pixels(pid_patch, pid_p, H, W, GH, GW, BLOCK_P: tl.constexpr):
     """The pixels of one program: ``pid_patch`` numbers a patch of one image (b, gi, gj), and
     ``pid_p`` a block of BLOCK_P of its pixels in row-major order. Returns the image index ``b``,
@@ -66,6 +101,18 @@ def generate_rows(rows, mask, sig_base, gen_ptr, sig_offset, gen_spg, gen_rpg, G
 
 
 @triton.jit
+def dot_acc(a, b, acc, DOT_MODE: tl.constexpr):
+    """``acc + a @ b``. DOT_MODE 0: operands in their (half) precision with float32 accumulation
+    (tensor cores); 1: float32 operands, IEEE (no tf32); 2: float64."""
+    if DOT_MODE == 2:
+        return acc + tl.dot(a.to(tl.float64), b.to(tl.float64))
+    elif DOT_MODE == 1:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a.to(b.dtype), b, acc)
+
+
+@triton.jit
 def activate(t, ACT: tl.constexpr):
     if ACT == 1:
         t = tl.maximum(t, 0.0)
@@ -91,9 +138,36 @@ def check_device(*tensors: torch.Tensor) -> None:
         raise ValueError(f"the Triton kernels need CUDA (or interpreted CPU) tensors, got {device}")
 
 
-def check_dtype(x: torch.Tensor) -> None:
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"the kernels take float32, float16 or bfloat16 inputs, got {x.dtype}")
+def check_dtype(x: torch.Tensor, float64: bool = False) -> None:
+    """The kernels take float32, float16 and bfloat16; ``float64``: also float64 (the unfused ops,
+    so that ``torch.autograd.gradcheck`` can run on them)."""
+    allowed = (torch.float32, torch.float16, torch.bfloat16) + ((torch.float64,) if float64 else ())
+    if x.dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        raise TypeError(f"this kernel takes {names} inputs, got {x.dtype}")
+
+
+def autocast(*tensors):
+    """The tensors as autocast would pass them to a convolution: inside an autocast region,
+    float32 / float16 / bfloat16 tensors in its dtype (float64 and None unchanged)."""
+    device = next(t for t in tensors if t is not None).device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if t is not None and t.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                 else t for t in tensors)
+
+
+def dot_mode(dtype: torch.dtype) -> int:
+    """The DOT_MODE of ``dot_acc`` for inputs of ``dtype``."""
+    if dtype == torch.float64:
+        return 2
+    return 1 if dot_in_fp32(dtype) else 0
+
+
+def accumulator(dtype: torch.dtype):
+    """The Triton dtype in which kernels accumulate: float64 for float64 inputs, else float32."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def dot_in_fp32(dtype: torch.dtype) -> bool:
@@ -105,6 +179,18 @@ def dot_in_fp32(dtype: torch.dtype) -> bool:
 def block(n: int, low: int = 16, high: int = 128) -> int:
     """A power-of-two block size covering ``n``, within [low, high] (tl.dot needs >= 16)."""
     return max(low, min(high, triton.next_power_of_2(max(1, n))))
+
+
+# Upper bound of the channels one tile of the backward kernels holds; None: the GPU bound given
+# at each call, or 128 in the interpreter (fewer, larger programs). Tests lower it to run several
+# channel blocks through the interpreter.
+MAX_CHANNEL_BLOCK = None
+
+
+def channel_block(n: int, gpu_high: int) -> int:
+    """Channels per tile in the backward kernels: ``block(n)`` capped at ``gpu_high`` on a GPU."""
+    high = MAX_CHANNEL_BLOCK or (128 if interpreting() else gpu_high)
+    return block(n, high=high)
 
 
 # Upper bound of the pixels one program handles; None: the default below. Tests lower it to run

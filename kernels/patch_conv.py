@@ -7,7 +7,7 @@ The reference semantics are the functions of the same names in ``hyperseg.ops``.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -15,8 +15,9 @@ import triton.language as tl
 
 from .. import ops
 
-from ._common import (ACTIVATION_CODES, PADDING_CODES, activate, block, border_index, check_device,
-                      check_dtype, dot_in_fp32, generate_rows, patch_pixels, pixel_block)
+from ._common import (ACTIVATION_CODES, PADDING_CODES, accumulator, activate, autocast, block, border_index,
+                      channel_block, check_device, check_dtype, dot_acc, dot_mode, generate_rows, mirror_slots,
+                      mirror_source, patch_pixels, pixel_block)
 
 
 @triton.jit
@@ -26,7 +27,7 @@ def _patch_conv_kernel(
         SIG_C, sig_offset, gen_spg, gen_rpg, row_start,
         K: tl.constexpr, PAD_MODE: tl.constexpr, GENERATED: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_AFFINE: tl.constexpr, ACT: tl.constexpr,
-        DEPTHWISE: tl.constexpr, DOT_FP32: tl.constexpr, TAPS: tl.constexpr,
+        DEPTHWISE: tl.constexpr, DOT_MODE: tl.constexpr, ACC: tl.constexpr, TAPS: tl.constexpr,
         BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_P: tl.constexpr):
     # Program (patch, channel block, pixel block): axis 0 is one patch of one image, axis 1 a
     # block of output channels within one group (depthwise: a block of channels), axis 2 a block
@@ -46,7 +47,7 @@ def _patch_conv_kernel(
     if DEPTHWISE:
         co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
         co_mask = co < COUT
-        acc = tl.zeros((BLOCK_CO, BLOCK_P), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_CO, BLOCK_P), dtype=ACC)
         if GENERATED:
             taps = tl.arange(0, TAPS)
             wk_mask = co_mask[:, None] & (taps[None, :] < KK)
@@ -57,11 +58,11 @@ def _patch_conv_kernel(
             sx, vx = border_index(xx + (t % K - R), W, PAD_MODE)
             m = co_mask[:, None] & (p_mask & vy & vx)[None, :]
             xv = tl.load(x_base + co.to(tl.int64)[:, None] * HW + (sy * W + sx)[None, :],
-                         mask=m, other=0.0).to(tl.float32)
+                         mask=m, other=0.0).to(ACC)
             if GENERATED:
                 wt = tl.sum(tl.where(taps[None, :] == t, wk, 0.0), axis=1)
             else:
-                wt = tl.load(w_base + co * KK + t, mask=co_mask, other=0.0).to(tl.float32)
+                wt = tl.load(w_base + co * KK + t, mask=co_mask, other=0.0).to(ACC)
             acc += wt[:, None] * xv
     else:
         n_co_blocks = tl.cdiv(COUT_G, BLOCK_CO)
@@ -69,7 +70,7 @@ def _patch_conv_kernel(
         co_local = (pid_co % n_co_blocks) * BLOCK_CO + tl.arange(0, BLOCK_CO)
         co_mask = co_local < COUT_G
         co = g * COUT_G + co_local
-        acc = tl.zeros((BLOCK_CO, BLOCK_P), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_CO, BLOCK_P), dtype=ACC)
         for ci0 in range(0, CIN_G, BLOCK_CI):
             ci_local = ci0 + tl.arange(0, BLOCK_CI)
             ci_mask = ci_local < CIN_G
@@ -88,14 +89,11 @@ def _patch_conv_kernel(
                                        gen_spg, gen_rpg, GH * GW)
                 else:
                     wv = tl.load(w_base + widx, mask=w_mask, other=0.0)
-                if DOT_FP32:
-                    acc += tl.dot(wv.to(tl.float32), xv.to(tl.float32), input_precision="ieee")
-                else:
-                    acc += tl.dot(wv.to(xv.dtype), xv)
+                acc = dot_acc(wv, xv, acc, DOT_MODE)
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + pid_patch.to(tl.int64) * COUT + co, mask=co_mask, other=0.0)
-        acc += bias.to(tl.float32)[:, None]
+        acc += bias.to(ACC)[:, None]
     if HAS_AFFINE:
         scale = tl.load(scale_ptr + co, mask=co_mask, other=0.0)
         shift = tl.load(shift_ptr + co, mask=co_mask, other=0.0)
@@ -129,16 +127,224 @@ def _launch(x, out, *, weight, bias, signal, generator, signal_offset, gen_spg, 
         signal.shape[1] if generated else 0, signal_offset, gen_spg, gen_rpg, row_start,
         K=kernel_size, PAD_MODE=PADDING_CODES[padding_mode], GENERATED=generated,
         HAS_BIAS=bias is not None, HAS_AFFINE=scale is not None,
-        ACT=ACTIVATION_CODES[activation], DEPTHWISE=depthwise, DOT_FP32=dot_in_fp32(x.dtype),
+        ACT=ACTIVATION_CODES[activation], DEPTHWISE=depthwise, DOT_MODE=dot_mode(x.dtype),
+        ACC=accumulator(x.dtype),
         TAPS=triton.next_power_of_2(kernel_size * kernel_size),
         BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_P=block_p, num_warps=4)
     return out
 
 
-def _check_common(x: torch.Tensor, grid, kernel_size: int, groups: int, padding_mode: str) -> None:
+# ------------------------------------------------------------------------------------------------
+# Backward: the gradients of x, of the per-patch kernels and of the per-patch bias
+# ------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _patch_conv_input_grad_kernel(
+        dout_ptr, w_ptr, dx_ptr,
+        H, W, GH, GW, CIN, COUT, CIN_G, COUT_G,
+        K: tl.constexpr, PAD_MODE: tl.constexpr, SLOTS: tl.constexpr, DEPTHWISE: tl.constexpr,
+        DOT_MODE: tl.constexpr, ACC: tl.constexpr,
+        BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr):
+    # Program (patch, input-channel block, pixel block), the forward's layout with input and
+    # output channels swapped: the gradient of a block of input pixels q of one patch, gathered
+    # from every output pixel that read them (a gather, not a scatter: no atomics, deterministic).
+    # Output pixel p reads q through tap t when border_index(p + d_t) == q, i.e. p = v - d_t for a
+    # virtual index v of q (``mirror_source``: q itself, or its mirror images beyond the border).
+    # p may lie in a neighbouring patch, whose kernel then applies.
+    pid_patch = tl.program_id(0)
+    pid_ci = tl.program_id(1)
+    pid_p = tl.program_id(2)
+    b, gi, gj, qy, qx, q_mask = patch_pixels(pid_patch, pid_p, H, W, GH, GW, BLOCK_P)
+    HW = H * W
+    KK: tl.constexpr = K * K
+    R: tl.constexpr = K // 2
+    PH = H // GH
+    PW = W // GW
+    dout_base = dout_ptr + b.to(tl.int64) * COUT * HW
+    if DEPTHWISE:
+        ci = pid_ci * BLOCK_CI + tl.arange(0, BLOCK_CI)
+        ci_mask = ci < CIN
+    else:
+        n_ci_blocks = tl.cdiv(CIN_G, BLOCK_CI)
+        g = pid_ci // n_ci_blocks
+        ci_local = (pid_ci % n_ci_blocks) * BLOCK_CI + tl.arange(0, BLOCK_CI)
+        ci_mask = ci_local < CIN_G
+        ci = g * CIN_G + ci_local
+    acc = tl.zeros((BLOCK_CI, BLOCK_P), dtype=ACC)
+    # the block's bounding box; mirror images exist only for pixels within R of the border
+    y_first = gi * PH + (pid_p * BLOCK_P) // PW
+    y_last = tl.minimum(gi * PH + PH - 1, gi * PH + (pid_p * BLOCK_P + BLOCK_P - 1) // PW)
+    near_y = (y_first <= R) | (y_last >= H - 1 - R)
+    near_x = (gj * PW <= R) | (gj * PW + PW - 1 >= W - 1 - R)
+    for s in range(SLOTS * SLOTS):
+        vy, vx, ok = qy, qx, q_mask
+        vy_lo, vy_hi, vx_lo, vx_hi = y_first, y_last, gj * PW, gj * PW + PW - 1
+        if s > 0:
+            if ((s // SLOTS == 0) | near_y) & ((s % SLOTS == 0) | near_x):
+                vy, in_y = mirror_source(qy, s // SLOTS, H, PAD_MODE, R)
+                vx, in_x = mirror_source(qx, s % SLOTS, W, PAD_MODE, R)
+                ok = q_mask & in_y & in_x
+                # bounding box of the valid virtual indices (empty: no mirror image in this block)
+                vy_lo = tl.min(tl.where(ok, vy, H + R), axis=0)
+                vy_hi = tl.max(tl.where(ok, vy, -R - 1), axis=0)
+                vx_lo = tl.min(tl.where(ok, vx, W + R), axis=0)
+                vx_hi = tl.max(tl.where(ok, vx, -R - 1), axis=0)
+            else:
+                vy_lo = vy_hi + 1
+        if vy_lo <= vy_hi:
+            for t in range(KK):
+                py = vy - (t // K - R)
+                px = vx - (t % K - R)
+                pm = ok & (py >= 0) & (py < H) & (px >= 0) & (px < W)
+                py = tl.minimum(tl.maximum(py, 0), H - 1)
+                px = tl.minimum(tl.maximum(px, 0), W - 1)
+                pix = py * W + px
+                if DEPTHWISE:
+                    # one weight per (channel, pixel): gather it from p's patch
+                    w_off = ((b * GH + py // PH) * GW + px // PW).to(tl.int64) * COUT * KK
+                    m2 = ci_mask[:, None] & pm[None, :]
+                    wv = tl.load(w_ptr + w_off[None, :] + (ci * KK + t)[:, None], mask=m2, other=0.0)
+                    gv = tl.load(dout_base + ci.to(tl.int64)[:, None] * HW + pix[None, :],
+                                 mask=m2, other=0.0)
+                    acc += wv.to(ACC) * gv.to(ACC)
+                else:
+                    # the pixels whose p lies in one patch (nr, nc) share its kernel: one dot
+                    # W[nr, nc, :, :, t]^T @ dout per such patch (its own patch inside, up to a
+                    # few neighbours at patch edges) and output-channel block
+                    pr = py // PH
+                    pc = px // PW
+                    r_lo = tl.maximum(vy_lo - (t // K - R), 0) // PH
+                    r_hi = tl.minimum(vy_hi - (t // K - R), H - 1) // PH
+                    c_lo = tl.maximum(vx_lo - (t % K - R), 0) // PW
+                    c_hi = tl.minimum(vx_hi - (t % K - R), W - 1) // PW
+                    for nr in range(r_lo, r_hi + 1):
+                        for nc in range(c_lo, c_hi + 1):
+                            nm = pm & (pr == nr) & (pc == nc)
+                            w_base = w_ptr + ((b * GH + nr) * GW + nc).to(tl.int64) * COUT * CIN_G * KK
+                            for co0 in range(0, COUT_G, BLOCK_CO):
+                                co_local = co0 + tl.arange(0, BLOCK_CO)
+                                co_mask = co_local < COUT_G
+                                co = g * COUT_G + co_local
+                                wt = tl.load(w_base + (co[None, :] * CIN_G + ci_local[:, None]) * KK + t,
+                                             mask=ci_mask[:, None] & co_mask[None, :], other=0.0)
+                                gv = tl.load(dout_base + co.to(tl.int64)[:, None] * HW + pix[None, :],
+                                             mask=co_mask[:, None] & nm[None, :], other=0.0)
+                                if DOT_MODE == 2:
+                                    acc += tl.dot(wt.to(tl.float64), gv.to(tl.float64))
+                                elif DOT_MODE == 1:
+                                    acc = tl.dot(wt.to(tl.float32), gv.to(tl.float32), acc,
+                                                 input_precision="ieee")
+                                else:
+                                    acc = tl.dot(wt.to(gv.dtype), gv, acc)
+    dx_off = b.to(tl.int64) * CIN * HW + ci.to(tl.int64)[:, None] * HW + (qy * W + qx)[None, :]
+    tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=ci_mask[:, None] & q_mask[None, :])
+
+
+@triton.jit
+def _patch_conv_weight_grad_kernel(
+        x_ptr, dout_ptr, dw_ptr, db_ptr,
+        H, W, GH, GW, CIN, COUT, CIN_G, COUT_G,
+        K: tl.constexpr, PAD_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, DEPTHWISE: tl.constexpr,
+        DOT_MODE: tl.constexpr, ACC: tl.constexpr,
+        BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_P: tl.constexpr):
+    # Program (patch, channel block): a block of one patch's kernel, tap by tap,
+    # dW[co, ci, t] = sum over the patch's pixels p of dout[co, p] * x[ci, border_index(p + d_t)],
+    # accumulated pixel block by pixel block in a fixed order (deterministic). Tiles hold runs of
+    # pw contiguous pixels. The programs of the first input-channel block also sum dout over the
+    # patch: the bias gradient.
+    pid_patch = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    HW = H * W
+    KK: tl.constexpr = K * K
+    R: tl.constexpr = K // 2
+    n_pix = (H // GH) * (W // GW)
+    b = pid_patch // (GH * GW)
+    x_base = x_ptr + b.to(tl.int64) * CIN * HW
+    dout_base = dout_ptr + b.to(tl.int64) * COUT * HW
+    if DEPTHWISE:
+        co = pid_c * BLOCK_CO + tl.arange(0, BLOCK_CO)
+        co_mask = co < COUT
+        ci = co
+        ci_mask = co_mask
+        first_ci_block = True
+    else:
+        n_co_blocks = tl.cdiv(COUT_G, BLOCK_CO)
+        n_ci_blocks = tl.cdiv(CIN_G, BLOCK_CI)
+        g = pid_c // (n_co_blocks * n_ci_blocks)
+        rest = pid_c % (n_co_blocks * n_ci_blocks)
+        co_local = (rest // n_ci_blocks) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+        ci_local = (rest % n_ci_blocks) * BLOCK_CI + tl.arange(0, BLOCK_CI)
+        co_mask = co_local < COUT_G
+        ci_mask = ci_local < CIN_G
+        co = g * COUT_G + co_local
+        ci = g * CIN_G + ci_local
+        first_ci_block = rest % n_ci_blocks == 0
+    bias_sum = tl.zeros((BLOCK_CO,), dtype=ACC)
+    for t in range(KK):
+        if DEPTHWISE:
+            acc = tl.zeros((BLOCK_CO,), dtype=ACC)
+        else:
+            acc = tl.zeros((BLOCK_CO, BLOCK_CI), dtype=ACC)
+        for p0 in range(0, n_pix, BLOCK_P):
+            _, _, _, yy, xx, p_mask = patch_pixels(pid_patch, p0 // BLOCK_P, H, W, GH, GW, BLOCK_P)
+            sy, vy = border_index(yy + (t // K - R), H, PAD_MODE)
+            sx, vx = border_index(xx + (t % K - R), W, PAD_MODE)
+            gv = tl.load(dout_base + co.to(tl.int64)[:, None] * HW + (yy * W + xx)[None, :],
+                         mask=co_mask[:, None] & p_mask[None, :], other=0.0)
+            xv = tl.load(x_base + ci.to(tl.int64)[:, None] * HW + (sy * W + sx)[None, :],
+                         mask=ci_mask[:, None] & (p_mask & vy & vx)[None, :], other=0.0)
+            if DEPTHWISE:
+                acc += tl.sum(gv.to(ACC) * xv.to(ACC), axis=1)
+            else:
+                acc = dot_acc(gv, tl.trans(xv), acc, DOT_MODE)
+            if HAS_BIAS:
+                if t == 0:
+                    bias_sum += tl.sum(gv.to(ACC), axis=1)
+        if DEPTHWISE:
+            tl.store(dw_ptr + pid_patch.to(tl.int64) * COUT * KK + co * KK + t,
+                     acc.to(dw_ptr.dtype.element_ty), mask=co_mask)
+        else:
+            w_off = ((pid_patch.to(tl.int64) * COUT + co[:, None]) * CIN_G + ci_local[None, :]) * KK + t
+            tl.store(dw_ptr + w_off, acc.to(dw_ptr.dtype.element_ty),
+                     mask=co_mask[:, None] & ci_mask[None, :])
+    if HAS_BIAS:
+        tl.store(db_ptr + pid_patch.to(tl.int64) * COUT + co, bias_sum.to(db_ptr.dtype.element_ty),
+                 mask=co_mask & first_ci_block)
+
+
+def _launch_backward(dout, x, weight, *, dx, dw, db, groups, padding_mode):
+    """Fill ``dx`` (if not None) and ``dw`` / ``db`` (if not None) from ``dout``."""
+    b, cin, h, w = x.shape
+    _, gh, gw, cout, cin_g, k, _ = weight.shape
+    ph, pw = h // gh, w // gw
+    cout_g = cout // groups
+    depthwise = cin_g == 1 and cout_g == 1
+    common = dict(K=k, PAD_MODE=PADDING_CODES[padding_mode], DEPTHWISE=depthwise,
+                  DOT_MODE=dot_mode(x.dtype), ACC=accumulator(x.dtype))
+    block_p = pixel_block(ph * pw)
+    if dx is not None:
+        block_ci = channel_block(cin if depthwise else cin_g, 64)
+        n_ci = triton.cdiv(cin, block_ci) if depthwise else groups * triton.cdiv(cin_g, block_ci)
+        _patch_conv_input_grad_kernel[(b * gh * gw, n_ci, triton.cdiv(ph * pw, block_p))](
+            dout, weight, dx, h, w, gh, gw, cin, cout, cin_g, cout_g,
+            SLOTS=mirror_slots(padding_mode, k // 2), BLOCK_CI=block_ci,
+            BLOCK_CO=channel_block(cout_g, 32), BLOCK_P=block_p, num_warps=4, **common)
+    if dw is not None:
+        block_co = channel_block(cout if depthwise else cout_g, 64 if depthwise else 32)
+        block_ci = channel_block(cin_g, 32)
+        n_c = (triton.cdiv(cout, block_co) if depthwise
+               else groups * triton.cdiv(cout_g, block_co) * triton.cdiv(cin_g, block_ci))
+        _patch_conv_weight_grad_kernel[(b * gh * gw, n_c)](
+            x, dout, dw, db if db is not None else dw, h, w, gh, gw, cin, cout, cin_g, cout_g,
+            HAS_BIAS=db is not None, BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_P=block_p,
+            num_warps=4, **common)
+
+
+def _check_common(x: torch.Tensor, grid, kernel_size: int, groups: int, padding_mode: str,
+                  float64: bool = False) -> None:
     if x.dim() != 4:
         raise ValueError(f"x must have shape (B, Cin, H, W), got {tuple(x.shape)}")
-    check_dtype(x)
+    check_dtype(x, float64)
     ops.check_grid(x, grid)
     if padding_mode not in PADDING_CODES:
         raise ValueError(f"padding_mode must be one of {tuple(PADDING_CODES)}, got {padding_mode!r}")
@@ -157,11 +363,15 @@ def patch_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
 
     x (B, Cin, H, W); weight (B, GH, GW, Cout, Cin // groups, k, k) with k in {1, 3, 5};
     bias (B, GH, GW, Cout) or None. Non-contiguous inputs are copied to contiguous ones.
+    float32, float16, bfloat16 or float64 (for gradcheck); the output has x's dtype (the weights
+    may have another). Inside an autocast region the inputs are cast to its dtype first, as for
+    ``F.conv2d``. Differentiable in x, weight and bias, with Triton backward kernels
+    (``PatchConv2dFunction``), which accumulate in float32 (float64 for float64).
     """
     if weight.dim() != 7:
         raise ValueError(f"weight must have shape (B, GH, GW, Cout, Cin/groups, k, k), got {tuple(weight.shape)}")
     b, gh, gw, cout, cin_g, kh, kw = weight.shape
-    _check_common(x, (gh, gw), kh, groups, padding_mode)
+    _check_common(x, (gh, gw), kh, groups, padding_mode, float64=True)
     if kh != kw:
         raise ValueError(f"kernel must be square, got {kh} x {kw}")
     if b != x.shape[0]:
@@ -171,8 +381,40 @@ def patch_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
                          f"in {groups} group(s)")
     if bias is not None and tuple(bias.shape) != (b, gh, gw, cout):
         raise ValueError(f"bias must have shape {(b, gh, gw, cout)}, got {tuple(bias.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
     check_device(x, weight, bias)
-    return torch.ops.hyperseg.patch_conv2d(x, weight, bias, padding_mode, groups)
+    x, weight, bias = autocast(x, weight, bias)
+    return PatchConv2dFunction.apply(x, weight, bias, padding_mode, groups)
+
+
+class PatchConv2dFunction(torch.autograd.Function):
+    """``patch_conv2d`` with its Triton backward: the forward saves x and the per-patch kernels
+    (the only tensors the gradients need); the backward launches the input-gradient and the
+    kernel/bias-gradient kernels, each only when its gradient is needed. Both kernels gather
+    (no atomics), so gradients are bitwise reproducible."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, padding_mode, groups):
+        x = x.contiguous()
+        weight = weight.contiguous()
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.padding_mode = padding_mode
+        ctx.groups = groups
+        return torch.ops.hyperseg.patch_conv2d(x, weight, bias, padding_mode, groups)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_b = need_b and ctx.has_bias
+        dx, dw, db = torch.ops.hyperseg.patch_conv2d_backward(
+            dout, x, weight, need_x, need_w or need_b, need_b, ctx.padding_mode, ctx.groups)
+        return (dx if need_x else None, dw if need_w else None,
+                db.to(ctx.bias_dtype) if need_b else None, None, None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -201,6 +443,31 @@ def _patch_conv2d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
 @_patch_conv2d_op.register_fake
 def _patch_conv2d_fake(x, weight, bias, padding_mode, groups):
     return _output_like(x, weight.shape[3])
+
+
+@torch.library.custom_op("hyperseg::patch_conv2d_backward", mutates_args=())
+def _patch_conv2d_backward_op(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                              input_grad: bool, weight_grad: bool, bias_grad: bool,
+                              padding_mode: str, groups: int
+                              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias); a gradient not asked for is an empty tensor. dbias is float32 (or
+    float64) and is accumulated in the kernel that computes dweight."""
+    dout = dout.contiguous()
+    dx = torch.empty_like(x) if input_grad else None
+    dw = torch.empty_like(weight) if weight_grad else None
+    db = (x.new_empty(weight.shape[:4], dtype=torch.promote_types(x.dtype, torch.float32))
+          if bias_grad else None)
+    _launch_backward(dout, x, weight, dx=dx, dw=dw, db=db, groups=groups, padding_mode=padding_mode)
+    return tuple(x.new_empty(0) if t is None else t for t in (dx, dw, db))
+
+
+@_patch_conv2d_backward_op.register_fake
+def _patch_conv2d_backward_fake(dout, x, weight, input_grad, weight_grad, bias_grad, padding_mode,
+                                groups):
+    return (torch.empty_like(x) if input_grad else x.new_empty(0),
+            torch.empty_like(weight) if weight_grad else x.new_empty(0),
+            x.new_empty(weight.shape[:4], dtype=torch.promote_types(x.dtype, torch.float32))
+            if bias_grad else x.new_empty(0))
 
 
 def check_generator(signal: torch.Tensor, generator_weight: torch.Tensor, signal_offset: int,

@@ -13,13 +13,22 @@ import time
 assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "unset TRITON_INTERPRET"
 
 import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from hyperseg.kernels.generate_weights import (_generate_weights_kernel,  # noqa: E402
+                                               _generate_weights_signal_grad_kernel,
+                                               _generate_weights_weight_grad_kernel)
 from hyperseg.kernels.meta_inverted_residual import _meta_inverted_residual_kernel  # noqa: E402
-from hyperseg.kernels.patch_conv import _patch_conv_kernel  # noqa: E402
+from hyperseg.kernels.patch_conv import (_patch_conv_input_grad_kernel, _patch_conv_kernel,  # noqa: E402
+                                         _patch_conv_weight_grad_kernel)
 
 TARGET = GPUTarget("cuda", 90, 32)
+# Pointers to activations (and to the per-patch kernels, the signal and their gradients) have the
+# input dtype; generator weights, BatchNorm vectors and the bias gradient are float32.
+FLOAT32_POINTERS = ("gen_ptr", "dgen_ptr", "db_ptr", "s1_ptr", "t1_ptr", "s2_ptr", "t2_ptr",
+                    "s3_ptr", "t3_ptr", "scale_ptr", "shift_ptr")
 
 
 def compile_variant(fn, dtype, constexprs):
@@ -28,9 +37,7 @@ def compile_variant(fn, dtype, constexprs):
         if name in constexprs:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
-            # activations in the input dtype; generator weights and BN vectors in float32
-            signature[name] = f"*{dtype}" if name in ("x_ptr", "out_ptr", "w_ptr", "bias_ptr",
-                                                       "sig_ptr") else "*fp32"
+            signature[name] = "*fp32" if name in FLOAT32_POINTERS and dtype != "fp64" else f"*{dtype}"
         else:
             signature[name] = "i32"
     index = {name: i for i, name in enumerate(fn.arg_names)}
@@ -41,28 +48,54 @@ def compile_variant(fn, dtype, constexprs):
     return time.time() - start
 
 
-def main(dtypes=("fp32", "fp16", "bf16")):
+def report(name, dtype, seconds):
+    print(f"{name} {dtype}: {seconds:.1f}s", flush=True)
+    return seconds
+
+
+def forward_variants(dtype):
+    fp32 = dtype == "fp32"
+    for generated, depthwise, k in itertools.product((False, True), (False, True), (1, 3, 5)):
+        constexprs = dict(K=k, PAD_MODE=1, GENERATED=generated, HAS_BIAS=not generated,
+                          HAS_AFFINE=generated, ACT=2 if generated else 0, DEPTHWISE=depthwise,
+                          DOT_MODE=int(fp32), ACC=tl.float32, TAPS=triton.next_power_of_2(k * k),
+                          BLOCK_CO=32, BLOCK_CI=32, BLOCK_P=64)
+        yield f"patch_conv generated={generated} depthwise={depthwise} k={k}", _patch_conv_kernel, constexprs
+    for residual in (False, True):
+        constexprs = dict(K=3, PAD_MODE=1, RESIDUAL=residual, DOT_FP32=fp32, TAPS=16, BLOCK_CI=64,
+                          BLOCK_H=128, BLOCK_CO=32, BLOCK_P=64)
+        yield f"meta_inverted_residual residual={residual}", _meta_inverted_residual_kernel, constexprs
+
+
+def backward_variants(dtype):
+    mode = {"fp64": 2, "fp32": 1}.get(dtype, 0)
+    acc = tl.float64 if dtype == "fp64" else tl.float32
+    for depthwise, k, pad in ((False, 1, 1), (False, 3, 1), (True, 3, 0), (True, 5, 2)):
+        slots = {0: 1, 1: 3, 2: 2 * (k // 2) + 1}[pad] if k > 1 else 1
+        yield (f"patch_conv input grad depthwise={depthwise} k={k} pad={pad}", _patch_conv_input_grad_kernel,
+               dict(K=k, PAD_MODE=pad, SLOTS=slots, DEPTHWISE=depthwise, DOT_MODE=mode, ACC=acc,
+                    BLOCK_CI=32, BLOCK_CO=32, BLOCK_P=64))
+        yield (f"patch_conv weight grad depthwise={depthwise} k={k} pad={pad}", _patch_conv_weight_grad_kernel,
+               dict(K=k, PAD_MODE=pad, HAS_BIAS=True, DEPTHWISE=depthwise, DOT_MODE=mode, ACC=acc,
+                    BLOCK_CO=32, BLOCK_CI=32, BLOCK_P=64))
+    yield "generate_weights", _generate_weights_kernel, dict(ACC=acc, BLOCK_N=32, BLOCK_R=64)
+    yield ("generate_weights signal grad", _generate_weights_signal_grad_kernel,
+           dict(ACC=acc, BLOCK_N=32, BLOCK_S=32))
+    yield ("generate_weights weight grad", _generate_weights_weight_grad_kernel,
+           dict(DOT_MODE=mode, ACC=acc, BLOCK_R=32, BLOCK_S=32, BLOCK_N=32))
+
+
+def main(dtypes=("fp32", "fp16", "bf16", "fp64")):
     worst = 0.0
     for dtype in dtypes:
-        fp32 = dtype == "fp32"
-        for generated, depthwise, k in itertools.product((False, True), (False, True), (1, 3, 5)):
-            constexprs = dict(K=k, PAD_MODE=1, GENERATED=generated, HAS_BIAS=not generated,
-                              HAS_AFFINE=generated, ACT=2 if generated else 0, DEPTHWISE=depthwise,
-                              DOT_FP32=fp32, TAPS=triton.next_power_of_2(k * k), BLOCK_CO=32,
-                              BLOCK_CI=32, BLOCK_P=64)
-            seconds = compile_variant(_patch_conv_kernel, dtype, constexprs)
-            worst = max(worst, seconds)
-            print(f"patch_conv {dtype} generated={generated} depthwise={depthwise} k={k}: {seconds:.1f}s",
-                  flush=True)
-        for residual in (False, True):
-            constexprs = dict(K=3, PAD_MODE=1, RESIDUAL=residual, DOT_FP32=fp32, TAPS=16, BLOCK_CI=64,
-                              BLOCK_H=128, BLOCK_CO=32, BLOCK_P=64)
-            seconds = compile_variant(_meta_inverted_residual_kernel, dtype, constexprs)
-            worst = max(worst, seconds)
-            print(f"meta_inverted_residual {dtype} residual={residual}: {seconds:.1f}s", flush=True)
+        if dtype != "fp64":     # the fused inference kernels take no float64
+            for name, fn, constexprs in forward_variants(dtype):
+                worst = max(worst, report(name, dtype, compile_variant(fn, dtype, constexprs)))
+        for name, fn, constexprs in backward_variants(dtype):
+            worst = max(worst, report(name, dtype, compile_variant(fn, dtype, constexprs)))
     print(f"worst compile time {worst:.1f}s")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(tuple(sys.argv[1:]) or ("fp32", "fp16", "bf16")))
+    sys.exit(main(tuple(sys.argv[1:]) or ("fp32", "fp16", "bf16", "fp64")))

@@ -34,3 +34,21 @@ def small_pixel_blocks(monkeypatch):
     """Force 16-pixel blocks so that patches span several programs."""
     from hyperseg.kernels import _common
     monkeypatch.setattr(_common, "MAX_PIXEL_BLOCK", 16)
+
+
+def assert_grads_match(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, name: str = "") -> None:
+    """Gradients: max |err| within 1e-4 (float32) or 5e-2 (float16 / bfloat16) of the largest
+    reference gradient."""
+    assert got.shape == ref.shape, (name, got.shape, ref.shape)
+    scale = ref.float().abs().max().item()
+    assert scale > 0, f"{name}: the reference gradient is zero, nothing is compared"
+    err = (got.float() - ref.float()).abs().max().item()
+    bound = (1e-4 if dtype in (torch.float32, torch.float64) else 5e-2) * scale
+    assert err <= bound, f"{name}: max |err| {err:.3e} > {bound:.3e}"
+
+
+@pytest.fixture
+def small_channel_blocks(monkeypatch):
+    """Force 16-channel tiles in the backward kernels so that channels span several blocks."""
+    from hyperseg.kernels import _common
+    monkeypatch.setattr(_common, "MAX_CHANNEL_BLOCK", 16)

@@ -21,9 +21,10 @@ def _cuda_backend_available():
 def test_kernels_compile_for_sm90(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)      # compile for real, not from a cache
-    result = subprocess.run([sys.executable, str(SCRIPT), "fp32", "bf16"], capture_output=True, text=True,
-                            env=env, timeout=600)
+    result = subprocess.run([sys.executable, str(SCRIPT), "fp32", "bf16", "fp64"], capture_output=True,
+                            text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    assert result.stdout.count(": ") == 2 * (12 + 2)
+    # fp32 and bf16: 14 forward and 11 backward variants each; fp64: the 11 backward ones
+    assert result.stdout.count(": ") == 2 * (14 + 11) + 11
     worst = float(result.stdout.strip().splitlines()[-1].split()[-1].rstrip("s"))
     assert worst < 60, f"a kernel variant took {worst:.0f} s to compile"

@@ -28,9 +28,9 @@ def test_zoo_model_triton_equals_torch(name):
 
 @pytest.fixture
 def counted(monkeypatch):
-    """Count launches of the fused kernels."""
+    """Count calls of the kernels' ops."""
     calls = []
-    for name in ("meta_patch_conv", "meta_inverted_residual"):
+    for name in ("meta_patch_conv", "meta_inverted_residual", "generate_weights", "patch_conv2d"):
         original = getattr(kernels, name)
 
         def wrapper(*args, _original=original, _name=name, **kwargs):
@@ -54,34 +54,42 @@ def test_v01_blocks_run_three_fused_launches(counted):
     assert counted == ["meta_patch_conv"] * (2 + 3 * 4)
 
 
-def test_gradients_and_training_use_the_reference(counted):
-    """The kernels have no backward: with autograd recording, or in train mode, the reference
-    runs, so gradients are those of the reference."""
-    model = hyperseg.build("hyperseg-s-camvid", backend="triton").to(DEVICE)
+def test_training_and_gradients_run_on_the_differentiable_kernels(counted):
+    """In train mode, or when autograd records, backend "triton" generates each block's weights
+    with the generate_weights kernel and convolves with patch_conv2d (one for a kernel-1 block,
+    three for an inverted residual), never the fused inference kernels. Gradients are compared
+    with the reference in test_triton_training.py."""
+    model = hyperseg.build("hyperseg-m", backend="triton").to(DEVICE)
     x = torch.randn(1, 3, 64, 64, device=DEVICE)
-    assert model.resolve_backend(x) == "torch"            # grad mode on, parameters require grad
-    loss = model(x).square().mean()
-    loss.backward()
-    assert counted == []
-    grad = model.decoder.generators[0].weight.grad.clone()
-    model.zero_grad()
-    model.backend = "torch"
-    model(x).square().mean().backward()
-    torch.testing.assert_close(model.decoder.generators[0].weight.grad, grad)
-    model.backend = "triton"
-    with torch.no_grad():
-        assert model.resolve_backend(x) == "triton"
-        model.train()
-        assert model.resolve_backend(x) == "torch"
-        model.eval()
+    composed = ["generate_weights", "patch_conv2d"] * 3 + (["generate_weights"] + ["patch_conv2d"] * 3) * 2
+    assert model.resolve_backend(x) == "triton"
+    model(x)                                      # eval mode, but parameters require grad
+    assert counted == composed
+    counted.clear()
+    model.train()
+    with torch.no_grad():                         # train mode: batch statistics, no fusion
+        model(torch.randn(2, 3, 64, 64, device=DEVICE))
+    assert counted == composed
+    counted.clear()
+    model.eval()
     with torch.inference_mode():
-        assert model.resolve_backend(x) == "triton"
+        model(x)
+    assert counted == ["meta_patch_conv"] * 3 + ["meta_inverted_residual"] * 2
 
 
-def test_auto_backend_uses_triton_only_for_cuda_tensors():
+def test_auto_backend_uses_triton_only_for_cuda_inference():
     model = hyperseg.build("hyperseg-m", backend="auto")
     with torch.no_grad():
         assert model.resolve_backend(torch.zeros(1, 3, 64, 64)) == "torch"
+    if torch.cuda.is_available():
+        x = torch.zeros(1, 3, 64, 64, device="cuda")
+        model.cuda()
+        with torch.no_grad():
+            assert model.resolve_backend(x) == "triton"
+        assert model.resolve_backend(x) == "torch"        # autograd records: the reference
+        model.train()
+        with torch.no_grad():
+            assert model.resolve_backend(x) == "torch"
 
 
 def test_triton_backend_with_padding_and_pyramid_input():

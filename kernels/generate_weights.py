@@ -1,0 +1,219 @@
+"""Weight generation (the official ``signal2weights``) with its backward, for training.
+
+The fused inference kernels generate each patch's weights in registers and never store them. A
+training step needs the weights' gradient, so there the generation is its own op: a grouped 1x1
+convolution of the signal, written as (B, GH, GW, count) per-patch parameter vectors, with Triton
+kernels for the gradients of the signal and of the generator weight. Reference semantics:
+``hyperseg.ops.generate_weights``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import accumulator, autocast, block, channel_block, check_device, check_dtype, dot_mode
+
+
+@triton.jit
+def _generate_weights_kernel(
+        sig_ptr, gen_ptr, out_ptr, N, GHW, S, SPG, RPG, start, count,
+        ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    # Program (patch block, row block): out[n, r] = sum_s gen[start + r, s] * signal[n, c(r) + s]
+    # where c(r) is the first signal channel of row start + r's group. The output is
+    # (patches, count) row-major, so each tile row stores BLOCK_R contiguous values.
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    n_mask = n < N
+    r_mask = r < count
+    rows = (start + r).to(tl.int64)
+    chan = (rows // RPG) * SPG
+    sig_n = (n // GHW).to(tl.int64) * S * GHW + n % GHW
+    mask = n_mask[:, None] & r_mask[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=ACC)
+    for s in range(SPG):
+        g = tl.load(gen_ptr + rows * SPG + s, mask=r_mask, other=0.0).to(ACC)
+        v = tl.load(sig_ptr + sig_n[:, None] + (chan + s)[None, :] * GHW, mask=mask, other=0.0)
+        acc += v.to(ACC) * g[None, :]
+    tl.store(out_ptr + n.to(tl.int64)[:, None] * count + r[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _generate_weights_signal_grad_kernel(
+        dout_ptr, gen_ptr, dsig_ptr, N, GHW, S, SPG, RPG, start, count,
+        ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
+    # Program (patch block, signal-channel block): dsignal[n, c] = sum over the rows r of c's
+    # group that were generated (start <= r < start + count) of gen[r, c % SPG] * dout[n, r - start].
+    # Each program owns its outputs (no atomics); the rows are visited in a fixed order.
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    c = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    n_mask = n < N
+    c_mask = c < S
+    group = c // SPG
+    s = c % SPG
+    # rows j (within a group) that any channel of this block reads
+    first_group = (tl.program_id(1) * BLOCK_S) // SPG
+    last_group = tl.minimum(tl.program_id(1) * BLOCK_S + BLOCK_S - 1, S - 1) // SPG
+    j_lo = tl.maximum(start - last_group * RPG, 0)
+    j_hi = tl.minimum(start + count - first_group * RPG, RPG)
+    acc = tl.zeros((BLOCK_N, BLOCK_S), dtype=ACC)
+    for j in range(j_lo, j_hi):
+        r = group * RPG + j
+        r_mask = c_mask & (r >= start) & (r < start + count)
+        g = tl.load(gen_ptr + r.to(tl.int64) * SPG + s, mask=r_mask, other=0.0).to(ACC)
+        d = tl.load(dout_ptr + n.to(tl.int64)[:, None] * count + (r - start)[None, :],
+                    mask=n_mask[:, None] & r_mask[None, :], other=0.0)
+        acc += d.to(ACC) * g[None, :]
+    off = (n // GHW).to(tl.int64)[:, None] * S * GHW + c[None, :] * GHW + (n % GHW)[:, None]
+    tl.store(dsig_ptr + off, acc.to(dsig_ptr.dtype.element_ty), mask=n_mask[:, None] & c_mask[None, :])
+
+
+@triton.jit
+def _generate_weights_weight_grad_kernel(
+        dout_ptr, sig_ptr, dgen_ptr, N, GHW, S, SPG, RPG, start, count,
+        DOT_MODE: tl.constexpr, ACC: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Program (group and row block within it, signal block): dgen[r, s] = sum over all patches n
+    # of dout[n, r - start] * signal[n, group * SPG + s], one dot per block of patches, in a
+    # fixed order (deterministic). Rows that were not generated get a zero gradient.
+    n_row_blocks = tl.cdiv(RPG, BLOCK_R)
+    group = tl.program_id(0) // n_row_blocks
+    j = (tl.program_id(0) % n_row_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
+    s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    r = group * RPG + j
+    r_out = j < RPG
+    r_mask = r_out & (r >= start) & (r < start + count)
+    s_mask = s < SPG
+    chan = group * SPG + s
+    acc = tl.zeros((BLOCK_R, BLOCK_S), dtype=ACC)
+    if tl.max(r_mask.to(tl.int32), axis=0) > 0:
+        for n0 in range(0, N, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            n_mask = n < N
+            d = tl.load(dout_ptr + n.to(tl.int64)[None, :] * count + (r - start)[:, None],
+                        mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+            sig_n = (n // GHW).to(tl.int64) * S * GHW + n % GHW
+            v = tl.load(sig_ptr + sig_n[:, None] + chan[None, :] * GHW,
+                        mask=n_mask[:, None] & s_mask[None, :], other=0.0)
+            if DOT_MODE == 2:
+                acc += tl.dot(d.to(tl.float64), v.to(tl.float64))
+            elif DOT_MODE == 1:
+                acc = tl.dot(d.to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(d.to(v.dtype), v, acc)
+    tl.store(dgen_ptr + r.to(tl.int64)[:, None] * SPG + s[None, :], acc.to(dgen_ptr.dtype.element_ty),
+             mask=r_out[:, None] & s_mask[None, :])
+
+
+def _shapes(signal: torch.Tensor, weight: torch.Tensor, groups: int):
+    b, width, gh, gw = signal.shape
+    rows, spg = weight.shape[:2]
+    return b * gh * gw, gh * gw, width, spg, rows // groups
+
+
+def generate_weights(signal: torch.Tensor, weight: torch.Tensor, *, groups: int = 1, start: int = 0,
+                     count: Optional[int] = None) -> torch.Tensor:
+    """Triton ``hyperseg.ops.generate_weights``: rows ``start .. start + count`` of the grouped 1x1
+    convolution ``weight`` (R, S / groups, 1, 1) of ``signal`` (B, S, GH, GW), as (B, GH, GW, count).
+
+    The output has the signal's dtype (float32, float16, bfloat16 or float64); the weight may have
+    another. Inside an autocast region both are cast to its dtype first, as for ``F.conv2d``.
+    Differentiable in both, with Triton backward kernels (``GenerateWeightsFunction``), which
+    accumulate in float32 (float64 for float64).
+    """
+    if signal.dim() != 4:
+        raise ValueError(f"signal must have shape (B, S, GH, GW), got {tuple(signal.shape)}")
+    if weight.dim() != 4 or weight.shape[2:] != (1, 1):
+        raise ValueError(f"generator weight must have shape (R, S / groups, 1, 1), got {tuple(weight.shape)}")
+    check_dtype(signal, float64=True)
+    if not weight.is_floating_point():
+        raise TypeError(f"generator weight must be a floating-point tensor, got {weight.dtype}")
+    rows = weight.shape[0]
+    if groups < 1 or rows % groups:
+        raise ValueError(f"the generator's {rows} rows do not split into {groups} groups")
+    if weight.shape[1] * groups != signal.shape[1]:
+        raise ValueError(f"a generator of {groups} group(s) of {weight.shape[1]} channels reads "
+                         f"{weight.shape[1] * groups} signal channels, the signal has {signal.shape[1]}")
+    if count is None:
+        count = rows - start
+    if start < 0 or count < 0 or start + count > rows:
+        raise ValueError(f"rows {start}..{start + count} exceed the generator's {rows} rows")
+    check_device(signal, weight)
+    signal, weight = autocast(signal, weight)
+    return GenerateWeightsFunction.apply(signal, weight, groups, start, count)
+
+
+class GenerateWeightsFunction(torch.autograd.Function):
+    """``generate_weights`` with its Triton backward. Saves the signal and the generator weight
+    (both small: one vector per patch, and the parameters)."""
+
+    @staticmethod
+    def forward(ctx, signal, weight, groups, start, count):
+        signal = signal.contiguous()
+        weight = weight.contiguous()
+        ctx.save_for_backward(signal, weight)
+        ctx.generation = (groups, start, count)
+        return torch.ops.hyperseg.generate_weights(signal, weight, groups, start, count)
+
+    @staticmethod
+    def backward(ctx, dout):
+        signal, weight = ctx.saved_tensors
+        need_signal, need_weight = ctx.needs_input_grad[:2]
+        dsig, dgen = torch.ops.hyperseg.generate_weights_backward(
+            dout, signal, weight, *ctx.generation, need_signal, need_weight)
+        return dsig if need_signal else None, dgen if need_weight else None, None, None, None
+
+
+# PyTorch custom ops (see the note in patch_conv.py): opaque to torch.compile, with fake
+# implementations; they take validated, contiguous arguments only.
+
+@torch.library.custom_op("hyperseg::generate_weights", mutates_args=())
+def _generate_weights_op(signal: torch.Tensor, weight: torch.Tensor, groups: int, start: int,
+                         count: int) -> torch.Tensor:
+    n, ghw, width, spg, rpg = _shapes(signal, weight, groups)
+    out = signal.new_empty(signal.shape[0], *signal.shape[2:], count)
+    block_n, block_r = channel_block(n, 32), block(count, high=64)
+    _generate_weights_kernel[(triton.cdiv(n, block_n), triton.cdiv(count, block_r))](
+        signal, weight, out, n, ghw, width, spg, rpg, start, count,
+        ACC=accumulator(signal.dtype), BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4)
+    return out
+
+
+@_generate_weights_op.register_fake
+def _generate_weights_fake(signal, weight, groups, start, count):
+    return signal.new_empty(signal.shape[0], *signal.shape[2:], count)
+
+
+@torch.library.custom_op("hyperseg::generate_weights_backward", mutates_args=())
+def _generate_weights_backward_op(dout: torch.Tensor, signal: torch.Tensor, weight: torch.Tensor,
+                                  groups: int, start: int, count: int, signal_grad: bool,
+                                  weight_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(dsignal, dweight); a gradient not asked for is an empty tensor."""
+    dout = dout.contiguous()
+    n, ghw, width, spg, rpg = _shapes(signal, weight, groups)
+    acc, mode = accumulator(signal.dtype), dot_mode(signal.dtype)
+    dsig = dgen = None
+    if signal_grad:
+        dsig = torch.empty_like(signal)
+        block_n, block_s = channel_block(n, 32), channel_block(width, 32)
+        _generate_weights_signal_grad_kernel[(triton.cdiv(n, block_n), triton.cdiv(width, block_s))](
+            dout, weight, dsig, n, ghw, width, spg, rpg, start, count,
+            ACC=acc, BLOCK_N=block_n, BLOCK_S=block_s, num_warps=4)
+    if weight_grad:
+        dgen = torch.empty_like(weight)
+        block_r, block_s, block_n = channel_block(rpg, 32), channel_block(spg, 32), channel_block(n, 32)
+        grid = (groups * triton.cdiv(rpg, block_r), triton.cdiv(spg, block_s))
+        _generate_weights_weight_grad_kernel[grid](
+            dout, signal, dgen, n, ghw, width, spg, rpg, start, count,
+            DOT_MODE=mode, ACC=acc, BLOCK_R=block_r, BLOCK_S=block_s, BLOCK_N=block_n, num_warps=4)
+    return tuple(signal.new_empty(0) if t is None else t for t in (dsig, dgen))
+
+
+@_generate_weights_backward_op.register_fake
+def _generate_weights_backward_fake(dout, signal, weight, groups, start, count, signal_grad,
+                                    weight_grad):
+    return (torch.empty_like(signal) if signal_grad else signal.new_empty(0),
+            torch.empty_like(weight) if weight_grad else signal.new_empty(0))

@@ -1,0 +1,91 @@
+"""Triton generate_weights (forward and backward) against hyperseg.ops.generate_weights."""
+import pytest
+import torch
+
+from hyperseg import kernels, ops
+from kernel_utils import (DEVICE, DTYPES, assert_grads_match, assert_matches, randn,  # noqa: F401
+                          small_channel_blocks)
+
+# (B, grid, signal channels, groups, generator rows, start, count, dtype)
+CASES = [
+    (1, (1, 1), 16, 1, 21, 0, 21, "fp32"),
+    (2, (2, 3), 32, 4, 40, 5, 30, "fp32"),
+    (3, (4, 4), 64, 32, 96, 0, 77, "fp32"),
+    (2, (3, 5), 24, 8, 48, 13, 35, "fp16"),
+    (1, (2, 3), 48, 16, 160, 37, 100, "bf16"),
+]
+
+
+def _leaves(b, grid, width, groups, rows, dtype):
+    signal = randn(b, width, *grid, dtype=dtype).requires_grad_()
+    weight = randn(rows, width // groups, 1, 1, scale=(groups / width) ** 0.5).requires_grad_()
+    return signal, weight
+
+
+@pytest.mark.parametrize("b,grid,width,groups,rows,start,count,dtype", CASES)
+def test_generate_weights_matches_reference(b, grid, width, groups, rows, start, count, dtype):
+    dtype = DTYPES[dtype]
+    signal, weight = _leaves(b, grid, width, groups, rows, dtype)
+    got = kernels.generate_weights(signal, weight, groups=groups, start=start, count=count)
+    ref_signal = signal.detach().float().requires_grad_()
+    ref_weight = weight.detach().clone().requires_grad_()
+    ref = ops.generate_weights(ref_signal, ref_weight, groups=groups, start=start, count=count)
+    assert got.shape == (b, *grid, count)
+    assert_matches(got, ref, dtype)
+    dout = randn(*got.shape, dtype=dtype)
+    dsig, dgen = torch.autograd.grad(got, (signal, weight), dout)
+    rsig, rgen = torch.autograd.grad(ref, (ref_signal, ref_weight), dout.float())
+    assert dsig.dtype == dtype and dgen.dtype == torch.float32
+    assert_grads_match(dsig, rsig, dtype, "signal")
+    assert_grads_match(dgen, rgen, dtype, "generator weight")
+    # rows outside start .. start + count were not generated: zero gradient
+    assert dgen[:start].abs().sum() == 0 and dgen[start + count:].abs().sum() == 0
+
+
+def test_generate_weights_several_blocks(small_channel_blocks):
+    signal, weight = _leaves(2, (3, 4), 64, 2, 70, torch.float32)
+    got = kernels.generate_weights(signal, weight, groups=2, start=3, count=60)
+    ref = ops.generate_weights(signal, weight, groups=2, start=3, count=60)
+    assert_matches(got, ref, torch.float32)
+    dout = torch.randn_like(got)
+    for name, g, r in zip(("signal", "weight"), torch.autograd.grad(got, (signal, weight), dout),
+                          torch.autograd.grad(ref, (signal, weight), dout)):
+        assert_grads_match(g, r, torch.float32, name)
+
+
+def test_generate_weights_gradcheck_float64():
+    signal = randn(2, 8, 1, 2, dtype=torch.float64).requires_grad_()
+    weight = randn(12, 4, 1, 1, dtype=torch.float64).requires_grad_()
+
+    def generate(signal, weight):
+        return kernels.generate_weights(signal, weight, groups=2, start=2, count=9)
+
+    assert torch.autograd.gradcheck(generate, (signal, weight), fast_mode=True)
+
+
+def test_generate_weights_backward_is_deterministic():
+    signal, weight = _leaves(2, (2, 3), 32, 4, 40, torch.float32)
+    dout = torch.randn(2, 2, 3, 40, device=DEVICE)
+    first = torch.autograd.grad(kernels.generate_weights(signal, weight, groups=4), (signal, weight), dout)
+    second = torch.autograd.grad(kernels.generate_weights(signal, weight, groups=4), (signal, weight), dout)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_generate_weights_errors():
+    signal, weight = randn(1, 16, 2, 2), randn(12, 4, 1, 1)
+    with pytest.raises(ValueError, match="signal must have shape"):
+        kernels.generate_weights(signal[0], weight, groups=4)
+    with pytest.raises(ValueError, match="generator weight must have shape"):
+        kernels.generate_weights(signal, weight[..., 0], groups=4)
+    with pytest.raises(ValueError, match="groups"):
+        kernels.generate_weights(signal, weight, groups=5)
+    with pytest.raises(ValueError, match="signal has 16"):
+        kernels.generate_weights(signal, weight, groups=2)
+    with pytest.raises(ValueError, match="exceed"):
+        kernels.generate_weights(signal, weight, groups=4, start=4, count=10)
+    with pytest.raises(TypeError, match="int64"):
+        kernels.generate_weights(signal.long(), weight, groups=4)
+    with pytest.raises(TypeError, match="floating-point"):
+        kernels.generate_weights(signal, weight.long(), groups=4)
+    with pytest.raises(ValueError, match="device"):
+        kernels.generate_weights(signal, torch.empty(12, 4, 1, 1, device="meta"), groups=4)

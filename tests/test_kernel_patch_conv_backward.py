@@ -1,0 +1,120 @@
+"""The Triton backward of patch_conv2d against the reference's autograd."""
+import pytest
+import torch
+
+from hyperseg import kernels, ops
+from kernel_utils import (DEVICE, DTYPES, assert_grads_match, randn, small_channel_blocks,  # noqa: F401
+                          small_pixel_blocks)
+
+# (B, grid, patch, Cin, Cout, groups, k, padding mode, dtype, contiguous x): the features of the
+# forward grid (patch shapes 1x1 .. 16x16 and non-square, grouped / depthwise / dense, every
+# padding mode, k 1 / 3 / 5, every dtype, non-contiguous x) with fewer patches, because the
+# interpreter pays for every program.
+BACKWARD_CASES = [
+    (1, (1, 1), (1, 1), 3, 21, 1, 1, "zeros", "fp32", True),
+    (2, (2, 3), (4, 5), 21, 34, 1, 3, "reflect", "fp32", True),
+    (1, (2, 2), (2, 3), 34, 82, 2, 3, "replicate", "fp32", False),
+    (1, (3, 5), (3, 2), 82, 21, 1, 1, "reflect", "fp16", True),
+    (1, (1, 2), (8, 16), 6, 9, 3, 5, "zeros", "bf16", True),
+    (1, (1, 1), (16, 8), 21, 21, 21, 3, "reflect", "fp32", False),
+    (1, (2, 2), (1, 1), 3, 6, 3, 3, "replicate", "fp32", True),
+    (1, (2, 3), (5, 7), 10, 4, 2, 3, "reflect", "bf16", False),
+    (2, (2, 3), (4, 4), 34, 34, 34, 3, "zeros", "fp16", True),
+    (1, (2, 3), (7, 3), 5, 3, 1, 5, "replicate", "fp32", True),
+    (1, (2, 2), (3, 3), 8, 8, 8, 5, "reflect", "fp32", True),
+]
+
+
+def _inputs(b, grid, patch, cin, cout, groups, k, dtype, contiguous=True, bias=True):
+    x = randn(b, cin, grid[0] * patch[0], grid[1] * patch[1], dtype=dtype, contiguous=contiguous)
+    weight = randn(b, *grid, cout, cin // groups, k, k, dtype=dtype, scale=0.3)
+    leaves = [x.requires_grad_(), weight.requires_grad_()]
+    if bias:
+        leaves.append(randn(b, *grid, cout, dtype=dtype).requires_grad_())
+    return leaves
+
+
+@pytest.mark.parametrize("b,grid,patch,cin,cout,groups,k,mode,dtype,contiguous", BACKWARD_CASES)
+def test_patch_conv2d_backward_matches_reference(b, grid, patch, cin, cout, groups, k, mode, dtype,
+                                                 contiguous):
+    dtype = DTYPES[dtype]
+    x, weight, bias = _inputs(b, grid, patch, cin, cout, groups, k, dtype, contiguous)
+    dout = randn(b, cout, *x.shape[2:], dtype=dtype)
+    got = torch.autograd.grad(kernels.patch_conv2d(x, weight, bias, padding_mode=mode, groups=groups),
+                              (x, weight, bias), dout)
+    # the reference in float32 on the same (rounded) values
+    leaves = [t.detach().float().requires_grad_() for t in (x, weight, bias)]
+    ref = torch.autograd.grad(ops.patch_conv2d(*leaves, padding_mode=mode, groups=groups),
+                              leaves, dout.float())
+    for name, g, r in zip(("x", "weight", "bias"), got, ref):
+        assert g.dtype == dtype, name
+        assert_grads_match(g, r, dtype, name)
+
+
+def test_patch_conv2d_backward_several_pixel_and_channel_blocks(small_pixel_blocks, small_channel_blocks):
+    for groups, k, mode in ((2, 3, "reflect"), (20, 3, "replicate")):
+        x, weight, bias = _inputs(1, (1, 2), (5, 6), 20, 40 if groups != 20 else 20, groups, k,
+                                  torch.float32)
+        dout = torch.randn(1, weight.shape[3], 5, 12, device=DEVICE)
+        got = torch.autograd.grad(kernels.patch_conv2d(x, weight, bias, padding_mode=mode, groups=groups),
+                                  (x, weight, bias), dout)
+        ref = torch.autograd.grad(ops.patch_conv2d(x, weight, bias, padding_mode=mode, groups=groups),
+                                  (x, weight, bias), dout)
+        for name, g, r in zip(("x", "weight", "bias"), got, ref):
+            assert_grads_match(g, r, torch.float32, f"{name} (groups {groups}, k {k}, {mode})")
+
+
+def test_patch_conv2d_backward_computes_only_the_gradients_asked_for():
+    x, weight, bias = _inputs(1, (2, 2), (3, 3), 4, 6, 1, 3, torch.float32)
+    out = kernels.patch_conv2d(x, weight.detach(), padding_mode="replicate")
+    (dx,) = torch.autograd.grad(out, (x,), torch.ones_like(out))
+    ref = torch.autograd.grad(ops.patch_conv2d(x, weight.detach(), padding_mode="replicate"), (x,),
+                              torch.ones_like(out))[0]
+    assert_grads_match(dx, ref, torch.float32, "x")
+    out = kernels.patch_conv2d(x.detach(), weight, bias)
+    dw, db = torch.autograd.grad(out, (weight, bias), torch.ones_like(out))
+    assert dw.shape == weight.shape and db.shape == bias.shape
+    assert torch.allclose(db, torch.full_like(db, 9.0))      # every patch has 3 x 3 pixels
+
+
+@pytest.mark.parametrize("groups,k,mode,patch", [(2, 3, "reflect", (2, 3)), (4, 3, "replicate", (1, 2)),
+                                                 (1, 5, "zeros", (3, 2))])
+def test_patch_conv2d_gradcheck_float64(groups, k, mode, patch):
+    leaves = _inputs(1, (1, 2), patch, 4, 4, groups, k, torch.float64)
+
+    def conv(x, weight, bias):
+        return kernels.patch_conv2d(x, weight, bias, padding_mode=mode, groups=groups)
+
+    assert torch.autograd.gradcheck(conv, leaves, fast_mode=True)
+
+
+def test_patch_conv2d_backward_is_deterministic():
+    x, weight, bias = _inputs(1, (1, 2), (4, 4), 6, 6, 1, 3, torch.float32)
+    dout = torch.randn(1, 6, 4, 8, device=DEVICE)
+    first = torch.autograd.grad(kernels.patch_conv2d(x, weight, bias), (x, weight, bias), dout)
+    second = torch.autograd.grad(kernels.patch_conv2d(x, weight, bias), (x, weight, bias), dout)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_gradients_accumulate_in_float32(dtype):
+    """Summing 4096 ones stalls at 2048 in float16 (256 in bfloat16); the kernels accumulate in
+    float32, so the kernel and bias gradients of a 64 x 64 patch are exactly 4096."""
+    x = torch.ones(1, 1, 64, 64, device=DEVICE, dtype=dtype)
+    weight = torch.ones(1, 1, 1, 1, 1, 1, 1, device=DEVICE, dtype=dtype, requires_grad=True)
+    bias = torch.zeros(1, 1, 1, 1, device=DEVICE, dtype=dtype, requires_grad=True)
+    out = kernels.patch_conv2d(x, weight, bias)
+    dw, db = torch.autograd.grad(out, (weight, bias), torch.ones_like(out))
+    assert dw.item() == 4096 and db.item() == 4096
+
+
+def test_patch_conv2d_takes_float64_only_unfused():
+    x = randn(1, 4, 8, 8, dtype=torch.float64)
+    w = randn(1, 2, 2, 3, 4, 1, 1, dtype=torch.float64)
+    assert kernels.patch_conv2d(x, w).dtype == torch.float64
+    with pytest.raises(TypeError, match="float64"):
+        kernels.meta_patch_conv(x, randn(1, 16, 2, 2, dtype=torch.float64), randn(12, 16, 1, 1),
+                                out_channels=3)
+    with pytest.raises(TypeError, match="floating-point"):
+        kernels.patch_conv2d(x, w.long())
