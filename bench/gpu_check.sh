@@ -2,7 +2,8 @@
 # The one prepared GPU run (for a session lent an NVIDIA GPU through the device tool):
 #   run: bash bench/gpu_check.sh            (writes everything under $OUT, or ./gpu-out)
 # 1. install without touching the machine's torch / triton (no package registry there);
-# 2. the kernel and triton-backend tests on the GPU, without the interpreter;
+# 2. the kernel (forward and backward), triton-backend and training tests on the GPU, without the
+#    interpreter;
 # 3. the benchmark: hyperseg-m at 512x1024 (fp32 + fp16), then every zoo model at its official size.
 set -uo pipefail
 out="${OUT:-./gpu-out}"
@@ -17,8 +18,10 @@ unset TRITON_INTERPRET
 pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-' | tr -cd 'A-Za-z0-9_.-')
 day=$(date -u +%Y-%m-%d)
-timeout 240 python -m pytest -q -x -p no:cacheprovider tests/test_kernel_patch_conv.py \
-  tests/test_kernel_meta_inverted_residual.py tests/test_triton_backend.py 2>&1 | tee "$out/gpu-tests.txt" | tail -15
+timeout 300 python -m pytest -q -p no:cacheprovider tests/test_kernel_patch_conv.py \
+  tests/test_kernel_meta_inverted_residual.py tests/test_kernel_patch_conv_backward.py \
+  tests/test_kernel_generate_weights.py tests/test_triton_backend.py tests/test_triton_training.py \
+  2>&1 | tee "$out/gpu-tests.txt" | tail -25
 timeout 150 python bench/profile_kernels.py --json "$out/bench-$gpu-$day-hyperseg-m.json" 2>&1 \
   | tee "$out/bench-hyperseg-m.txt" | tail -40
 timeout 150 python bench/profile_kernels.py --model all --no-whole --json "$out/bench-$gpu-$day-all.json" 2>&1 \
