@@ -268,61 +268,66 @@ def crop_tiles(tiles: Tensor, grid: Tuple[int, int], halo: int) -> Tensor:
     return inner.reshape(b, c, gh * (hh - 2 * halo), gw * (hw - 2 * halo))
 
 
-def patch_inverted_residual_tiled(x: Tensor, expand: Tensor, depthwise: Tensor, project: Tensor, *,
-                                  norm1: Norm = None, norm2: Norm = None, norm3: Norm = None,
-                                  residual: bool = False, padding_mode: str = "reflect",
-                                  conv: Callable = patch_conv2d) -> Tensor:
-    """``patch_inverted_residual`` (v1) written as three patch-wise convolutions ``conv``
-    (``patch_conv2d`` or its Triton kernel), for training on the kernels.
+def inverted_residual_layers(x: Tensor, expand: Callable, depthwise: Callable, project: Callable, *,
+                             grid: Tuple[int, int], kernel_size: int = 3, tiled: bool = True,
+                             norm1: Norm = None, norm2: Norm = None, norm3: Norm = None,
+                             residual: bool = False, padding_mode: str = "reflect") -> Tensor:
+    """A patch-wise inverted residual block from its three patch-wise convolutions, given as
+    functions of a feature map: ``expand(t)`` and ``project(t)`` (1x1) and
+    ``depthwise(t, padding_mode)`` (k x k, depthwise), each with per-patch kernels on ``grid``.
+    This is how the block trains on the Triton kernels.
 
-    The patches are laid out with their halos side by side (``tile_patches``): the expand is then
-    a patch-wise 1x1 convolution over the tiles, whose weights are the patch's own, as v1 wants
-    for the halo. A zero-padded k x k patch-wise depthwise convolution over the tiles equals the
-    valid convolution inside each tile, whose halo is cropped afterwards. ``norm1`` sees the same
-    values as in ``patch_inverted_residual`` (every patch with its halo), so train-mode BatchNorm
-    gets the same batch statistics. Arguments as ``patch_inverted_residual``.
+    ``tiled=True``: the v1 block (``patch_inverted_residual``). The patches are laid out with
+    their halos side by side (``tile_patches``), so the expand, a patch-wise 1x1 convolution over
+    the tiles, applies each patch's own kernel to its halo too; a zero-padded depthwise
+    convolution over the tiles equals the valid one inside each tile, whose halo is then cropped.
+    ``norm1`` sees every patch with its halo, as in the reference, so train-mode BatchNorm gets the
+    same batch statistics.
+    ``tiled=False``: the v0.1 block (``patch_inverted_residual_v01``), every sub-layer over the
+    whole map.
     """
     norm1, norm2, norm3 = (n or _identity for n in (norm1, norm2, norm3))
+    halo = kernel_size // 2
+    if tiled:
+        check_grid(x, grid)
+        y = expand(tile_patches(x, grid, halo, padding_mode))
+        z = crop_tiles(depthwise(F.relu6(norm1(y)), "zeros"), grid, halo)
+    else:
+        z = depthwise(F.relu6(norm1(expand(x))), padding_mode)
+    out = norm3(project(F.relu6(norm2(z))))
+    if residual:
+        if out.shape[1] != x.shape[1]:
+            raise ValueError(f"a residual needs Cin == Cout, got {x.shape[1]} and {out.shape[1]}")
+        out = out + x
+    return out
+
+
+def explicit_convs(expand: Tensor, depthwise: Tensor, project: Tensor, conv: Callable = patch_conv2d):
+    """The three sub-layers of ``inverted_residual_layers`` for given per-patch weights
+    (shapes as in ``patch_inverted_residual``), applied with ``conv`` (``patch_conv2d`` or its
+    Triton kernel)."""
     b, gh, gw, hidden, cin = expand.shape
     cout = project.shape[3]
     k = depthwise.shape[-1]
-    check_grid(x, (gh, gw))
-    if residual and cin != cout:
-        raise ValueError(f"a residual needs Cin == Cout, got {cin} and {cout}")
-    halo = k // 2
-    y = conv(tile_patches(x, (gh, gw), halo, padding_mode), expand.reshape(b, gh, gw, hidden, cin, 1, 1))
-    y = F.relu6(norm1(y))
-    z = conv(y, depthwise.reshape(b, gh, gw, hidden, 1, k, k), padding_mode="zeros", groups=hidden)
-    z = F.relu6(norm2(crop_tiles(z, (gh, gw), halo)))
-    out = norm3(conv(z, project.reshape(b, gh, gw, cout, hidden, 1, 1)))
-    return out + x if residual else out
+    return (lambda t: conv(t, expand.reshape(b, gh, gw, hidden, cin, 1, 1)),
+            lambda t, mode: conv(t, depthwise.reshape(b, gh, gw, hidden, 1, k, k), padding_mode=mode,
+                                 groups=hidden),
+            lambda t: conv(t, project.reshape(b, gh, gw, cout, hidden, 1, 1)))
 
 
 def patch_inverted_residual_v01(x: Tensor, expand: Tensor, depthwise: Tensor, project: Tensor, *,
                                 norm1: Norm = None, norm2: Norm = None, norm3: Norm = None,
-                                residual: bool = False, padding_mode: str = "reflect",
-                                conv: Callable = patch_conv2d) -> Tensor:
+                                residual: bool = False, padding_mode: str = "reflect") -> Tensor:
     """The v0.1 patch-wise inverted residual block (the VOC model).
 
     Each sub-layer is its own patch-wise convolution over the whole map, so the depthwise
     convolution's halo holds the *neighbour's* expanded features (expanded with the neighbour's
-    weights). Norms act on whole (B, C, H, W) maps. Arguments as ``patch_inverted_residual``;
-    ``conv`` is the patch-wise convolution (``patch_conv2d`` or its Triton kernel).
+    weights). Norms act on whole (B, C, H, W) maps. Arguments as ``patch_inverted_residual``.
     """
-    norm1, norm2, norm3 = (n or _identity for n in (norm1, norm2, norm3))
-    b, gh, gw, hidden, cin = expand.shape
-    cout = project.shape[3]
-    k = depthwise.shape[-1]
-    y = conv(x, expand.reshape(b, gh, gw, hidden, cin, 1, 1))
-    y = F.relu6(norm1(y))
-    y = conv(y, depthwise.reshape(b, gh, gw, hidden, 1, k, k), padding_mode=padding_mode, groups=hidden)
-    y = F.relu6(norm2(y))
-    out = norm3(conv(y, project.reshape(b, gh, gw, cout, hidden, 1, 1)))
-    if residual:
-        if cin != cout:
-            raise ValueError(f"a residual needs Cin == Cout, got {cin} and {cout}")
-        out = out + x
-    return out
+    return inverted_residual_layers(x, *explicit_convs(expand, depthwise, project),
+                                    grid=tuple(expand.shape[1:3]), kernel_size=depthwise.shape[-1],
+                                    tiled=False, norm1=norm1, norm2=norm2, norm3=norm3,
+                                    residual=residual, padding_mode=padding_mode)
 
 
 # ------------------------------------------------------------------------------------------------

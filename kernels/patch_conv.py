@@ -486,27 +486,99 @@ def check_generator(signal: torch.Tensor, generator_weight: torch.Tensor, signal
         raise ValueError(f"rows {row_start}..{row_start + count} exceed the generator's {rows} rows")
 
 
+def _check_generated(x, signal, generator_weight, out_channels, signal_offset, generator_groups,
+                     row_start, groups, kernel_size, padding_mode, float64=False) -> int:
+    """Validate the arguments of a convolution with generated kernels; returns the row count."""
+    if signal.dim() != 4:
+        raise ValueError(f"signal must have shape (B, S, GH, GW), got {tuple(signal.shape)}")
+    grid = tuple(signal.shape[2:4])
+    _check_common(x, grid, kernel_size, groups, padding_mode, float64)
+    if out_channels < 1 or out_channels % groups:
+        raise ValueError(f"{out_channels} output channels do not split into {groups} groups")
+    if signal.shape[0] != x.shape[0]:
+        raise ValueError(f"batch of signal ({signal.shape[0]}) differs from batch of x ({x.shape[0]})")
+    count = out_channels * (x.shape[1] // groups) * kernel_size * kernel_size
+    check_generator(signal, generator_weight, signal_offset, generator_groups, row_start, count)
+    return count
+
+
+def generated_patch_conv2d(x: torch.Tensor, signal: torch.Tensor, generator_weight: torch.Tensor, *,
+                           out_channels: int, signal_offset: int = 0, generator_groups: int = 1,
+                           row_start: int = 0, groups: int = 1, kernel_size: int = 1,
+                           padding_mode: str = "reflect") -> torch.Tensor:
+    """Patch-wise convolution with kernels generated from the signal, differentiable in x, the
+    signal and the generator weight: the training op of the meta blocks. Semantics of
+    ``hyperseg.ops.meta_patch_conv`` without scale, shift and activation (BatchNorm in train mode
+    needs the batch statistics of the convolution's output).
+
+    The per-patch kernels are generated (``generate_weights``) for the forward pass and dropped;
+    the backward pass generates them again rather than keeping them alive between the passes, then
+    runs the ``patch_conv2d`` backward kernels and the generator's backward kernels.
+    """
+    _check_generated(x, signal, generator_weight, out_channels, signal_offset, generator_groups,
+                     row_start, groups, kernel_size, padding_mode, float64=True)
+    check_dtype(signal, float64=True)
+    check_device(x, signal, generator_weight)
+    width = generator_weight.shape[1] * generator_groups
+    x, signal, generator_weight = autocast(x, signal[:, signal_offset:signal_offset + width],
+                                           generator_weight)
+    return GeneratedPatchConv2dFunction.apply(x, signal, generator_weight, out_channels,
+                                              generator_groups, row_start, groups, kernel_size,
+                                              padding_mode)
+
+
+class GeneratedPatchConv2dFunction(torch.autograd.Function):
+    """``generated_patch_conv2d`` on the signal slice its generator reads: saves x, the signal
+    slice and the generator weight; recomputes the per-patch kernels in the backward."""
+
+    @staticmethod
+    def _kernels(x, signal, weight, out_channels, generator_groups, row_start, groups, kernel_size):
+        b, cin = x.shape[:2]
+        count = out_channels * (cin // groups) * kernel_size * kernel_size
+        params = torch.ops.hyperseg.generate_weights(signal, weight, generator_groups, row_start, count)
+        return params.view(b, *signal.shape[2:4], out_channels, cin // groups, kernel_size, kernel_size)
+
+    @staticmethod
+    def forward(ctx, x, signal, weight, out_channels, generator_groups, row_start, groups,
+                kernel_size, padding_mode):
+        x, signal, weight = x.contiguous(), signal.contiguous(), weight.contiguous()
+        ctx.save_for_backward(x, signal, weight)
+        ctx.config = (out_channels, generator_groups, row_start, groups, kernel_size, padding_mode)
+        kernels = GeneratedPatchConv2dFunction._kernels(x, signal, weight, *ctx.config[:5])
+        return torch.ops.hyperseg.patch_conv2d(x, kernels, None, padding_mode, groups)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, signal, weight = ctx.saved_tensors
+        out_channels, generator_groups, row_start, groups, kernel_size, padding_mode = ctx.config
+        need_x, need_signal, need_weight = ctx.needs_input_grad[:3]
+        kernels = GeneratedPatchConv2dFunction._kernels(x, signal, weight, *ctx.config[:5])
+        need_kernels = need_signal or need_weight
+        dx, dkernels, _ = torch.ops.hyperseg.patch_conv2d_backward(
+            dout, x, kernels, need_x, need_kernels, False, padding_mode, groups)
+        dsignal = dweight = None
+        if need_kernels:
+            dsignal, dweight = torch.ops.hyperseg.generate_weights_backward(
+                dkernels.view(*kernels.shape[:3], -1), signal, weight, generator_groups, row_start,
+                dkernels[0, 0, 0].numel(), need_signal, need_weight)
+        return (dx if need_x else None, dsignal if need_signal else None,
+                dweight if need_weight else None, None, None, None, None, None, None)
+
+
 def meta_patch_conv(x: torch.Tensor, signal: torch.Tensor, generator_weight: torch.Tensor, *,
                     out_channels: int, signal_offset: int = 0, generator_groups: int = 1,
                     row_start: int = 0, groups: int = 1, kernel_size: int = 1,
                     scale: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None,
                     activation: Optional[str] = None, padding_mode: str = "reflect") -> torch.Tensor:
     """Fused meta block in one launch: per-patch weight generation + patch-wise convolution +
-    ``* scale + shift`` + activation. Semantics of ``hyperseg.ops.meta_patch_conv``."""
-    if signal.dim() != 4:
-        raise ValueError(f"signal must have shape (B, S, GH, GW), got {tuple(signal.shape)}")
-    grid = tuple(signal.shape[2:4])
-    _check_common(x, grid, kernel_size, groups, padding_mode)
-    if out_channels < 1 or out_channels % groups:
-        raise ValueError(f"{out_channels} output channels do not split into {groups} groups")
-    if signal.shape[0] != x.shape[0]:
-        raise ValueError(f"batch of signal ({signal.shape[0]}) differs from batch of x ({x.shape[0]})")
+    ``* scale + shift`` + activation. Semantics of ``hyperseg.ops.meta_patch_conv``. Inference
+    only (no backward); ``generated_patch_conv2d`` is the differentiable counterpart."""
+    _check_generated(x, signal, generator_weight, out_channels, signal_offset, generator_groups,
+                     row_start, groups, kernel_size, padding_mode)
     if activation not in ACTIVATION_CODES:
         raise ValueError(f"activation must be one of {tuple(ACTIVATION_CODES)}, got {activation!r}")
     if (scale is None) != (shift is None):
         raise ValueError("give both scale and shift, or neither")
-    count = out_channels * (x.shape[1] // groups) * kernel_size * kernel_size
-    check_generator(signal, generator_weight, signal_offset, generator_groups, row_start, count)
     check_device(x, signal, generator_weight, scale, shift)
     return torch.ops.hyperseg.meta_patch_conv(
         x, signal, generator_weight, out_channels, signal_offset, generator_groups, row_start,

@@ -118,3 +118,43 @@ def test_patch_conv2d_takes_float64_only_unfused():
                                 out_channels=3)
     with pytest.raises(TypeError, match="floating-point"):
         kernels.patch_conv2d(x, w.long())
+
+
+# (B, grid, patch, Cin, Cout, groups, k, padding mode, generator groups, signal offset, row start)
+GENERATED_CASES = [
+    (2, (2, 3), (2, 2), 12, 8, 1, 1, "reflect", 4, 3, 5),
+    (1, (2, 2), (3, 4), 6, 6, 6, 3, "reflect", 2, 0, 0),
+    (1, (1, 2), (4, 3), 4, 5, 1, 3, "replicate", 1, 8, 2),
+]
+
+
+@pytest.mark.parametrize("b,grid,patch,cin,cout,groups,k,mode,ggroups,offset,start", GENERATED_CASES)
+def test_generated_patch_conv2d_matches_reference(b, grid, patch, cin, cout, groups, k, mode, ggroups,
+                                                  offset, start):
+    """The training op: forward as ops.meta_patch_conv (no affine), gradients of x, the whole
+    signal and the generator weight as the reference's autograd."""
+    x = randn(b, cin, grid[0] * patch[0], grid[1] * patch[1]).requires_grad_()
+    signal = randn(b, offset + 16 + 3, *grid).requires_grad_()
+    rows = -(-(start + cout * cin // groups * k * k + 2) // ggroups) * ggroups
+    gen = randn(rows, 16 // ggroups, 1, 1, scale=(ggroups / 16) ** 0.5).requires_grad_()
+    kw = dict(out_channels=cout, signal_offset=offset, generator_groups=ggroups, row_start=start,
+              groups=groups, kernel_size=k, padding_mode=mode)
+    got = kernels.generated_patch_conv2d(x, signal, gen, **kw)
+    ref = ops.meta_patch_conv(x, signal, gen, **kw)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    dout = torch.randn_like(ref)
+    for name, g, r in zip(("x", "signal", "generator"), torch.autograd.grad(got, (x, signal, gen), dout),
+                          torch.autograd.grad(ref, (x, signal, gen), dout)):
+        assert_grads_match(g, r, torch.float32, name)
+
+
+def test_generated_patch_conv2d_gradcheck_float64():
+    x = randn(1, 4, 4, 6, dtype=torch.float64).requires_grad_()
+    signal = randn(1, 10, 2, 2, dtype=torch.float64).requires_grad_()
+    gen = randn(40, 4, 1, 1, dtype=torch.float64).requires_grad_()
+
+    def conv(x, signal, gen):
+        return kernels.generated_patch_conv2d(x, signal, gen, out_channels=4, signal_offset=2,
+                                              generator_groups=2, row_start=3, groups=4, kernel_size=3)
+
+    assert torch.autograd.gradcheck(conv, (x, signal, gen), fast_mode=True)

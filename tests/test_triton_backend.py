@@ -30,7 +30,7 @@ def test_zoo_model_triton_equals_torch(name):
 def counted(monkeypatch):
     """Count calls of the kernels' ops."""
     calls = []
-    for name in ("meta_patch_conv", "meta_inverted_residual", "generate_weights", "patch_conv2d"):
+    for name in ("meta_patch_conv", "meta_inverted_residual", "generated_patch_conv2d"):
         original = getattr(kernels, name)
 
         def wrapper(*args, _original=original, _name=name, **kwargs):
@@ -55,13 +55,12 @@ def test_v01_blocks_run_three_fused_launches(counted):
 
 
 def test_training_and_gradients_run_on_the_differentiable_kernels(counted):
-    """In train mode, or when autograd records, backend "triton" generates each block's weights
-    with the generate_weights kernel and convolves with patch_conv2d (one for a kernel-1 block,
-    three for an inverted residual), never the fused inference kernels. Gradients are compared
-    with the reference in test_triton_training.py."""
+    """In train mode, or when autograd records, backend "triton" runs the differentiable
+    generated_patch_conv2d (one per kernel-1 block, three per inverted residual), never the fused
+    inference kernels. Gradients are compared with the reference in test_triton_training.py."""
     model = hyperseg.build("hyperseg-m", backend="triton").to(DEVICE)
     x = torch.randn(1, 3, 64, 64, device=DEVICE)
-    composed = ["generate_weights", "patch_conv2d"] * 3 + (["generate_weights"] + ["patch_conv2d"] * 3) * 2
+    composed = ["generated_patch_conv2d"] * (3 + 3 * 2)
     assert model.resolve_backend(x) == "triton"
     model(x)                                      # eval mode, but parameters require grad
     assert counted == composed

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import hyperseg
-from hyperseg import kernels, ops
+from hyperseg import ops
 from hyperseg.decoder import GeneratorSpec, MetaConv, MetaInvertedResidual, WeightGenerator
 from kernel_utils import DEVICE
 
@@ -26,8 +26,9 @@ def test_tiled_inverted_residual_equals_reference_in_train_mode():
     tiled_norms = copy.deepcopy(norms)
     ref = ops.patch_inverted_residual(x, *weights, norm1=norms[0], norm2=norms[1], norm3=norms[2],
                                       residual=True, padding_mode="reflect")
-    got = ops.patch_inverted_residual_tiled(x, *weights, norm1=tiled_norms[0], norm2=tiled_norms[1],
-                                            norm3=tiled_norms[2], residual=True, padding_mode="reflect")
+    got = ops.inverted_residual_layers(x, *ops.explicit_convs(*weights), grid=grid, tiled=True,
+                                       norm1=tiled_norms[0], norm2=tiled_norms[1], norm3=tiled_norms[2],
+                                       residual=True, padding_mode="reflect")
     torch.testing.assert_close(got, ref)
     for n, t in zip(norms, tiled_norms):
         torch.testing.assert_close(t.running_mean, n.running_mean)
@@ -59,8 +60,10 @@ def _block_step(block, generator, x, signal, dout, backend):
     """One train-mode forward and backward; the output, the gradients and the BN buffers."""
     x = x.detach().requires_grad_()
     signal = signal.detach().requires_grad_()
-    params = generator(signal, 3, block.num_params, backend)
-    out = block(x, params, conv=kernels.patch_conv2d if backend == "triton" else None)
+    if backend == "triton":
+        out = block.forward_generated(x, signal, generator, 3)
+    else:
+        out = block(x, generator(signal, 3, block.num_params))
     leaves = [x, signal] + list(generator.parameters()) + list(block.parameters())
     grads = torch.autograd.grad(out, leaves, dout.to(out.dtype))
     return out, grads, [t.clone() for t in block.buffers()]
