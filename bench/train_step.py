@@ -1,0 +1,125 @@
+"""Time one training step (forward, loss, backward) of a zoo model with backend "torch" and
+backend "triton" in the same run, and check that both give the same gradients first.
+
+    python bench/train_step.py                              # hyperseg-m, 512x1024, batch 2, CUDA
+    python bench/train_step.py --amp fp16 --json step.json
+    python bench/train_step.py --quick --interpret          # CPU, Triton interpreter: checks only
+
+On CPU the triton backend runs only through the Triton interpreter (--interpret), whose timings
+mean nothing; there the script is a correctness check. Performance figures come from a GPU run.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="hyperseg-m-cityscapes", help="zoo model name")
+    p.add_argument("--size", default=None, metavar="HxW", help="input size (default 512x1024; --quick 64x64)")
+    p.add_argument("--batch", type=int, default=None, help="batch size (default 2)")
+    p.add_argument("--amp", choices=("off", "fp16", "bf16"), default="off", help="autocast dtype")
+    p.add_argument("--repeats", type=int, default=None, help="timed steps (default 10; --quick 1)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; --quick 0)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
+    p.add_argument("--quick", action="store_true", help="64x64, one step: a smoke run")
+    p.add_argument("--interpret", action="store_true",
+                   help="run the Triton kernels through the interpreter (CPU)")
+    p.add_argument("--json", default=None, metavar="PATH", help="write the figures to this JSON file")
+    args = p.parse_args(argv)
+    quick = args.quick
+    args.size = tuple(int(v) for v in (args.size or ("64x64" if quick else "512x1024")).split("x"))
+    args.batch = args.batch or 2
+    args.repeats = args.repeats or (1 if quick else 10)
+    args.warmup = args.warmup if args.warmup is not None else (0 if quick else 3)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.interpret:
+        os.environ["TRITON_INTERPRET"] = "1"          # before anything imports triton
+    import torch
+    import torch.nn.functional as F
+
+    import hyperseg
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu" and not args.interpret:
+        print("the triton backend needs CUDA or --interpret on CPU", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    model = hyperseg.build(args.model, backend="torch").to(device).train()
+    x = torch.randn(args.batch, 3, *args.size, device=device)
+    target = torch.randint(0, model.num_classes, (args.batch, *args.size), device=device)
+    autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.amp)
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def step(net):
+        net.zero_grad(set_to_none=True)
+        torch.manual_seed(1)                          # the same drop-path draws for both backends
+        with torch.autocast(device, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss = F.cross_entropy(net(x), target, ignore_index=255)
+        loss.backward()
+        return loss
+
+    models = {"torch": model, "triton": copy.deepcopy(model)}
+    models["triton"].backend = "triton"
+    # the same gradients first (decoder generators: the parameters the kernels differentiate)
+    for net in models.values():
+        step(net)
+    # errors relative to each gradient's largest value, or to 1e-3 of the decoder's largest
+    # gradient for gradients that are (nearly) zero and hold rounding noise only
+    pairs = [(p.grad, q.grad) for p, q in zip(models["torch"].decoder.parameters(),
+                                              models["triton"].decoder.parameters())]
+    largest = max(r.abs().max().item() for r, _ in pairs)
+    worst = max((g - r).abs().max().item() / max(r.abs().max().item(), 1e-3 * largest) for r, g in pairs)
+    tolerance = 1e-3 if autocast_dtype is None else 1e-1
+    results = {"model": args.model, "size": list(args.size), "batch": args.batch, "amp": args.amp,
+               "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)",
+               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+               "worst_decoder_grad_rel_err": worst, "backends": {}}
+    print(f"{args.model} {args.size[0]}x{args.size[1]} batch {args.batch} amp {args.amp} on {results['device']}")
+    print(f"decoder gradients, triton vs torch: worst relative error {worst:.2e} (tolerance {tolerance:g})")
+
+    for name, net in models.items():
+        for _ in range(args.warmup):
+            step(net)
+        sync()
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(args.repeats):
+            sync()
+            start = time.perf_counter()
+            step(net)
+            sync()
+            times.append(time.perf_counter() - start)
+        entry = {"median_ms": 1e3 * statistics.median(times), "times_ms": [1e3 * t for t in times]}
+        if device == "cuda":
+            entry["peak_memory_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
+        results["backends"][name] = entry
+        memory = f", peak {entry['peak_memory_mib']:.0f} MiB" if "peak_memory_mib" in entry else ""
+        print(f"  {name:6s} train step median {entry['median_ms']:.1f} ms{memory}")
+    ratio = results["backends"]["torch"]["median_ms"] / results["backends"]["triton"]["median_ms"]
+    results["triton_speedup"] = ratio
+    print(f"  triton vs torch: {ratio:.2f}x" + ("  (interpreter: not a performance figure)"
+                                               if device == "cpu" else ""))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0 if worst <= tolerance else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
