@@ -1,4 +1,5 @@
-"""Command line: ``python -m hyperseg list|convert|predict|export`` (also installed as ``hyperseg``)."""
+"""Command line: ``python -m hyperseg list|convert|predict|export|train|eval`` (also installed as
+``hyperseg``)."""
 from __future__ import annotations
 
 import argparse
@@ -264,6 +265,116 @@ def _export(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
+# train and eval
+# ------------------------------------------------------------------------------------------------
+
+# --flag destinations that override a training recipe or run setting (see hyperseg.train).
+TRAIN_OVERRIDES = ("epochs", "epoch_size", "batch_size", "accumulate", "lr", "poly_power", "crop",
+                   "scale_range", "loss", "pretrained_backbone", "num_classes", "seed", "amp",
+                   "sync_bn", "weights", "train_split", "val_split", "val_every")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train import RunOptions, make_config, resume_config, train
+
+    overrides = {name: getattr(args, name) for name in TRAIN_OVERRIDES}
+    if args.resume:
+        config = resume_config(args.out, args.model, args.data, overrides)
+    else:
+        if not args.model or not args.data:
+            raise UsageError("give --model NAME and --data SPEC (or --resume to continue the run "
+                             "in --out)")
+        config = make_config(args.model, args.data, overrides)
+    device = _device(args.device)
+    options = RunOptions(steps=args.steps, device=str(device), backend=args.backend,
+                         workers=args.workers, quiet=args.quiet)
+    train(config, args.out, resume=args.resume, options=options)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from . import distributed
+    from .datasets import DEFAULT_SPLITS, open_dataset, parse_data_spec
+    from .evaluate import class_names, evaluate, evaluation_dataset, format_table, summarize
+
+    if not args.weights and not args.model:
+        raise UsageError("give --weights FILE (or --model NAME for an untrained model)")
+    spec = parse_data_spec(args.data)
+    split = args.split or DEFAULT_SPLITS[spec.kind][1]
+    dataset = open_dataset(spec, split)
+    context = distributed.setup(_device(args.device))
+    try:
+        model = _load_model(args, args.backend, "scores are").to(context.device)
+        if dataset.num_classes > model.num_classes:
+            raise UsageError(f"the {spec.kind} labels have {dataset.num_classes} classes but "
+                             f"{model.config.name} predicts {model.num_classes}")
+        data = evaluation_dataset(dataset, spec.kind, model.config, args.size)
+        matrix = evaluate(model, data, batch_size=args.batch_size, device=context.device,
+                          workers=args.workers, tta=args.tta, tta_scales=args.tta_scales,
+                          quiet=args.quiet)
+        if context.is_main:
+            summary = summarize(matrix, class_names(model.config, dataset),
+                                getattr(dataset, "void_class", None))
+            tta = f", tta {args.tta}" if args.tta else ""
+            print(f"{model.config.name} on {spec} ({split}, {len(dataset)} images{tta})")
+            print(format_table(summary))
+            if args.json:
+                report = {"model": model.config.name, "weights": args.weights, "data": str(spec),
+                          "split": split, "images": len(dataset), "tta": args.tta, **summary}
+                with open(args.json, "w") as f:
+                    json.dump(report, f, indent=2)
+                    f.write("\n")
+    finally:
+        distributed.teardown(context)
+    return 0
+
+
+def _crop_arg(text: str) -> Tuple[int, int]:
+    parts = text.lower().split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW or N, got {text!r}") from None
+    if len(values) == 1:
+        values *= 2
+    if len(values) != 2 or min(values) < 32:
+        raise argparse.ArgumentTypeError(f"expected HxW or N with sides >= 32, got {text!r}")
+    return values[0], values[1]
+
+
+def _scale_range_arg(text: str) -> Tuple[float, float]:
+    try:
+        low, high = (float(s) for s in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH, got {text!r}") from None
+    if not 0 < low <= high:
+        raise argparse.ArgumentTypeError(f"expected 0 < LOW <= HIGH, got {text!r}")
+    return low, high
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+# ------------------------------------------------------------------------------------------------
 # main
 # ------------------------------------------------------------------------------------------------
 
@@ -283,6 +394,21 @@ is the pure-PyTorch reference decoder: the export always uses backend="torch", b
 Triton kernels cannot be exported to ONNX. The graph has static shapes: input "images"
 (B, 3, H, W), normalised with the model's mean/std, and output "logits" (B, classes, H, W).
 Needs the onnx and onnxscript packages."""
+
+
+TRAIN_DESCRIPTION = """\
+Train a zoo model with its official recipe (see README, "Train and evaluate"); every recipe value
+can be overridden. Writes to --out: run.json (the configuration), latest.safetensors and
+latest_state.pt after every epoch (and when --steps stops the run), best.safetensors when the
+validation mIoU improves, metrics.jsonl. --resume continues the run in --out exactly where it
+stopped. Under torchrun (e.g. torchrun --nproc_per_node 4 -m hyperseg train ...) it trains with
+DDP, one process per GPU (NCCL) or CPU process (gloo); --batch-size is the global batch."""
+
+EVAL_DESCRIPTION = """\
+Evaluate a model on a dataset split: per-class IoU, mIoU, pixel accuracy and mean class accuracy,
+printed as a table (and written with --json). Preprocessing follows the official evaluation
+(Cityscapes and CamVid resized to the model's resolution, logits resized back to the labels;
+VOC padded to 512x512). Under torchrun the split is sharded over the processes."""
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -345,6 +471,88 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ONNX opset version (default: 18)")
     export.add_argument("--verbose", action="store_true", help="show the exporter's progress")
     export.set_defaults(run=_export)
+
+    from .datasets import DATA_SPEC_HELP
+    from .losses import LOSSES
+    from .train import AMP_MODES
+
+    train = commands.add_parser("train", help="train a model (official recipes; torchrun for DDP)",
+                                description=TRAIN_DESCRIPTION)
+    train.add_argument("--model", "-m", metavar="NAME", help="zoo model name (see 'hyperseg list')")
+    train.add_argument("--data", "-d", metavar="SPEC", help=DATA_SPEC_HELP)
+    train.add_argument("--out", "-o", required=True, metavar="DIR", help="run folder")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in --out (its settings come from its run.json)")
+    train.add_argument("--steps", type=_positive_int, metavar="N",
+                       help="stop when the run has done N optimizer steps in all (the LR schedule "
+                            "still spans --epochs)")
+    recipe = train.add_argument_group("recipe (default: the model's official recipe)")
+    recipe.add_argument("--epochs", type=_positive_int, metavar="N")
+    recipe.add_argument("--epoch-size", type=_positive_int, metavar="N",
+                        help="training samples per epoch (official: train_iterations)")
+    recipe.add_argument("--batch-size", "-b", type=_positive_int, metavar="N",
+                        help="global batch per optimizer step, over all processes")
+    recipe.add_argument("--accumulate", type=_positive_int, metavar="N",
+                        help="micro-batches per process per step (gradient accumulation; "
+                             "default 1)")
+    recipe.add_argument("--lr", type=_positive_float, metavar="LR", help="Adam learning rate")
+    recipe.add_argument("--poly-power", type=_positive_float, metavar="P",
+                        help="power of the poly LR schedule")
+    recipe.add_argument("--crop", type=_crop_arg, metavar="HxW", help="training crop size")
+    recipe.add_argument("--scale-range", type=_scale_range_arg, metavar="LOW,HIGH",
+                        help="random rescale range")
+    recipe.add_argument("--loss", choices=LOSSES)
+    recipe.add_argument("--pretrained-backbone", action=argparse.BooleanOptionalAction,
+                        default=None, help="start from timm's ImageNet backbone (downloaded; "
+                                           "default on, off for synthetic data)")
+    recipe.add_argument("--num-classes", type=_positive_int, metavar="N",
+                        help="output classes (default: the dataset's)")
+    recipe.add_argument("--weights", "-w", metavar="FILE", help="start from these weights")
+    recipe.add_argument("--seed", type=_non_negative_int, metavar="N", help="default 0")
+    recipe.add_argument("--amp", choices=AMP_MODES, help="mixed precision (default off)")
+    recipe.add_argument("--sync-bn", action="store_true", default=None,
+                        help="SyncBatchNorm over all processes (CUDA only)")
+    recipe.add_argument("--train-split", metavar="SPLIT",
+                        help="default: the official one (e.g. train, or train+val for CamVid)")
+    recipe.add_argument("--val-split", metavar="SPLIT",
+                        help="validation split, or 'none' (default: the official one)")
+    recipe.add_argument("--val-every", type=_positive_int, metavar="N",
+                        help="validate every N epochs (default 1)")
+    train.add_argument("--workers", "-j", type=_non_negative_int, metavar="N",
+                       help="data-loading processes per rank (default: from the CPU count)")
+    train.add_argument("--device", default=None,
+                       help="torch device (default: cuda if available; under torchrun each "
+                            "process takes cuda:LOCAL_RANK)")
+    train.add_argument("--backend", choices=BACKENDS, default="auto",
+                       help="decoder for validation (training always runs the torch reference)")
+    train.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    train.set_defaults(run=_train)
+
+    evaluate = commands.add_parser("eval", help="mIoU, per-class IoU and pixel accuracy on a split",
+                                   description=EVAL_DESCRIPTION)
+    _add_model_args(evaluate)
+    evaluate.add_argument("--data", "-d", required=True, metavar="SPEC", help=DATA_SPEC_HELP)
+    evaluate.add_argument("--split", metavar="SPLIT",
+                          help="default: the official evaluation split (val; test for CamVid)")
+    evaluate.add_argument("--tta", choices=("flip", "ms"), default=None,
+                          help="test-time augmentation: flip, or ms (multi-scale pyramid over "
+                               "--tta-scales, each level also flipped)")
+    evaluate.add_argument("--tta-scales", type=_scales_arg, default=(1.0, 0.75, 1.25),
+                          metavar="S,S,...",
+                          help="pyramid scales for --tta ms (default: 1,0.75,1.25)")
+    evaluate.add_argument("--size", type=_size_arg, default=None, metavar="HxW|native",
+                          help="network input size (default: the dataset's official preprocessing)")
+    evaluate.add_argument("--batch-size", "-b", type=_positive_int, default=1, metavar="N",
+                          help="images per forward pass, per process (default: 1)")
+    evaluate.add_argument("--workers", "-j", type=_non_negative_int, default=2, metavar="N",
+                          help="data-loading processes (default: 2)")
+    evaluate.add_argument("--device", default=None,
+                          help="torch device (default: cuda if available)")
+    evaluate.add_argument("--backend", choices=BACKENDS, default="auto",
+                          help="decoder implementation (default: auto = triton on CUDA)")
+    evaluate.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    evaluate.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    evaluate.set_defaults(run=_eval)
     return parser
 
 

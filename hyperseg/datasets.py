@@ -1,0 +1,662 @@
+"""Segmentation datasets read from their public folder layouts, a synthetic dataset, and the joint
+image + mask augmentation (``torchvision.transforms.v2``).
+
+Every dataset yields ``(tv_tensors.Image, tv_tensors.Mask)``: the RGB image as (3, H, W) uint8 and
+its label map as (H, W) uint8 class ids, 255 marking unlabelled pixels. Nothing is downloaded; a
+missing or malformed folder raises ``DatasetError`` saying what was expected where.
+
+    dataset = open_dataset(parse_data_spec("cityscapes:/data/cityscapes"), "train")
+    image, mask = dataset[0]
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from .palettes import CAMVID_PALETTE
+from .zoo import CAMVID_CLASSES, CITYSCAPES_CLASSES, VOC_CLASSES
+
+IGNORE_INDEX = 255
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+
+class DatasetError(ValueError):
+    """A dataset folder, file or specification that cannot be used."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading files
+# ------------------------------------------------------------------------------------------------
+
+def _read_image(path: str) -> tv_tensors.Image:
+    from .predict import ImageError, read_image
+
+    try:
+        image = read_image(path)
+    except ImageError as err:
+        raise DatasetError(f"{path}: {err}") from None
+    array = np.asarray(image, dtype=np.uint8)
+    return tv_tensors.Image(torch.from_numpy(array.copy()).permute(2, 0, 1))
+
+
+def _read_label(path: str, colour: bool = False) -> np.ndarray:
+    """A label PNG as an (H, W) array of its values (palette indices for "P" images), or as
+    (H, W, 3) RGB when ``colour``."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as label:
+            if colour:
+                return np.asarray(label.convert("RGB"))
+            if label.mode not in ("L", "P", "I;16", "I"):
+                raise DatasetError(f"{path}: a label image must be single-channel class ids "
+                                   f"(8-bit grayscale or palette PNG), got mode {label.mode}")
+            return np.asarray(label)
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: label file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise DatasetError(f"{path}: cannot read the label image: {err}") from None
+
+
+def _check_ids(ids: np.ndarray, num_ids: int, path: str) -> None:
+    bad = np.unique(ids[(ids >= num_ids) & (ids != IGNORE_INDEX)])
+    if bad.size:
+        raise DatasetError(f"{path}: label values {bad[:10].tolist()} are not class ids "
+                           f"0..{num_ids - 1} or {IGNORE_INDEX} (ignore)")
+
+
+def _image_files(folder: str) -> List[str]:
+    return sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def _split_names(split: Union[str, Sequence[str]]) -> List[str]:
+    """``"train+val"`` or ``["train", "val"]`` -> ``["train", "val"]``."""
+    names = split.split("+") if isinstance(split, str) else list(split)
+    names = [n.strip() for n in names]
+    if not names or not all(names):
+        raise DatasetError(f"invalid split {split!r}")
+    return names
+
+
+def _missing_error(dataset: str, missing: List[str], what: str) -> DatasetError:
+    return DatasetError(f"{dataset}: {len(missing)} image(s) have no {what}, e.g. {missing[0]}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Datasets on disk
+# ------------------------------------------------------------------------------------------------
+
+class SegmentationDataset(torch.utils.data.Dataset):
+    """Image / label file pairs. Subclasses fill ``samples`` and decode their label format."""
+
+    name = "dataset"
+    classes: Tuple[str, ...] = ()
+    void_class: Optional[int] = None        # a class that mIoU may leave out (CamVid's Void)
+
+    def __init__(self, root: str, split: Union[str, Sequence[str]]):
+        self.root = os.fspath(root)
+        self.splits = _split_names(split)
+        self.split = "+".join(self.splits)
+        self.samples: List[Tuple[str, str]] = []
+        if not os.path.isdir(self.root):
+            raise DatasetError(f"{self.name}: the dataset folder {self.root!r} does not exist "
+                               f"(expected {self.layout()})")
+
+    @classmethod
+    def layout(cls) -> str:
+        return "the dataset's folders"
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def decode_label(self, path: str) -> np.ndarray:
+        ids = _read_label(path)
+        _check_ids(ids, self.num_classes, path)
+        return ids.astype(np.uint8)
+
+    def __getitem__(self, index: int) -> Tuple[tv_tensors.Image, tv_tensors.Mask]:
+        image_path, label_path = self.samples[index]
+        image = _read_image(image_path)
+        label = self.decode_label(label_path)
+        if tuple(label.shape[:2]) != tuple(image.shape[-2:]):
+            raise DatasetError(f"{label_path}: the label is {label.shape[0]}x{label.shape[1]} but "
+                               f"its image {image_path} is {image.shape[-2]}x{image.shape[-1]}")
+        return image, tv_tensors.Mask(torch.from_numpy(np.ascontiguousarray(label)))
+
+    def _finish(self, missing: List[str], what: str) -> None:
+        if missing:
+            raise _missing_error(f"{self.name} {self.split}", missing, what)
+        if not self.samples:
+            raise DatasetError(f"{self.name} {self.split}: no images found under {self.root!r} "
+                               f"(expected {self.layout()})")
+
+
+# The 34 Cityscapes label ids -> the 19 train ids (cityscapesScripts' label table); others ignored.
+CITYSCAPES_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10,
+                        24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+_CITYSCAPES_LUT = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+for _label_id, _train_id in CITYSCAPES_TRAIN_IDS.items():
+    _CITYSCAPES_LUT[_label_id] = _train_id
+
+
+class Cityscapes(SegmentationDataset):
+    """Cityscapes fine annotations: ``leftImg8bit/{split}/{city}/*_leftImg8bit.png`` with
+    ``gtFine/{split}/{city}/*_gtFine_labelIds.png`` (mapped to the 19 train ids, 255 ignored), or
+    ``*_gtFine_labelTrainIds.png`` when present (used as is)."""
+
+    name = "cityscapes"
+    classes = CITYSCAPES_CLASSES
+
+    @classmethod
+    def layout(cls) -> str:
+        return ("<root>/leftImg8bit/<split>/<city>/<name>_leftImg8bit.png and "
+                "<root>/gtFine/<split>/<city>/<name>_gtFine_labelIds.png")
+
+    def __init__(self, root: str, split: Union[str, Sequence[str]] = "train"):
+        super().__init__(root, split)
+        missing: List[str] = []
+        for s in self.splits:
+            image_dir = os.path.join(self.root, "leftImg8bit", s)
+            label_dir = os.path.join(self.root, "gtFine", s)
+            for folder in (image_dir, label_dir):
+                if not os.path.isdir(folder):
+                    raise DatasetError(f"cityscapes: no folder {folder!r} "
+                                       f"(expected {self.layout()})")
+            for city in sorted(os.listdir(image_dir)):
+                if not os.path.isdir(os.path.join(image_dir, city)):
+                    continue
+                for file in sorted(os.listdir(os.path.join(image_dir, city))):
+                    if not file.endswith("_leftImg8bit.png"):
+                        continue
+                    image = os.path.join(image_dir, city, file)
+                    stem = os.path.join(label_dir, city, file[:-len("_leftImg8bit.png")])
+                    for suffix in ("_gtFine_labelTrainIds.png", "_gtFine_labelIds.png"):
+                        if os.path.isfile(stem + suffix):
+                            self.samples.append((image, stem + suffix))
+                            break
+                    else:
+                        missing.append(stem + "_gtFine_labelIds.png")
+        self._finish(missing, "label file (<name>_gtFine_labelIds.png or _labelTrainIds.png)")
+
+    def decode_label(self, path: str) -> np.ndarray:
+        ids = _read_label(path)
+        if path.endswith("_labelTrainIds.png"):
+            _check_ids(ids, self.num_classes, path)
+            return ids.astype(np.uint8)
+        if ids.max(initial=0) > 255:
+            raise DatasetError(f"{path}: label ids above 255 (is this an instance-id file?)")
+        return _CITYSCAPES_LUT[ids]
+
+
+class CamVid(SegmentationDataset):
+    """CamVid, 11 classes plus Void (class 11, trained and evaluated as in the official code).
+
+    Two layouts are read, per split:
+
+    * SegNet: ``{split}/*.png`` images with ``{split}annot/*.png`` (same names) of class ids
+      0..10 and 11 for Void;
+    * the official code's (Kaggle): ``{split}/*.png`` with ``{split}_labels/<name>_L.png`` colour
+      labels; the colours of the 11 classes and Void (black) map to 0..11, any other colour is
+      ignored (255).
+    """
+
+    name = "camvid"
+    classes = CAMVID_CLASSES
+    void_class = 11
+
+    @classmethod
+    def layout(cls) -> str:
+        return ("<root>/<split>/*.png with <root>/<split>annot/*.png (SegNet class ids) or "
+                "<root>/<split>_labels/<name>_L.png (colour labels), split train, val or test")
+
+    def __init__(self, root: str, split: Union[str, Sequence[str]] = "train"):
+        super().__init__(root, split)
+        self._colour_labels = set()
+        missing: List[str] = []
+        for s in self.splits:
+            image_dir = os.path.join(self.root, s)
+            index_dir, colour_dir = image_dir + "annot", image_dir + "_labels"
+            if not os.path.isdir(image_dir):
+                raise DatasetError(f"camvid: no folder {image_dir!r} (expected {self.layout()})")
+            colour = not os.path.isdir(index_dir)
+            if colour and not os.path.isdir(colour_dir):
+                raise DatasetError(f"camvid: {image_dir!r} has no label folder: expected "
+                                   f"{index_dir!r} (SegNet layout) or {colour_dir!r} (colour "
+                                   f"labels <name>_L.png)")
+            for file in _image_files(image_dir):
+                if colour:
+                    label = os.path.join(colour_dir, os.path.splitext(file)[0] + "_L.png")
+                else:
+                    label = os.path.join(index_dir, file)
+                if not os.path.isfile(label):
+                    missing.append(label)
+                    continue
+                self.samples.append((os.path.join(image_dir, file), label))
+                if colour:
+                    self._colour_labels.add(label)
+        self._finish(missing, "label file")
+
+    def decode_label(self, path: str) -> np.ndarray:
+        if path not in self._colour_labels:
+            return super().decode_label(path)
+        rgb = _read_label(path, colour=True).astype(np.int32)
+        packed = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+        ids = np.full(packed.shape, IGNORE_INDEX, dtype=np.uint8)
+        for class_id, (r, g, b) in enumerate(CAMVID_PALETTE.astype(np.int32)):
+            ids[packed == ((r << 16) | (g << 8) | b)] = class_id
+        return ids
+
+
+class VOCSBD(SegmentationDataset):
+    """PASCAL VOC 2012 with the SBD augmented annotations, as the official code prepares it:
+    ``VOCdevkit/VOC2012/`` holding ``JPEGImages/``, ``SegmentationClassAug/`` and the pair lists
+    ``train_aug.txt`` / ``val.txt`` (lines ``/JPEGImages/x.jpg /SegmentationClassAug/x.png``).
+
+    ``root`` is the folder containing ``VOCdevkit`` or ``VOC2012`` itself. ``split`` names a pair
+    list in ``VOC2012`` (or is a path to one); without one, a plain VOC id list
+    ``ImageSets/Segmentation/{split}.txt`` is read with labels from ``SegmentationClassAug/``
+    (or ``SegmentationClass/``). Labels are class ids 0..20, 255 on boundaries (ignored).
+    """
+
+    name = "voc"
+    classes = VOC_CLASSES
+
+    @classmethod
+    def layout(cls) -> str:
+        return ("<root>/VOCdevkit/VOC2012/ with JPEGImages/, SegmentationClassAug/ and the pair "
+                "lists train_aug.txt and val.txt (or ImageSets/Segmentation/<split>.txt)")
+
+    def __init__(self, root: str, split: Union[str, Sequence[str]] = "train_aug"):
+        super().__init__(root, split)
+        devkit = os.path.join(self.root, "VOCdevkit", "VOC2012")
+        voc_root = devkit if os.path.isdir(devkit) else self.root
+        if not os.path.isdir(os.path.join(voc_root, "JPEGImages")):
+            raise DatasetError(f"voc: no JPEGImages folder in {devkit!r} or {self.root!r} "
+                               f"(expected {self.layout()})")
+        self.voc_root = voc_root
+        missing: List[str] = []
+        for s in self.splits:
+            for image, label in self._list(s):
+                if not os.path.isfile(image):
+                    missing.append(image)
+                elif not os.path.isfile(label):
+                    missing.append(label)
+                else:
+                    self.samples.append((image, label))
+        self._finish(missing, "file (image or label listed in the split file)")
+
+    def _list(self, split: str) -> List[Tuple[str, str]]:
+        voc_root = self.voc_root
+        candidates = [split] if split.endswith(".txt") else []
+        name = split if split.endswith(".txt") else split + ".txt"
+        candidates.append(os.path.join(voc_root, name))
+        for path in candidates:
+            if os.path.isfile(path):
+                return self._read_pairs(path)
+        id_list = os.path.join(voc_root, "ImageSets", "Segmentation", split + ".txt")
+        if not os.path.isfile(id_list):
+            raise DatasetError(f"voc: no split file for {split!r}: expected the pair list "
+                               f"{candidates[-1]!r} or the id list {id_list!r}")
+        label_dir = os.path.join(voc_root, "SegmentationClassAug")
+        if not os.path.isdir(label_dir):
+            label_dir = os.path.join(voc_root, "SegmentationClass")
+        with open(id_list) as f:
+            ids = [line.strip() for line in f if line.strip()]
+        return [(os.path.join(voc_root, "JPEGImages", i + ".jpg"),
+                 os.path.join(label_dir, i + ".png")) for i in ids]
+
+    def _read_pairs(self, path: str) -> List[Tuple[str, str]]:
+        pairs = []
+        with open(path) as f:
+            for number, line in enumerate(f, 1):
+                parts = line.split()
+                if not parts:
+                    continue
+                if len(parts) != 2:
+                    raise DatasetError(f"{path}, line {number}: expected '<image> <label>' (paths "
+                                       f"relative to {self.voc_root!r}), got {line.strip()!r}")
+                pairs.append(tuple(os.path.join(self.voc_root, p.lstrip("/")) for p in parts))
+        return pairs
+
+
+# ------------------------------------------------------------------------------------------------
+# Synthetic shapes
+# ------------------------------------------------------------------------------------------------
+
+# Foreground classes: a saturated colour and a shape each (background is class 0, greyish).
+SYNTHETIC_COLOURS = ((220, 40, 40), (40, 180, 60), (50, 80, 230), (235, 210, 40), (200, 50, 200),
+                     (40, 200, 210), (245, 140, 30), (120, 50, 170))
+SYNTHETIC_SHAPES = ("rectangle", "ellipse", "triangle", "diamond")
+SYNTHETIC_SPLITS = {"train": 0, "val": 1, "test": 2}
+
+
+class SyntheticShapes(torch.utils.data.Dataset):
+    """Random shapes of known classes on random backgrounds, generated on the fly.
+
+    Image ``i`` of a split depends only on ``(seed, split, i)``: the same arguments always give
+    the same images, and the splits are disjoint streams. Class 0 is the background (a random grey
+    gradient with noise); class ``k >= 1`` is a shape of kind ``SYNTHETIC_SHAPES[(k - 1) % 4]`` in
+    colour ``SYNTHETIC_COLOURS[k - 1]`` (jittered). Each image holds one to four large shapes.
+    """
+
+    name = "synthetic"
+    void_class = None
+
+    def __init__(self, length: int = 512, size: Tuple[int, int] = (128, 128), num_classes: int = 4,
+                 seed: int = 0, split: str = "train"):
+        if split not in SYNTHETIC_SPLITS:
+            raise DatasetError(f"synthetic: unknown split {split!r}; expected one of "
+                               f"{', '.join(SYNTHETIC_SPLITS)}")
+        if not 2 <= num_classes <= len(SYNTHETIC_COLOURS) + 1:
+            raise DatasetError(f"synthetic: classes must be 2..{len(SYNTHETIC_COLOURS) + 1}, got "
+                               f"{num_classes}")
+        if length < 1:
+            raise DatasetError(f"synthetic: length must be >= 1, got {length}")
+        h, w = size
+        if h < 32 or w < 32:
+            raise DatasetError(f"synthetic: size must be at least 32x32, got {h}x{w}")
+        self.length, self.size, self.seed = length, (int(h), int(w)), seed
+        self.split = split
+        shapes = SYNTHETIC_SHAPES
+        self.classes = ("background",) + tuple(f"{shapes[(k - 1) % len(shapes)]}-{k}"
+                                               for k in range(1, num_classes))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> Tuple[tv_tensors.Image, tv_tensors.Mask]:
+        from PIL import Image, ImageDraw
+
+        if not 0 <= index < self.length:
+            raise IndexError(f"index {index} out of range for {self.length} images")
+        rng = np.random.default_rng([self.seed, SYNTHETIC_SPLITS[self.split], index])
+        h, w = self.size
+        ends = rng.integers(30, 226, size=2)
+        ramp = np.linspace(0.0, 1.0, w)[None, :] if rng.random() < 0.5 else \
+            np.linspace(0.0, 1.0, h)[:, None]
+        grey = ends[0] + (ends[1] - ends[0]) * np.broadcast_to(ramp, (h, w))
+        tint = rng.integers(-12, 13, size=3)
+        background = grey[..., None] + tint + rng.normal(0, 6, (h, w, 3))
+        image = Image.fromarray(np.clip(background, 0, 255).astype(np.uint8))
+        mask = Image.new("L", (w, h), 0)
+        paint, label = ImageDraw.Draw(image), ImageDraw.Draw(mask)
+        for _ in range(int(rng.integers(1, 5))):
+            k = int(rng.integers(1, self.num_classes))
+            sh, sw = rng.uniform(0.25, 0.55) * h, rng.uniform(0.25, 0.55) * w
+            top, left = rng.uniform(-0.1 * h, h - 0.9 * sh), rng.uniform(-0.1 * w, w - 0.9 * sw)
+            box = (left, top, left + sw, top + sh)
+            colour = tuple(int(c) for c in np.clip(np.array(SYNTHETIC_COLOURS[k - 1])
+                                                   + rng.integers(-20, 21, size=3), 0, 255))
+            for draw, fill in ((paint, colour), (label, k)):
+                _draw_shape(draw, SYNTHETIC_SHAPES[(k - 1) % len(SYNTHETIC_SHAPES)], box, fill)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return tv_tensors.Image(pixels), tv_tensors.Mask(torch.from_numpy(np.asarray(mask).copy()))
+
+
+def _draw_shape(draw, kind: str, box, fill) -> None:
+    left, top, right, bottom = box
+    cx, cy = (left + right) / 2, (top + bottom) / 2
+    if kind == "rectangle":
+        draw.rectangle(box, fill=fill)
+    elif kind == "ellipse":
+        draw.ellipse(box, fill=fill)
+    elif kind == "triangle":
+        draw.polygon([(cx, top), (right, bottom), (left, bottom)], fill=fill)
+    else:
+        draw.polygon([(cx, top), (right, cy), (cx, bottom), (left, cy)], fill=fill)
+
+
+# ------------------------------------------------------------------------------------------------
+# --data specifications
+# ------------------------------------------------------------------------------------------------
+
+DATASETS = {"cityscapes": Cityscapes, "camvid": CamVid, "voc": VOCSBD, "synthetic": SyntheticShapes}
+DATASET_ALIASES = {"vocsbd": "voc", "voc-sbd": "voc"}
+# The official splits: (training, validation) per dataset.
+DEFAULT_SPLITS = {"cityscapes": ("train", "val"), "camvid": ("train+val", "test"),
+                  "voc": ("train_aug", "val"), "synthetic": ("train", "val")}
+SYNTHETIC_DEFAULTS = {"length": 512, "size": (128, 128), "classes": 4, "seed": 0}
+DATA_SPEC_HELP = ("cityscapes:PATH, camvid:PATH, voc:PATH, or synthetic[:N][,size=HxW][,classes=C]"
+                  "[,seed=S] (N training images, default 512 of 128x128 with 4 classes)")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """A parsed ``--data`` value: a dataset kind and its folder (or synthetic options)."""
+
+    kind: str
+    root: Optional[str] = None
+    length: int = SYNTHETIC_DEFAULTS["length"]
+    size: Tuple[int, int] = SYNTHETIC_DEFAULTS["size"]
+    classes: int = SYNTHETIC_DEFAULTS["classes"]
+    seed: int = SYNTHETIC_DEFAULTS["seed"]
+
+    def __str__(self) -> str:
+        if self.kind != "synthetic":
+            return f"{self.kind}:{self.root}"
+        return (f"synthetic:{self.length},size={self.size[0]}x{self.size[1]},"
+                f"classes={self.classes},seed={self.seed}")
+
+
+def _parse_size(text: str) -> Tuple[int, int]:
+    parts = text.lower().split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise DatasetError(f"size must be N or HxW, got {text!r}") from None
+    if len(values) == 1:
+        values *= 2
+    if len(values) != 2:
+        raise DatasetError(f"size must be N or HxW, got {text!r}")
+    return values[0], values[1]
+
+
+def parse_data_spec(text: str) -> DataSpec:
+    """``"cityscapes:/data/cs"`` -> DataSpec("cityscapes", "/data/cs"); ``"synthetic:256,size=64"``
+    -> a synthetic spec. See ``DATA_SPEC_HELP``."""
+    kind, _, rest = text.partition(":")
+    kind = DATASET_ALIASES.get(kind.strip().lower(), kind.strip().lower())
+    if kind not in DATASETS:
+        raise DatasetError(f"unknown dataset {text.partition(':')[0]!r} in --data {text!r}; "
+                           f"expected {DATA_SPEC_HELP}")
+    if kind != "synthetic":
+        if not rest:
+            raise DatasetError(f"--data {text!r} has no folder: write {kind}:PATH")
+        return DataSpec(kind, os.path.expanduser(rest))
+    values: Dict[str, object] = {}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, eq, value = item.partition("=")
+        key = key.strip().lower() if eq else "length"
+        value = value if eq else item
+        try:
+            if key == "size":
+                values["size"] = _parse_size(value)
+            elif key in ("length", "classes", "seed"):
+                values[key] = int(value)
+            else:
+                raise DatasetError(f"unknown synthetic option {key!r} in --data {text!r}; "
+                                   f"expected {DATA_SPEC_HELP}")
+        except ValueError as err:
+            if isinstance(err, DatasetError):
+                raise
+            raise DatasetError(f"synthetic option {item!r} needs an integer value") from None
+    return DataSpec("synthetic", None, **values)
+
+
+def open_dataset(spec: Union[DataSpec, str], split: str):
+    """The dataset of a ``--data`` spec and split (``"train+val"`` joins splits)."""
+    if isinstance(spec, str):
+        spec = parse_data_spec(spec)
+    if spec.kind == "synthetic":
+        length = spec.length if split == "train" else max(32, spec.length // 8)
+        return SyntheticShapes(length, spec.size, spec.classes, spec.seed, split)
+    return DATASETS[spec.kind](spec.root, split)
+
+
+# ------------------------------------------------------------------------------------------------
+# Joint image + mask augmentation
+# ------------------------------------------------------------------------------------------------
+
+def _size_of(flat_inputs) -> Tuple[int, int]:
+    for item in flat_inputs:
+        if isinstance(item, (tv_tensors.Image, tv_tensors.Mask)):
+            h, w = TF.get_size(item)
+            return h, w
+    raise TypeError("expected a tv_tensors.Image or Mask among the inputs")
+
+
+class RandomScale(v2.Transform):
+    """Resize by a factor drawn uniformly from ``scale_range`` (images bicubic, masks nearest),
+    as the official ``RandomResize``; combine with ``v2.RandomApply`` for its probability."""
+
+    def __init__(self, scale_range: Tuple[float, float]):
+        super().__init__()
+        low, high = scale_range
+        if not 0 < low <= high:
+            raise ValueError(f"scale range must satisfy 0 < low <= high, got {scale_range}")
+        self.scale_range = (float(low), float(high))
+
+    def make_params(self, flat_inputs) -> dict:
+        h, w = _size_of(flat_inputs)
+        scale = float(torch.empty(1).uniform_(*self.scale_range))
+        return {"size": [max(1, round(h * scale)), max(1, round(w * scale))]}
+
+    def transform(self, inpt, params):
+        return self._call_kernel(TF.resize, inpt, params["size"],
+                                 interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+
+
+class PadTo(v2.Transform):
+    """Pad at the bottom and right up to at least ``size`` (H, W): images with 0, masks with 255
+    (ignored), as the official ``ConstantPad``."""
+
+    def __init__(self, size: Tuple[int, int]):
+        super().__init__()
+        self.size = (int(size[0]), int(size[1]))
+
+    def make_params(self, flat_inputs) -> dict:
+        h, w = _size_of(flat_inputs)
+        return {"padding": [0, 0, max(0, self.size[1] - w), max(0, self.size[0] - h)]}
+
+    def transform(self, inpt, params):
+        if not any(params["padding"]):
+            return inpt
+        fill = IGNORE_INDEX if isinstance(inpt, tv_tensors.Mask) else 0
+        return self._call_kernel(TF.pad, inpt, params["padding"], fill=fill)
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Training augmentation of one recipe (all geometric ops act on image and mask together)."""
+
+    crop: Tuple[int, int]                              # output (H, W)
+    scale_range: Optional[Tuple[float, float]] = None  # random rescale range...
+    scale_probability: float = 0.5                     # ...applied with this probability
+    rotation: float = 0.0                              # max degrees of random rotation
+    pad: str = "around"                                # "around": RandomCrop pads both sides;
+                                                       # "bottom-right": PadTo first
+    hflip: bool = True
+    color_jitter: float = 0.0                          # brightness = contrast = saturation = hue
+
+
+def train_transform(aug: Augmentation, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+    """Image + mask augmentation: random rescale, rotation, crop (padded with 0 / 255), flip,
+    colour jitter, then float conversion and normalisation of the image."""
+    steps: List[v2.Transform] = []
+    if aug.scale_range is not None and aug.scale_probability > 0:
+        steps.append(v2.RandomApply([RandomScale(aug.scale_range)], p=aug.scale_probability))
+    if aug.rotation:
+        steps.append(v2.RandomRotation(aug.rotation, interpolation=v2.InterpolationMode.BILINEAR,
+                                       fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}))
+    if aug.pad == "bottom-right":
+        steps.append(PadTo(aug.crop))
+    elif aug.pad != "around":
+        raise ValueError(f"pad must be 'around' or 'bottom-right', got {aug.pad!r}")
+    steps.append(v2.RandomCrop(aug.crop, pad_if_needed=True,
+                               fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}))
+    if aug.hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    if aug.color_jitter:
+        j = aug.color_jitter
+        steps.append(v2.ColorJitter(j, j, j, min(j, 0.5)))
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    return v2.Compose(steps)
+
+
+def eval_transform(mode: str, size: Optional[Tuple[int, int]], mean: Sequence[float],
+                   std: Sequence[float]) -> v2.Compose:
+    """Evaluation preprocessing. ``mode`` "resize": the image is resized to ``size`` and the
+    label kept at full resolution (logits are resized back to it); "pad": image and label are
+    padded at the bottom and right to ``size`` (label with 255); "native": unchanged."""
+    steps: List[v2.Transform] = []
+    if mode == "resize":
+        steps.append(_ImageOnly(v2.Resize(list(size), antialias=True)))
+    elif mode == "pad":
+        steps.append(PadTo(size))
+    elif mode != "native":
+        raise ValueError(f"eval mode must be 'resize', 'pad' or 'native', got {mode!r}")
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    return v2.Compose(steps)
+
+
+class _ImageOnly(v2.Transform):
+    """Apply a transform to the image and pass the mask through."""
+
+    def __init__(self, inner: v2.Transform):
+        super().__init__()
+        self.inner = inner
+
+    def transform(self, inpt, params):
+        return inpt if isinstance(inpt, tv_tensors.Mask) else self.inner(inpt)
+
+
+class TransformedDataset(torch.utils.data.Dataset):
+    """A dataset seen through a transform, as (float image, int64 label) tensors.
+
+    A key may be an index or ``(index, seed)``: with a seed, the transform's random draws come
+    from a generator seeded with it (and the global RNG is left as it was), so a sample's
+    augmentation depends on the seed alone, not on the worker or rank that produces it.
+    """
+
+    def __init__(self, dataset, transform):
+        self.dataset = dataset
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key) -> Tuple[Tensor, Tensor]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        image, mask = self.dataset[index]
+        if seed is None:
+            image, mask = self.transform(image, mask)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.random.default_generator.manual_seed(int(seed))
+                image, mask = self.transform(image, mask)
+        return image.as_subclass(Tensor), mask.as_subclass(Tensor).long()
+
+
+def collate(batch):
+    """Stack images and labels; a batch of differently sized samples gives lists instead."""
+    images, labels = zip(*batch)
+    same = len({tuple(x.shape) for x in images}) == 1 and len({tuple(y.shape) for y in labels}) == 1
+    if same:
+        return torch.stack(images), torch.stack(labels)
+    return list(images), list(labels)
