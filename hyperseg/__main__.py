@@ -83,24 +83,30 @@ def _size_arg(text: str):
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _number(kind, low, high=None, low_inclusive=True):
+    """An argparse type: ``kind`` ("integer" or "number") within [low, high] (or (low, high]
+    when ``low_inclusive`` is False), with a clear message otherwise."""
+    convert = int if kind == "integer" else float
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an' if kind == 'integer' else 'a'} {kind}, "
+                                             f"got {text!r}") from None
+        too_low = value < low if low_inclusive else not value > low
+        if too_low or (high is not None and value > high):
+            bound = (f"in [{low}, {high}]" if high is not None
+                     else f"{'>=' if low_inclusive else '>'} {low}")
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+    return parse
 
 
-def _alpha_arg(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
-    return value
+_positive_int = _number("integer", 1)
+_non_negative_int = _number("integer", 0)
+_positive_float = _number("number", 0, low_inclusive=False)
+_alpha_arg = _number("number", 0.0, 1.0)
 
 
 def _scales_arg(text: str) -> Tuple[float, ...]:
@@ -352,26 +358,6 @@ def _scale_range_arg(text: str) -> Tuple[float, float]:
     if not 0 < low <= high:
         raise argparse.ArgumentTypeError(f"expected 0 < LOW <= HIGH, got {text!r}")
     return low, high
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 # ------------------------------------------------------------------------------------------------
