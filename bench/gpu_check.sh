@@ -19,13 +19,13 @@ unset TRITON_INTERPRET
 pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-' | tr -cd 'A-Za-z0-9_.-')
 day=$(date -u +%Y-%m-%d)
-timeout 240 python -m pytest -q -p no:cacheprovider tests/test_kernel_patch_conv.py \
+timeout 200 python -m pytest -q -p no:cacheprovider tests/test_kernel_patch_conv.py \
   tests/test_kernel_meta_inverted_residual.py tests/test_kernel_patch_conv_backward.py \
   tests/test_kernel_generate_weights.py tests/test_triton_backend.py tests/test_triton_training.py \
   2>&1 | tee "$out/gpu-tests.txt" | tail -25
-timeout 120 python bench/profile_kernels.py --json "$out/bench-$gpu-$day-hyperseg-m.json" 2>&1 \
+timeout 100 python bench/profile_kernels.py --json "$out/bench-$gpu-$day-hyperseg-m.json" 2>&1 \
   | tee "$out/bench-hyperseg-m.txt" | tail -40
-timeout 120 python bench/profile_kernels.py --model all --no-whole --json "$out/bench-$gpu-$day-all.json" 2>&1 \
+timeout 100 python bench/profile_kernels.py --model all --no-whole --json "$out/bench-$gpu-$day-all.json" 2>&1 \
   | tee "$out/bench-all.txt" | tail -60
 for amp in off fp16; do
   timeout 60 python bench/train_step.py --amp $amp --json "$out/train-step-$gpu-$day-$amp.json" 2>&1 \
