@@ -2,6 +2,8 @@
 traces the model through them in one graph; Inductor compiles the torch backend to the eager
 result. On CPU the kernels run through the Triton interpreter (conftest.py), which exercises the
 same ops and graphs as a GPU, except for the GPU code generation."""
+import copy
+
 import pytest
 import torch
 
@@ -135,3 +137,24 @@ def test_gpu_triton_backend_compiles_without_graph_breaks(name):
         ref = model(x)
         got = torch.compile(model, fullgraph=True)(x)
     assert max_error(got, ref) <= 1e-4
+
+
+def test_training_on_the_triton_backend_compiles_into_one_graph():
+    """Train mode on backend="triton": torch.compile(fullgraph=True), which fails on any graph
+    break, traces the differentiable kernels (autograd Functions around custom ops), and the
+    compiled training step (AOTAutograd traces the backward too) gives the reference's gradients
+    (eager backend "torch", which eager backend "triton" equals: test_triton_training.py)."""
+    x = torch.randn(2, 3, 64, 64, device=DEVICE)
+    model = hyperseg.build("hyperseg-m", num_classes=3, backend="triton").to(DEVICE).train()
+    reference = copy.deepcopy(model)
+    reference.backend = "torch"
+    grads = []
+    for net, owner in ((torch.compile(model, backend="aot_eager", fullgraph=True), model),
+                       (reference, reference)):
+        torch.manual_seed(1)                     # the same drop-path draws
+        net(x).square().mean().backward()
+        grads.append([p.grad for p in owner.decoder.parameters()])
+    largest = max(g.abs().max().item() for g in grads[1])
+    for got, ref in zip(*grads):
+        # within 1e-4 of each gradient, or of 1e-3 of the largest for rounding-noise gradients
+        assert (got - ref).abs().max() <= 1e-4 * max(ref.abs().max().item(), 1e-3 * largest)
