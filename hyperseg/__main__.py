@@ -260,12 +260,13 @@ def _export(args: argparse.Namespace) -> int:
     model = _load_model(args, "torch", "exported graph is")
     size = args.size or tuple(model.config.input_size)
     try:
-        export_onnx(model, args.onnx, size=size, batch_size=args.batch_size, opset=args.opset,
-                    verbose=args.verbose)
+        export_onnx(model, args.onnx, size=size, batch_size=args.batch_size,
+                    dynamic_batch=args.dynamic_batch, opset=args.opset, verbose=args.verbose)
     except (ImportError, RuntimeError) as err:
         print(f"hyperseg export: error: {err}", file=sys.stderr)
         return 2
-    print(f"exported {model.config.name} (torch backend, input {args.batch_size}x3x{size[0]}x"
+    batch = "B" if args.dynamic_batch else args.batch_size
+    print(f"exported {model.config.name} (torch backend, input {batch}x3x{size[0]}x"
           f"{size[1]}, opset {args.opset or DEFAULT_OPSET}) to {args.onnx}")
     return 0
 
@@ -453,6 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="input size of the graph (default: the model's official resolution)")
     export.add_argument("--batch-size", "-b", type=_positive_int, default=1, metavar="N",
                         help="batch size of the graph (default: 1)")
+    export.add_argument("--dynamic-batch", action="store_true",
+                        help="a graph for any batch size (--batch-size is then the example's)")
     export.add_argument("--opset", type=_positive_int, default=None, metavar="N",
                         help="ONNX opset version (default: 18)")
     export.add_argument("--verbose", action="store_true", help="show the exporter's progress")

@@ -281,7 +281,9 @@ class MetaInvertedResidual(nn.Module):
             return ops.patch_inverted_residual_v01(x, *kernels, **norms, residual=self.residual,
                                                    padding_mode=self.padding_mode)
         chunk_rows = None
-        if not self.training:       # train-mode BatchNorm needs every patch at once
+        # train-mode BatchNorm needs every patch at once; an exported graph must not depend on
+        # the batch size, which sets the band height
+        if not self.training and not torch.compiler.is_exporting():
             b, gh, gw = params.shape[:3]
             halo = self.kernel_size // 2
             row = b * gw * self.hidden * (x.shape[2] // gh + 2 * halo) * (x.shape[3] // gw + 2 * halo)

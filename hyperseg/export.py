@@ -54,7 +54,8 @@ def _check_exporter() -> dict:
 
 
 def export_onnx(model: HyperSeg, path, *, size: Optional[Tuple[int, int]] = None,
-                batch_size: int = 1, opset: Optional[int] = None, verbose: bool = False) -> str:
+                batch_size: int = 1, dynamic_batch: bool = False, opset: Optional[int] = None,
+                verbose: bool = False) -> str:
     """Export ``model`` (its torch backend, in eval mode) to an ONNX file; returns the path.
 
     Args:
@@ -62,7 +63,9 @@ def export_onnx(model: HyperSeg, path, *, size: Optional[Tuple[int, int]] = None
         path: the ``.onnx`` file to write (a single file: the weights are embedded).
         size: the (H, W) input size of the graph; default ``model.config.input_size``. Any
             H, W >= 32 (the graph pads to the model's size divisor and crops, as the model does).
-        batch_size: the batch size of the graph (shapes are static).
+        batch_size: the batch size of the graph (of the example input, with ``dynamic_batch``).
+        dynamic_batch: a graph for any batch size (its first input dimension is symbolic);
+            height and width stay static.
         opset: the ONNX opset version (default 18).
         verbose: print the exporter's progress.
     """
@@ -83,6 +86,8 @@ def export_onnx(model: HyperSeg, path, *, size: Optional[Tuple[int, int]] = None
     quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
     try:
         with quiet, torch.no_grad():
+            if dynamic_batch:
+                extra["dynamic_shapes"] = {"images": {0: torch.export.Dim("batch", min=1)}}
             torch.onnx.export(
                 model, (example,), path, dynamo=True, **extra,
                 opset_version=opset or DEFAULT_OPSET, input_names=[INPUT_NAME],

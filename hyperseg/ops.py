@@ -124,6 +124,27 @@ def generate_weights(signal: Tensor, weight: Tensor, *, groups: int = 1, start: 
 # Patch-wise convolutions
 # ------------------------------------------------------------------------------------------------
 
+def _depthwise_valid(patches: Tensor, weight: Tensor) -> Tensor:
+    """Valid k x k convolution of every channel of every patch with its own filter:
+    patches (B, GH, GW, C, ph + k - 1, pw + k - 1), weight (B, GH, GW, C, k, k) ->
+    (B, GH, GW, C, ph, pw). One grouped ``F.conv2d`` with a group per (patch, channel); while
+    exporting (ONNX), a sum over the k * k taps instead, whose graph does not fix the batch size
+    (the group count of the convolution depends on it)."""
+    b, gh, gw, c, hh, hw = patches.shape
+    k = weight.shape[-1]
+    ph, pw = hh - k + 1, hw - k + 1
+    if torch.compiler.is_exporting():
+        out = None
+        for dy in range(k):
+            for dx in range(k):
+                term = patches[..., dy:dy + ph, dx:dx + pw] * weight[..., dy, dx, None, None]
+                out = term if out is None else out + term
+        return out
+    n = b * gh * gw * c
+    out = F.conv2d(patches.reshape(1, n, hh, hw), weight.reshape(n, 1, k, k), groups=n)
+    return out.reshape(b, gh, gw, c, ph, pw)
+
+
 def patch_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
                  padding_mode: str = "reflect", groups: int = 1) -> Tensor:
     """Dynamic patch-wise 2D convolution (stride 1, "same" size).
@@ -159,10 +180,8 @@ def patch_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
 
     patches = split_patches(pad_border(x, halo, padding_mode), (gh, gw), halo)
     if cin_g == 1 and cout == groups:
-        # depthwise: every (patch, channel) pair is its own filter, one grouped convolution
-        n = b * gh * gw * cout
-        out = F.conv2d(patches.reshape(1, n, ph + 2 * halo, pw + 2 * halo),
-                       weight.reshape(n, 1, kh, kw), groups=n)
+        # depthwise: every (patch, channel) pair is its own filter
+        out = _depthwise_valid(patches, weight.reshape(b, gh, gw, cout, kh, kw))
         out = out.reshape(b, gh, gw, cout, ph * pw)
         if bias is not None:
             out = out + bias.unsqueeze(-1)
@@ -241,9 +260,8 @@ def _inverted_residual_rows(padded: Tensor, expand: Tensor, depthwise: Tensor, p
     patches = split_patches(padded, (gh, gw), halo)                     # (B, GH, GW, Cin, hh, hw)
     y = expand @ patches.reshape(b, gh, gw, cin, hh * hw)                # (B, GH, GW, hidden, hh*hw)
     y = F.relu6(norm1(y.reshape(n, hidden, hh, hw)))
-    # every (patch, channel) pair is its own depthwise filter: one grouped convolution
-    z = F.conv2d(y.reshape(1, n * hidden, hh, hw), depthwise.reshape(n * hidden, 1, k, k),
-                 groups=n * hidden)
+    # every (patch, channel) pair is its own depthwise filter
+    z = _depthwise_valid(y.reshape(b, gh, gw, hidden, hh, hw), depthwise)
     z = F.relu6(norm2(z.reshape(n, hidden, ph, pw)))
     out = project @ z.reshape(b, gh, gw, hidden, ph * pw)                # (B, GH, GW, Cout, ph*pw)
     out = norm3(out.reshape(n, cout, ph, pw))

@@ -23,13 +23,28 @@ def run_onnx(path, x: torch.Tensor):
     return torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
 
 
+# These two are exported with a dynamic batch (example batch 2) and run at batch 1 and 3: they
+# cover both depthwise paths (the v1 inverted residual's and patch_conv2d's, for v0.1).
+DYNAMIC = ("hyperseg-m-cityscapes", "hyperseg-l-voc")
+
+
 @pytest.mark.parametrize("name", list(SIZES))
 def test_onnx_graph_matches_pytorch(name, tmp_path, capsys):
     torch.manual_seed(0)
     size = SIZES[name]
-    x = torch.randn(1, 3, *size)
+    x = torch.randn(3 if name in DYNAMIC else 1, 3, *size)
     model = calibrate_conditioned(hyperseg.build(name, backend="triton"), x)
     path = tmp_path / f"{name}.onnx"
+    if name in DYNAMIC:
+        hyperseg.export_onnx(model, path, size=size, batch_size=2, dynamic_batch=True)
+        with torch.no_grad():
+            model.backend = "torch"
+            ref = model(x)
+        for batch in (1, 3):
+            err = max_error(run_onnx(path, x[:batch]), ref[:batch])
+            assert err <= 1e-4, f"batch {batch}: {err:.2e}"
+        assert ref.abs().max() > 0.5 and ref.std() > 0.05
+        return
     if name == "hyperseg-s-camvid":
         # the command line, from a checkpoint whose architecture it reads
         hyperseg.save(model, tmp_path / "weights.safetensors")
