@@ -346,6 +346,12 @@ class MetaInvertedResidual(nn.Module):
                 f"kernel_size={self.kernel_size}, version={self.version}")
 
 
+def records_gradients(module: nn.Module, inputs: Sequence[Tensor]) -> bool:
+    """Whether autograd records a forward pass of ``module`` on ``inputs`` now."""
+    return torch.is_grad_enabled() and (any(t.requires_grad for t in inputs)
+                                        or any(p.requires_grad for p in module.parameters()))
+
+
 def coordinates(batch: int, height: int, width: int, like: Tensor) -> Tensor:
     """The two coordinate channels of a level: x then y, each ``linspace(-1, 1)``."""
     xs = torch.linspace(-1, 1, width, device=like.device, dtype=torch.float32)
@@ -402,11 +408,6 @@ class Decoder(nn.Module):
         index, start = self.sources[level]
         return self.generators[index](signal, start, self.blocks[level].num_params)
 
-    def records_gradients(self, inputs: Sequence[Tensor], signal: Tensor) -> bool:
-        """Whether a forward pass now is recorded by autograd."""
-        return torch.is_grad_enabled() and (
-            signal.requires_grad or any(t.requires_grad for t in inputs)
-            or any(p.requires_grad for p in self.parameters()))
 
     def level_input(self, level: int, inputs: Sequence[Tensor], previous) -> Tensor:
         feat = inputs[-level - 1]
@@ -427,7 +428,7 @@ class Decoder(nn.Module):
         between the convolutions."""
         if backend not in ("torch", "triton"):
             raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
-        fused = backend == "triton" and not (self.training or self.records_gradients(inputs, signal))
+        fused = backend == "triton" and not (self.training or records_gradients(self, [signal, *inputs]))
         p = None
         for level, block in enumerate(self.blocks):
             x = self.level_input(level, inputs, p)

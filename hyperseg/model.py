@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .backbone import Backbone
 from .context_head import ContextHead, ContextHeadV01
-from .decoder import Decoder, MetaInvertedResidual
+from .decoder import Decoder, MetaInvertedResidual, records_gradients
 from .zoo import ModelConfig, get_config
 
 BACKENDS = ("auto", "torch", "triton")
@@ -102,8 +102,7 @@ class HyperSeg(nn.Module):
             return "triton"
         if not (x.is_cuda and triton_available()):
             return "torch"
-        if self.training or (torch.is_grad_enabled() and (
-                x.requires_grad or any(p.requires_grad for p in self.parameters()))):
+        if self.training or records_gradients(self, [x]):
             return "torch"
         return "triton"
 

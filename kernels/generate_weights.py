@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import accumulator, autocast, block, channel_block, check_device, check_dtype, dot_mode
+from ._common import (accumulator, autocast, block, channel_block, check_device, check_dtype, dot_acc,
+                      dot_mode)
 
 
 @triton.jit
@@ -98,12 +99,7 @@ def _generate_weights_weight_grad_kernel(
             sig_n = (n // GHW).to(tl.int64) * S * GHW + n % GHW
             v = tl.load(sig_ptr + sig_n[:, None] + chan[None, :] * GHW,
                         mask=n_mask[:, None] & s_mask[None, :], other=0.0)
-            if DOT_MODE == 2:
-                acc += tl.dot(d.to(tl.float64), v.to(tl.float64))
-            elif DOT_MODE == 1:
-                acc = tl.dot(d.to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(d.to(v.dtype), v, acc)
+            acc = dot_acc(d, v, acc, DOT_MODE)
     tl.store(dgen_ptr + r.to(tl.int64)[:, None] * SPG + s[None, :], acc.to(dgen_ptr.dtype.element_ty),
              mask=r_out[:, None] & s_mask[None, :])
 

@@ -15,9 +15,9 @@ import triton.language as tl
 
 from .. import ops
 
-from ._common import (ACTIVATION_CODES, PADDING_CODES, accumulator, activate, autocast, block, border_index,
-                      channel_block, check_device, check_dtype, dot_acc, dot_mode, generate_rows, mirror_slots,
-                      mirror_source, patch_pixels, pixel_block)
+from ._common import (ACTIVATION_CODES, PADDING_CODES, accumulator, activate, autocast, block,
+                      border_index, channel_block, check_device, check_dtype, dot_acc, dot_mode,
+                      generate_rows, mirror_slots, mirror_source, patch_pixels, pixel_block)
 
 
 @triton.jit
@@ -229,13 +229,7 @@ def _patch_conv_input_grad_kernel(
                                              mask=ci_mask[:, None] & co_mask[None, :], other=0.0)
                                 gv = tl.load(dout_base + co.to(tl.int64)[:, None] * HW + pix[None, :],
                                              mask=co_mask[:, None] & nm[None, :], other=0.0)
-                                if DOT_MODE == 2:
-                                    acc += tl.dot(wt.to(tl.float64), gv.to(tl.float64))
-                                elif DOT_MODE == 1:
-                                    acc = tl.dot(wt.to(tl.float32), gv.to(tl.float32), acc,
-                                                 input_precision="ieee")
-                                else:
-                                    acc = tl.dot(wt.to(gv.dtype), gv, acc)
+                                acc = dot_acc(wt, gv, acc, DOT_MODE)
     dx_off = b.to(tl.int64) * CIN * HW + ci.to(tl.int64)[:, None] * HW + (qy * W + qx)[None, :]
     tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=ci_mask[:, None] & q_mask[None, :])
 
@@ -533,6 +527,7 @@ class GeneratedPatchConv2dFunction(torch.autograd.Function):
 
     @staticmethod
     def _kernels(x, signal, weight, out_channels, generator_groups, row_start, groups, kernel_size):
+        """The per-patch kernels, (B, GH, GW, Cout, Cin / groups, k, k)."""
         b, cin = x.shape[:2]
         count = out_channels * (cin // groups) * kernel_size * kernel_size
         params = torch.ops.hyperseg.generate_weights(signal, weight, generator_groups, row_start, count)
@@ -558,9 +553,10 @@ class GeneratedPatchConv2dFunction(torch.autograd.Function):
             dout, x, kernels, need_x, need_kernels, False, padding_mode, groups)
         dsignal = dweight = None
         if need_kernels:
+            dparams = dkernels.flatten(3)                      # (B, GH, GW, rows generated)
             dsignal, dweight = torch.ops.hyperseg.generate_weights_backward(
-                dkernels.view(*kernels.shape[:3], -1), signal, weight, generator_groups, row_start,
-                dkernels[0, 0, 0].numel(), need_signal, need_weight)
+                dparams, signal, weight, generator_groups, row_start, dparams.shape[3],
+                need_signal, need_weight)
         return (dx if need_x else None, dsignal if need_signal else None,
                 dweight if need_weight else None, None, None, None, None, None, None)
 
