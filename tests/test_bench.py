@@ -105,3 +105,14 @@ def test_quick_interpret_checks_triton_blocks(tmp_path):
     assert whole["triton"]["max_abs_err_vs_torch"] <= whole["triton"]["err_bound"]
     assert "interp" in stdout
     assert data["failures"] == []
+
+
+def test_train_step_refuses_cpu_without_the_interpreter():
+    """bench/train_step.py times the triton backend, which on CPU runs only interpreted: without
+    --interpret it says so and exits 2, before building anything."""
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "train_step.py"), "--device", "cpu",
+                           "--quick"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "--interpret" in proc.stderr

@@ -158,3 +158,19 @@ def test_generated_patch_conv2d_gradcheck_float64():
                                               generator_groups=2, row_start=3, groups=4, kernel_size=3)
 
     assert torch.autograd.gradcheck(conv, (x, signal, gen), fast_mode=True)
+
+
+def test_generated_patch_conv2d_errors():
+    x, signal, gen = randn(1, 4, 8, 8), randn(1, 16, 2, 2), randn(12, 4, 1, 1)
+    ok = dict(out_channels=3, generator_groups=4)
+    assert kernels.generated_patch_conv2d(x, signal, gen, **ok).shape == (1, 3, 8, 8)
+    with pytest.raises(TypeError, match="int64"):
+        kernels.generated_patch_conv2d(x, signal.long(), gen, **ok)
+    with pytest.raises(TypeError, match="int32"):
+        kernels.generated_patch_conv2d(x.int(), signal, gen, **ok)
+    with pytest.raises(ValueError, match="batch"):
+        kernels.generated_patch_conv2d(randn(2, 4, 8, 8), signal, gen, **ok)
+    with pytest.raises(ValueError, match="rows"):
+        kernels.generated_patch_conv2d(x, signal, gen, **{**ok, "row_start": 2})
+    with pytest.raises(ValueError, match="tile"):
+        kernels.generated_patch_conv2d(randn(1, 4, 9, 8), signal, gen, **ok)
