@@ -81,35 +81,45 @@ def patch_pixels(pid_patch, pid_p, H, W, GH, GW, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
-def generate_rows(rows, mask, sig_base, gen_ptr, sig_offset, gen_spg, gen_rpg, GHW):
-    """Generated parameters of one patch: for every entry of ``rows`` (a tile of output-row indices
-    of the generator's grouped 1x1 convolution), the dot product of that row of the generator
-    weight with the signal channels of the row's group, at this patch.
-
-    ``sig_base`` points at signal[b, 0, gi, gj] (channel stride GHW); the generator weight is
-    (R, gen_spg) row-major; row r belongs to group r // gen_rpg, which reads signal channels
-    sig_offset + group * gen_spg + s. Computed in float32 registers, never stored.
-    """
-    rows64 = rows.to(tl.int64)
-    chan = sig_offset + (rows64 // gen_rpg) * gen_spg
-    acc = tl.zeros(rows.shape, dtype=tl.float32)
-    for s in range(gen_spg):
-        g = tl.load(gen_ptr + rows64 * gen_spg + s, mask=mask, other=0.0).to(tl.float32)
-        v = tl.load(sig_base + (chan + s) * GHW, mask=mask, other=0.0).to(tl.float32)
-        acc += g * v
-    return acc
-
-
-@triton.jit
 def dot_acc(a, b, acc, DOT_MODE: tl.constexpr):
-    """``acc + a @ b``. DOT_MODE 0: operands in their (half) precision with float32 accumulation
-    (tensor cores); 1: float32 operands, IEEE (no tf32); 2: float64."""
+    """``acc + a @ b``. DOT_MODE 0: operands in b's (half) precision with float32 accumulation
+    (tensor cores); 1: float32 operands, IEEE (no tf32); 2: float64; 3: float32 operands on tf32
+    tensor cores (what ``torch.backends.cudnn.allow_tf32`` allows PyTorch's convolutions)."""
     if DOT_MODE == 2:
         return acc + tl.dot(a.to(tl.float64), b.to(tl.float64))
     elif DOT_MODE == 1:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif DOT_MODE == 3:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32")
     else:
         return tl.dot(a.to(b.dtype), b, acc)
+
+
+@triton.jit
+def generate_params(dst_ptr, n_rows, row0, sig_base, gen_ptr, sig_offset, rpg, GHW,
+                    SPG: tl.constexpr, GEN_STRIDE: tl.constexpr, BLOCK_R: tl.constexpr,
+                    BLOCK_S: tl.constexpr):
+    """One patch's generated parameters, rows ``row0 .. row0 + n_rows`` of the generator's grouped
+    1x1 convolution at this patch, written as float32 to ``dst_ptr[0 .. n_rows)``.
+
+    Row r of the generator weight (row-major, GEN_STRIDE >= SPG floats apart, a multiple of 4 so
+    that loads are 16-byte vectors) belongs to group r // rpg, which reads signal channels
+    sig_offset + group * SPG + s; ``sig_base`` points at signal[b, 0, gi, gj] (channel stride
+    GHW). A tile is BLOCK_R consecutive rows x BLOCK_S of their inputs: one contiguous span of the
+    generator, read once per patch."""
+    for r0 in range(0, n_rows, BLOCK_R):
+        i = r0 + tl.arange(0, BLOCK_R)
+        rmask = i < n_rows
+        row = (row0 + i).to(tl.int64)
+        chan = sig_offset + (row // rpg) * SPG
+        acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for s0 in range(0, SPG, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            m = rmask[:, None] & (s < SPG)[None, :]
+            g = tl.load(gen_ptr + row[:, None] * GEN_STRIDE + s[None, :], mask=m, other=0.0)
+            v = tl.load(sig_base + (chan[:, None] + s[None, :]) * GHW, mask=m, other=0.0)
+            acc += tl.sum(g.to(tl.float32) * v.to(tl.float32), axis=1)
+        tl.store(dst_ptr + i, acc, mask=rmask)
 
 
 @triton.jit
@@ -165,6 +175,36 @@ def dot_mode(dtype: torch.dtype) -> int:
     return 1 if dot_in_fp32(dtype) else 0
 
 
+def fused_dot_mode(dtype: torch.dtype) -> int:
+    """The DOT_MODE of the fused inference kernels: half inputs on tensor cores; float32 inputs on
+    tf32 tensor cores when ``torch.backends.cudnn.allow_tf32`` is on (PyTorch's default for
+    convolutions), exact IEEE float32 when it is off. The interpreter computes every dot in float32
+    (its bfloat16 dot is wrong), so there tf32 and IEEE give the same, exact result."""
+    if interpreting():
+        return 1
+    if dtype == torch.float32:
+        return 3 if torch.backends.cudnn.allow_tf32 else 1
+    return 0
+
+
+def generator_layout(generator_weight: torch.Tensor):
+    """The generator weight (R, SPG, 1, 1) as the fused kernels read it: (R, GEN_STRIDE) row-major
+    with GEN_STRIDE = SPG rounded up to a multiple of 4 (zero columns appended when needed) so that
+    every row starts 16-byte aligned; returns (weight, SPG, GEN_STRIDE)."""
+    rows, spg = generator_weight.shape[:2]
+    flat = generator_weight.reshape(rows, spg)
+    stride = -(-spg // 4) * 4
+    if stride != spg:
+        flat = torch.nn.functional.pad(flat, (0, stride - spg))
+    return flat.contiguous(), spg, stride
+
+
+def signal_block(spg: int) -> int:
+    """Signal inputs per generation tile: the power of two in 4..32 that pads SPG least (larger on
+    ties, fewer loop trips)."""
+    return min((-(-spg // s) * s, -s, s) for s in (4, 8, 16, 32))[2]
+
+
 def accumulator(dtype: torch.dtype):
     """The Triton dtype in which kernels accumulate: float64 for float64 inputs, else float32."""
     return tl.float64 if dtype == torch.float64 else tl.float32
@@ -204,3 +244,64 @@ def pixel_block(n: int) -> int:
     tile."""
     high = MAX_PIXEL_BLOCK or (1024 if interpreting() else 64)
     return block(n, high=high)
+
+
+# ------------------------------------------------------------------------------------------------
+# Argument checks shared by the launchers (the reference ops in ``hyperseg.ops`` check the same
+# conditions on their own; the kernels do not import the package above them)
+# ------------------------------------------------------------------------------------------------
+
+def check_common(x: torch.Tensor, grid, kernel_size: int, groups: int, padding_mode: str,
+                 float64: bool = False) -> None:
+    """x (B, C, H, W) of a supported dtype, tiled by ``grid``; k in {1, 3, 5}; groups divide C."""
+    if x.dim() != 4:
+        raise ValueError(f"x must have shape (B, Cin, H, W), got {tuple(x.shape)}")
+    check_dtype(x, float64)
+    h, w = x.shape[-2:]
+    gh, gw = grid
+    if gh < 1 or gw < 1 or h % gh or w % gw:
+        raise ValueError(f"a {gh} x {gw} patch grid does not tile a {h} x {w} feature map: "
+                         f"H % GH and W % GW must be 0")
+    if padding_mode not in PADDING_CODES:
+        raise ValueError(f"padding_mode must be one of {tuple(PADDING_CODES)}, got {padding_mode!r}")
+    if kernel_size % 2 == 0 or kernel_size < 1 or kernel_size > 5:
+        raise ValueError(f"kernel size must be 1, 3 or 5, got {kernel_size}")
+    if padding_mode == "reflect" and kernel_size // 2 >= min(x.shape[-2:]):
+        raise ValueError(f"reflect padding of {kernel_size // 2} pixel(s) needs a feature map larger "
+                         f"than that, got {tuple(x.shape[-2:])}")
+    if groups < 1 or x.shape[1] % groups:
+        raise ValueError(f"{x.shape[1]} input channels do not split into {groups} groups")
+
+
+def check_generator(signal: torch.Tensor, generator_weight: torch.Tensor, signal_offset: int,
+                    generator_groups: int, row_start: int, count: int) -> None:
+    """The generator (R, S / groups, 1, 1) has ``count`` rows from ``row_start`` and reads signal
+    channels that exist."""
+    if generator_weight.dim() != 4 or generator_weight.shape[2:] != (1, 1):
+        raise ValueError(f"generator weight must have shape (R, S / groups, 1, 1), "
+                         f"got {tuple(generator_weight.shape)}")
+    rows = generator_weight.shape[0]
+    if generator_groups < 1 or rows % generator_groups:
+        raise ValueError(f"the generator's {rows} rows do not split into {generator_groups} groups")
+    width = generator_weight.shape[1] * generator_groups
+    if signal_offset < 0 or signal_offset + width > signal.shape[1]:
+        raise ValueError(f"the generator reads signal channels {signal_offset}..{signal_offset + width}, "
+                         f"the signal has {signal.shape[1]}")
+    if row_start < 0 or row_start + count > rows:
+        raise ValueError(f"rows {row_start}..{row_start + count} exceed the generator's {rows} rows")
+
+
+def check_generated_common(x, signal, generator_weight, signal_offset, generator_groups, row_start,
+                           count, groups, kernel_size, padding_mode, float64=False) -> None:
+    """The checks of every op whose kernels are generated from the signal."""
+    if signal.dim() != 4:
+        raise ValueError(f"signal must have shape (B, S, GH, GW), got {tuple(signal.shape)}")
+    check_common(x, tuple(signal.shape[2:4]), kernel_size, groups, padding_mode, float64)
+    if signal.shape[0] != x.shape[0]:
+        raise ValueError(f"batch of signal ({signal.shape[0]}) differs from batch of x ({x.shape[0]})")
+    check_generator(signal, generator_weight, signal_offset, generator_groups, row_start, count)
+
+
+def output_like(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """An uninitialised (B, channels, H, W) tensor like x."""
+    return x.new_empty((x.shape[0], channels, x.shape[2], x.shape[3]))

@@ -1,9 +1,8 @@
 """The v1 patch-wise inverted residual meta block, fused into one launch.
 
 Weight generation (expand, depthwise, project) from the context signal + 1x1 expand over the patch
-and its halo + BN + ReLU6 + 3x3 depthwise + BN + ReLU6 + 1x1 project + BN (+ residual). The
-generated weights and the expanded features live only in registers. Reference semantics:
-``hyperseg.ops.meta_inverted_residual``.
+and its halo + BN + ReLU6 + k x k depthwise + BN + ReLU6 + 1x1 project + BN (+ residual).
+Reference semantics: ``hyperseg.ops.meta_inverted_residual``.
 """
 from __future__ import annotations
 
@@ -13,89 +12,143 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (PADDING_CODES, block, border_index, check_device, dot_in_fp32, generate_rows,
-                      patch_pixels, pixel_block)
-from .patch_conv import _check_common, _output_like, check_generator
+from ._common import (PADDING_CODES, border_index, check_device, check_generated_common, dot_acc,
+                      fused_dot_mode, generate_params, generator_layout, interpreting, output_like,
+                      signal_block)
 
 
 @triton.jit
 def _meta_inverted_residual_kernel(
-        x_ptr, out_ptr, sig_ptr, gen_ptr,
+        x_ptr, out_ptr, sig_ptr, gen_ptr, wscr_ptr, yscr_ptr,
         s1_ptr, t1_ptr, s2_ptr, t2_ptr, s3_ptr, t3_ptr,
-        H, W, GH, GW, CIN, HIDDEN, COUT,
-        SIG_C, sig_offset, gen_spg, gen_rpg, row_start,
-        K: tl.constexpr, PAD_MODE: tl.constexpr, RESIDUAL: tl.constexpr, DOT_FP32: tl.constexpr,
-        TAPS: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_CO: tl.constexpr,
-        BLOCK_P: tl.constexpr):
-    # Program (patch, pixel block): axis 0 is one patch of one image, axis 1 a block of that
-    # patch's pixels (row-major, so each tile row of x reads pw contiguous pixels). All channels of
-    # the block are in one tile, so the patch's generated weights are computed once per program.
-    #
-    # The depthwise conv needs the expanded features on the patch and its halo. Instead of storing
-    # them, the expand is recomputed for each of the K*K taps on the correspondingly shifted input
-    # pixels, with this patch's own weights: exactly the v1 semantics (a halo pixel is the
-    # neighbour's input, expanded with this patch's weights).
-    pid_patch = tl.program_id(0)
-    pid_p = tl.program_id(1)
-    b, gi, gj, yy, xx, p_mask = patch_pixels(pid_patch, pid_p, H, W, GH, GW, BLOCK_P)
+        H, W, GH, GW, SIG_C, sig_offset, rpg, row_start,
+        CIN: tl.constexpr, HIDDEN: tl.constexpr, COUT: tl.constexpr, PH: tl.constexpr,
+        PW: tl.constexpr, K: tl.constexpr, PAD_MODE: tl.constexpr, RESIDUAL: tl.constexpr,
+        SPG: tl.constexpr, GEN_STRIDE: tl.constexpr, DOT_MODE: tl.constexpr,
+        BAND: tl.constexpr, BLOCK_W: tl.constexpr, HALO_CHUNK: tl.constexpr,
+        BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_CO: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+    # One program per patch. Phase 1 generates the patch's parameters once (expand, depthwise,
+    # project: one contiguous run of generator rows, coalesced) into the program's slot of a
+    # float32 scratch buffer, which stays in L1/L2. Phase 2 walks the patch in bands of BAND rows;
+    # per band and per chunk of BLOCK_H hidden channels it
+    #   1. expands the band plus its halo once (tensor-core dots over BLOCK_K input channels) and
+    #      writes the activated features to the program's scratch tile (halo pixels flattened
+    #      row-major, HALO_CHUNK at a time),
+    #   2. reads the k*k depthwise taps back from that tile (a shifted view per tap), and
+    #   3. accumulates the 1x1 project of the chunk into the band's output tile (a dot).
+    # Barriers order the scratch writes and reads of the CTA's threads. Output tiles are BAND rows
+    # x BLOCK_W columns, so stores of a tile row are contiguous.
+    pid = tl.program_id(0)
+    gj = pid % GW
+    gi = (pid // GW) % GH
+    b = pid // (GH * GW)
     HW = H * W
     KK: tl.constexpr = K * K
     R: tl.constexpr = K // 2
+    HALO_W: tl.constexpr = PW + 2 * R
+    HALO_N: tl.constexpr = (BAND + 2 * R) * HALO_W
+    HALO_CAP: tl.constexpr = (HALO_N + HALO_CHUNK - 1) // HALO_CHUNK * HALO_CHUNK
+    DW0: tl.constexpr = HIDDEN * CIN
+    PR0: tl.constexpr = DW0 + HIDDEN * KK
+    COUNT: tl.constexpr = PR0 + COUT * HIDDEN
+    BLOCK_P: tl.constexpr = BAND * BLOCK_W
     x_base = x_ptr + b.to(tl.int64) * CIN * HW
+    out_base = out_ptr + b.to(tl.int64) * COUT * HW
     sig_base = sig_ptr + b.to(tl.int64) * SIG_C * GH * GW + gi * GW + gj
+    wscr = wscr_ptr + pid.to(tl.int64) * COUNT
+    yscr = yscr_ptr + pid.to(tl.int64) * (BLOCK_H * HALO_CAP)
 
-    c = tl.arange(0, BLOCK_CI)
-    c_mask = c < CIN
-    h = tl.arange(0, BLOCK_H)
-    h_mask = h < HIDDEN
+    generate_params(wscr, COUNT, row_start, sig_base, gen_ptr, sig_offset, rpg, GH * GW,
+                    SPG, GEN_STRIDE, BLOCK_R, BLOCK_S)
+    tl.debug_barrier()
+
+    h_loc = tl.arange(0, BLOCK_H)
+    k_loc = tl.arange(0, BLOCK_K)
     o = tl.arange(0, BLOCK_CO)
     o_mask = o < COUT
-    taps = tl.arange(0, TAPS)
-
-    # Generated weights of this patch, in the order expand (HIDDEN, CIN), depthwise
-    # (HIDDEN, K, K), project (COUT, HIDDEN).
-    dw_start = row_start + HIDDEN * CIN
-    pr_start = dw_start + HIDDEN * KK
-    w1 = generate_rows(row_start + h[:, None] * CIN + c[None, :], h_mask[:, None] & c_mask[None, :],
-                       sig_base, gen_ptr, sig_offset, gen_spg, gen_rpg, GH * GW)
-    w2 = generate_rows(dw_start + h[:, None] * KK + taps[None, :],
-                       h_mask[:, None] & (taps[None, :] < KK),
-                       sig_base, gen_ptr, sig_offset, gen_spg, gen_rpg, GH * GW)
-    w3 = generate_rows(pr_start + o[:, None] * HIDDEN + h[None, :], o_mask[:, None] & h_mask[None, :],
-                       sig_base, gen_ptr, sig_offset, gen_spg, gen_rpg, GH * GW)
-
-    s1 = tl.load(s1_ptr + h, mask=h_mask, other=0.0)[:, None]
-    t1 = tl.load(t1_ptr + h, mask=h_mask, other=0.0)[:, None]
-    s2 = tl.load(s2_ptr + h, mask=h_mask, other=0.0)[:, None]
-    t2 = tl.load(t2_ptr + h, mask=h_mask, other=0.0)[:, None]
+    e_loc = tl.arange(0, HALO_CHUNK)
+    p = tl.arange(0, BLOCK_P)
+    pr = p // BLOCK_W
+    pc = p % BLOCK_W
     s3 = tl.load(s3_ptr + o, mask=o_mask, other=0.0)[:, None]
     t3 = tl.load(t3_ptr + o, mask=o_mask, other=0.0)[:, None]
+    for band0 in range(0, PH, BAND):
+        rows = tl.minimum(PH - band0, BAND)
+        p_mask = (pr < rows) & (pc < PW)
+        acc = tl.zeros((BLOCK_CO, BLOCK_P), dtype=tl.float32)
+        for h0 in range(0, HIDDEN, BLOCK_H):
+            h = h0 + h_loc
+            h_mask = h < HIDDEN
+            s1 = tl.load(s1_ptr + h, mask=h_mask, other=0.0)[:, None]
+            t1 = tl.load(t1_ptr + h, mask=h_mask, other=0.0)[:, None]
+            # 1. expand the band and its halo (input pixels of the neighbours / the padded border,
+            #    with this patch's weights), BN1, ReLU6 -> scratch tile
+            for e0 in range(0, HALO_N, HALO_CHUNK):
+                e = e0 + e_loc
+                ey, vy = border_index(gi * PH + band0 - R + e // HALO_W, H, PAD_MODE)
+                ex, vx = border_index(gj * PW - R + e % HALO_W, W, PAD_MODE)
+                e_mask = (e < (rows + 2 * R) * HALO_W) & vy & vx
+                pix = ey * W + ex
+                y = tl.zeros((BLOCK_H, HALO_CHUNK), dtype=tl.float32)
+                for c0 in range(0, CIN, BLOCK_K):
+                    c = c0 + k_loc
+                    c_mask = c < CIN
+                    w1 = tl.load(wscr + h[:, None] * CIN + c[None, :],
+                                 mask=h_mask[:, None] & c_mask[None, :], other=0.0)
+                    xv = tl.load(x_base + c.to(tl.int64)[:, None] * HW + pix[None, :],
+                                 mask=c_mask[:, None] & e_mask[None, :], other=0.0)
+                    y = dot_acc(w1, xv, y, DOT_MODE)
+                y = tl.minimum(tl.maximum(y * s1 + t1, 0.0), 6.0)
+                tl.store(yscr + h_loc[:, None] * HALO_CAP + e[None, :], y)
+            tl.debug_barrier()
+            # 2. depthwise k x k: tap t of output pixel (pr, pc) is halo pixel (pr + dy, pc + dx)
+            z = tl.zeros((BLOCK_H, BLOCK_P), dtype=tl.float32)
+            for t in range(KK):
+                w2 = tl.load(wscr + DW0 + h * KK + t, mask=h_mask, other=0.0)
+                tap = (pr + t // K) * HALO_W + pc + t % K
+                yv = tl.load(yscr + h_loc[:, None] * HALO_CAP + tap[None, :],
+                             mask=p_mask[None, :], other=0.0)
+                z += w2[:, None] * yv
+            s2 = tl.load(s2_ptr + h, mask=h_mask, other=0.0)[:, None]
+            t2 = tl.load(t2_ptr + h, mask=h_mask, other=0.0)[:, None]
+            z = tl.minimum(tl.maximum(z * s2 + t2, 0.0), 6.0)
+            # 3. project this hidden chunk (rows of padded hidden channels have zero weights)
+            w3 = tl.load(wscr + PR0 + o[:, None] * HIDDEN + h[None, :],
+                         mask=o_mask[:, None] & h_mask[None, :], other=0.0)
+            acc = dot_acc(w3, z.to(x_ptr.dtype.element_ty), acc, DOT_MODE)
+            tl.debug_barrier()
+        acc = acc * s3 + t3
+        pix = (gi * PH + band0 + pr) * W + gj * PW + pc
+        mask = o_mask[:, None] & p_mask[None, :]
+        offs = o.to(tl.int64)[:, None] * HW + pix[None, :]
+        if RESIDUAL:
+            acc += tl.load(x_base + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_base + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
-    z = tl.zeros((BLOCK_H, BLOCK_P), dtype=tl.float32)
-    for t in range(KK):  # a loop, not unrolled: nine copies of the tile code compile for minutes
-        sy, vy = border_index(yy + (t // K - R), H, PAD_MODE)
-        sx, vx = border_index(xx + (t % K - R), W, PAD_MODE)
-        m = c_mask[:, None] & (p_mask & vy & vx)[None, :]
-        xv = tl.load(x_base + c.to(tl.int64)[:, None] * HW + (sy * W + sx)[None, :], mask=m, other=0.0)
-        if DOT_FP32:
-            y = tl.dot(w1, xv.to(tl.float32), input_precision="ieee")
-        else:
-            y = tl.dot(w1.to(xv.dtype), xv)
-        y = tl.minimum(tl.maximum(y * s1 + t1, 0.0), 6.0)
-        wt = tl.sum(tl.where(taps[None, :] == t, w2, 0.0), axis=1)
-        z += wt[:, None] * y
-    z = tl.minimum(tl.maximum(z * s2 + t2, 0.0), 6.0)
-    if DOT_FP32:
-        out = tl.dot(w3, z, input_precision="ieee")
-    else:
-        out = tl.dot(w3.to(x_ptr.dtype.element_ty), z.to(x_ptr.dtype.element_ty))
-    out = out * s3 + t3
-    pix = (yy * W + xx)[None, :]
-    mask = o_mask[:, None] & p_mask[None, :]
-    if RESIDUAL:
-        out += tl.load(x_base + o.to(tl.int64)[:, None] * HW + pix, mask=mask, other=0.0).to(tl.float32)
-    out_off = b.to(tl.int64) * COUT * HW + o.to(tl.int64)[:, None] * HW + pix
-    tl.store(out_ptr + out_off, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+def plan(cin: int, hidden: int, cout: int, patch: Tuple[int, int], kernel_size: int,
+         dot_mode: int) -> dict:
+    """Tile sizes of ``_meta_inverted_residual_kernel`` for a block: bands of whole patch rows of
+    about 256 output pixels on tensor cores (128 with IEEE float32 dots, whose operands live in
+    registers), at most 8,192 output accumulators per program; 16 hidden channels and 16 input
+    channels per dot (the smallest tensor-core tile), 32 halo pixels per expand dot."""
+    ph, pw = patch
+    block_w = triton.next_power_of_2(pw)
+    block_co = max(16, triton.next_power_of_2(cout))
+    target = max(block_w, min(128 if dot_mode == 1 else 256, 8192 // block_co))
+    band = max(1, min(triton.next_power_of_2(ph), target // block_w))
+    block_w = max(block_w, 16 // band)          # a dot needs >= 16 output pixels
+    return dict(BAND=band, BLOCK_W=block_w, HALO_CHUNK=32, BLOCK_K=16, BLOCK_H=16,
+                BLOCK_CO=block_co, BLOCK_R=64)
+
+
+def scratch_sizes(cfg: dict, count: int, patch: Tuple[int, int], kernel_size: int) -> Tuple[int, int]:
+    """Per-program float32 scratch: the patch's parameters, and one hidden chunk's expanded band."""
+    r = kernel_size // 2
+    halo_n = (cfg["BAND"] + 2 * r) * (patch[1] + 2 * r)
+    cap = triton.cdiv(halo_n, cfg["HALO_CHUNK"]) * cfg["HALO_CHUNK"]
+    return count, cfg["BLOCK_H"] * cap
 
 
 def meta_inverted_residual(x: torch.Tensor, signal: torch.Tensor, generator_weight: torch.Tensor, *,
@@ -106,32 +159,28 @@ def meta_inverted_residual(x: torch.Tensor, signal: torch.Tensor, generator_weig
                            norm3: Tuple[torch.Tensor, torch.Tensor], residual: bool = False,
                            padding_mode: str = "reflect") -> torch.Tensor:
     """Fused v1 ``MetaInvertedResidual`` (eval mode) in one launch; the semantics of
-    ``hyperseg.ops.meta_inverted_residual``. ``norm*`` are (scale, shift) pairs of folded BN."""
-    if signal.dim() != 4:
-        raise ValueError(f"signal must have shape (B, S, GH, GW), got {tuple(signal.shape)}")
-    grid = tuple(signal.shape[2:4])
-    _check_common(x, grid, kernel_size, 1, padding_mode)
-    cin = x.shape[1]
+    ``hyperseg.ops.meta_inverted_residual``. ``norm*`` are (scale, shift) pairs of folded BN.
+    float32 inputs use tf32 tensor cores when ``torch.backends.cudnn.allow_tf32`` is on."""
+    cin = x.shape[1] if x.dim() == 4 else 0
     if hidden < 1 or out_channels < 1:
         raise ValueError(f"hidden and out_channels must be >= 1, got {hidden} and {out_channels}")
+    count = hidden * cin + hidden * kernel_size ** 2 + out_channels * hidden
+    check_generated_common(x, signal, generator_weight, signal_offset, generator_groups, row_start,
+                           count, 1, kernel_size, padding_mode)
     if residual and cin != out_channels:
         raise ValueError(f"a residual needs Cin == Cout, got {cin} and {out_channels}")
-    if signal.shape[0] != x.shape[0]:
-        raise ValueError(f"batch of signal ({signal.shape[0]}) differs from batch of x ({x.shape[0]})")
     for name, (n, size) in {"norm1": (norm1, hidden), "norm2": (norm2, hidden),
                             "norm3": (norm3, out_channels)}.items():
         if len(n) != 2 or any(v.shape != (size,) for v in n):
             raise ValueError(f"{name} must be a (scale, shift) pair of shape ({size},)")
-    count = hidden * cin + hidden * kernel_size ** 2 + out_channels * hidden
-    check_generator(signal, generator_weight, signal_offset, generator_groups, row_start, count)
     check_device(x, signal, generator_weight, *norm1, *norm2, *norm3)
     return torch.ops.hyperseg.meta_inverted_residual(
         x, signal, generator_weight, hidden, out_channels, signal_offset, generator_groups,
         row_start, kernel_size, *norm1, *norm2, *norm3, residual, padding_mode)
 
 
-# The PyTorch custom op behind ``meta_inverted_residual`` (see the note in patch_conv.py): one
-# opaque node for torch.compile, with a fake implementation; it takes validated arguments only.
+# The PyTorch custom op behind ``meta_inverted_residual``: one opaque node for torch.compile, with
+# a fake implementation; it takes validated arguments only.
 @torch.library.custom_op("hyperseg::meta_inverted_residual", mutates_args=())
 def _meta_inverted_residual_op(
         x: torch.Tensor, signal: torch.Tensor, generator_weight: torch.Tensor, hidden: int,
@@ -142,22 +191,54 @@ def _meta_inverted_residual_op(
     x = x.contiguous()
     b, cin, h, w = x.shape
     gh, gw = signal.shape[2:4]
-    ph, pw = h // gh, w // gw
-    rows, spg = generator_weight.shape[:2]
-    out = _output_like(x, out_channels)
-    block_p = pixel_block(ph * pw)
+    patch = (h // gh, w // gw)
+    gen, spg, stride = generator_layout(generator_weight)
+    out = output_like(x, out_channels)
+    mode = fused_dot_mode(x.dtype)
+    cfg = plan(cin, hidden, out_channels, patch, kernel_size, mode)
+    cfg["BLOCK_S"] = signal_block(spg)
+    count = hidden * cin + hidden * kernel_size ** 2 + out_channels * hidden
+    n_params, n_halo = scratch_sizes(cfg, count, patch, kernel_size)
+    programs = b * gh * gw
+    wscr = x.new_empty((programs, n_params), dtype=torch.float32)
+    yscr = x.new_empty((programs, n_halo), dtype=torch.float32)
     norms = [t.float().contiguous() for t in (scale1, shift1, scale2, shift2, scale3, shift3)]
-    _meta_inverted_residual_kernel[(b * gh * gw, triton.cdiv(ph * pw, block_p))](
-        x, out, signal.contiguous(), generator_weight.contiguous(), *norms,
-        h, w, gh, gw, cin, hidden, out_channels,
-        signal.shape[1], signal_offset, spg, rows // generator_groups, row_start,
-        K=kernel_size, PAD_MODE=PADDING_CODES[padding_mode], RESIDUAL=residual,
-        DOT_FP32=dot_in_fp32(x.dtype), TAPS=triton.next_power_of_2(kernel_size * kernel_size),
-        BLOCK_CI=block(cin, high=1 << 20), BLOCK_H=block(hidden, high=1 << 20),
-        BLOCK_CO=block(out_channels, high=1 << 20), BLOCK_P=block_p, num_warps=4)
+    _meta_inverted_residual_kernel[(programs,)](
+        x, out, signal.contiguous(), gen, wscr, yscr, *norms,
+        h, w, gh, gw, signal.shape[1], signal_offset, gen.shape[0] // generator_groups, row_start,
+        CIN=cin, HIDDEN=hidden, COUT=out_channels, PH=patch[0], PW=patch[1], K=kernel_size,
+        PAD_MODE=PADDING_CODES[padding_mode], RESIDUAL=residual, SPG=spg, GEN_STRIDE=stride,
+        DOT_MODE=mode, num_warps=4 if interpreting() else 8, **cfg)
     return out
 
 
 @_meta_inverted_residual_op.register_fake
 def _meta_inverted_residual_fake(x, signal, generator_weight, hidden, out_channels, *args):
-    return _output_like(x, out_channels)
+    return output_like(x, out_channels)
+
+
+def executed_work(name: str, launch) -> dict:
+    """Multiply-adds one launch of ``_meta_inverted_residual_kernel`` executes, padding and
+    recomputation counted (for bench/kernel_report.py): generation of every parameter once per
+    patch (inputs padded to BLOCK_S), the expand over each band's halo tile (padded to HALO_CHUNK
+    pixels, BLOCK_H hidden and BLOCK_K input channels), the depthwise and the project over the
+    band's BLOCK_P output pixels (hidden padded to BLOCK_H, outputs to BLOCK_CO)."""
+    if name != "_meta_inverted_residual_kernel":
+        return None
+    a = launch.args
+    programs = launch.grid[0]
+    pad = lambda n, m: -(-n // m) * m  # noqa: E731
+    k = a["K"]
+    r = k // 2
+    hidden_p = pad(a["HIDDEN"], a["BLOCK_H"])
+    count = a["HIDDEN"] * a["CIN"] + a["HIDDEN"] * k * k + a["COUT"] * a["HIDDEN"]
+    bands = -(-a["PH"] // a["BAND"])
+    halo = pad((a["BAND"] + 2 * r) * (a["PW"] + 2 * r), a["HALO_CHUNK"])
+    block_p = a["BAND"] * a["BLOCK_W"]
+    gen = count * pad(a["SPG"], a["BLOCK_S"])
+    expand = bands * halo * hidden_p * pad(a["CIN"], a["BLOCK_K"])
+    depthwise = bands * block_p * hidden_p * k * k
+    project = bands * block_p * hidden_p * a["BLOCK_CO"]
+    tensor = (expand + project) if a["DOT_MODE"] in (0, 3) else 0
+    return {"macs": programs * (gen + expand + depthwise + project),
+            "tensor_core_macs": programs * tensor}

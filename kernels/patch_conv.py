@@ -1,9 +1,11 @@
-"""Patch-wise dynamic convolution, with weights read from memory or generated in the kernel.
+"""Patch-wise dynamic convolution with given per-patch kernels, and its training counterpart with
+generated kernels.
 
-``patch_conv2d`` is the generic op (weights given); ``meta_patch_conv`` is the fused meta block:
-each patch's kernel is generated from the context signal inside the kernel (never written to
-global memory), applied, then BatchNorm (folded to scale / shift) and the activation.
-The reference semantics are the functions of the same names in ``hyperseg.ops``.
+``patch_conv2d`` is the generic op (weights given, differentiable through Triton backward
+kernels); ``generated_patch_conv2d`` generates a sub-layer's kernels from the context signal
+(``generate_weights``) and applies them: the op the meta blocks train on. The fused inference
+block is ``meta_patch_conv`` (meta_patch_conv.py). Reference semantics: the functions of the same
+names in ``hyperseg.ops``.
 """
 from __future__ import annotations
 
@@ -13,21 +15,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import ops
-
-from ._common import (ACTIVATION_CODES, PADDING_CODES, accumulator, activate, autocast, block,
-                      border_index, channel_block, check_device, check_dtype, dot_acc, dot_mode,
-                      generate_rows, mirror_slots, mirror_source, patch_pixels, pixel_block)
+from ._common import (PADDING_CODES, accumulator, autocast, block, border_index, channel_block,
+                      check_common, check_device, check_dtype, check_generated_common, dot_acc,
+                      dot_mode, mirror_slots, mirror_source, output_like, patch_pixels, pixel_block)
 
 
 @triton.jit
 def _patch_conv_kernel(
-        x_ptr, out_ptr, w_ptr, bias_ptr, sig_ptr, gen_ptr, scale_ptr, shift_ptr,
+        x_ptr, out_ptr, w_ptr, bias_ptr,
         H, W, GH, GW, CIN, COUT, CIN_G, COUT_G,
-        SIG_C, sig_offset, gen_spg, gen_rpg, row_start,
-        K: tl.constexpr, PAD_MODE: tl.constexpr, GENERATED: tl.constexpr,
-        HAS_BIAS: tl.constexpr, HAS_AFFINE: tl.constexpr, ACT: tl.constexpr,
-        DEPTHWISE: tl.constexpr, DOT_MODE: tl.constexpr, ACC: tl.constexpr, TAPS: tl.constexpr,
+        K: tl.constexpr, PAD_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
+        DEPTHWISE: tl.constexpr, DOT_MODE: tl.constexpr, ACC: tl.constexpr,
         BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_P: tl.constexpr):
     # Program (patch, channel block, pixel block): axis 0 is one patch of one image, axis 1 a
     # block of output channels within one group (depthwise: a block of channels), axis 2 a block
@@ -40,29 +38,20 @@ def _patch_conv_kernel(
     KK: tl.constexpr = K * K
     R: tl.constexpr = K // 2
     x_base = x_ptr + b.to(tl.int64) * CIN * HW
-    sig_base = sig_ptr + b.to(tl.int64) * SIG_C * GH * GW + gi * GW + gj
-    # Explicit weights: (B, GH, GW, COUT, CIN_G, K, K) contiguous.
+    # the kernels: (B, GH, GW, COUT, CIN_G, K, K) contiguous
     w_base = w_ptr + pid_patch.to(tl.int64) * COUT * CIN_G * KK
 
     if DEPTHWISE:
         co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
         co_mask = co < COUT
         acc = tl.zeros((BLOCK_CO, BLOCK_P), dtype=ACC)
-        if GENERATED:
-            taps = tl.arange(0, TAPS)
-            wk_mask = co_mask[:, None] & (taps[None, :] < KK)
-            wk = generate_rows(row_start + co[:, None] * KK + taps[None, :], wk_mask,
-                               sig_base, gen_ptr, sig_offset, gen_spg, gen_rpg, GH * GW)
         for t in range(KK):
             sy, vy = border_index(yy + (t // K - R), H, PAD_MODE)
             sx, vx = border_index(xx + (t % K - R), W, PAD_MODE)
             m = co_mask[:, None] & (p_mask & vy & vx)[None, :]
             xv = tl.load(x_base + co.to(tl.int64)[:, None] * HW + (sy * W + sx)[None, :],
                          mask=m, other=0.0).to(ACC)
-            if GENERATED:
-                wt = tl.sum(tl.where(taps[None, :] == t, wk, 0.0), axis=1)
-            else:
-                wt = tl.load(w_base + co * KK + t, mask=co_mask, other=0.0).to(ACC)
+            wt = tl.load(w_base + co * KK + t, mask=co_mask, other=0.0).to(ACC)
             acc += wt[:, None] * xv
     else:
         n_co_blocks = tl.cdiv(COUT_G, BLOCK_CO)
@@ -84,52 +73,33 @@ def _patch_conv_kernel(
                              mask=m, other=0.0)
                 # index of (co, ci, t) in the (COUT, CIN_G, K, K) kernel of this patch
                 widx = (co[:, None] * CIN_G + ci_local[None, :]) * KK + t
-                if GENERATED:
-                    wv = generate_rows(row_start + widx, w_mask, sig_base, gen_ptr, sig_offset,
-                                       gen_spg, gen_rpg, GH * GW)
-                else:
-                    wv = tl.load(w_base + widx, mask=w_mask, other=0.0)
+                wv = tl.load(w_base + widx, mask=w_mask, other=0.0)
                 acc = dot_acc(wv, xv, acc, DOT_MODE)
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + pid_patch.to(tl.int64) * COUT + co, mask=co_mask, other=0.0)
         acc += bias.to(ACC)[:, None]
-    if HAS_AFFINE:
-        scale = tl.load(scale_ptr + co, mask=co_mask, other=0.0)
-        shift = tl.load(shift_ptr + co, mask=co_mask, other=0.0)
-        acc = acc * scale[:, None] + shift[:, None]
-    acc = activate(acc, ACT)
     out_off = b.to(tl.int64) * COUT * HW + co.to(tl.int64)[:, None] * HW + (yy * W + xx)[None, :]
     tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty),
              mask=co_mask[:, None] & p_mask[None, :])
 
 
-def _launch(x, out, *, weight, bias, signal, generator, signal_offset, gen_spg, gen_rpg,
-            row_start, groups, kernel_size, scale, shift, activation, padding_mode):
+def _launch(x, out, weight, bias, groups, padding_mode):
     b, cin, h, w = x.shape
     cout = out.shape[1]
-    gh, gw = (weight.shape[1:3] if weight is not None else signal.shape[2:4])
+    _, gh, gw, _, cin_g, kernel_size, _ = weight.shape
     ph, pw = h // gh, w // gw
-    cin_g, cout_g = cin // groups, cout // groups
+    cout_g = cout // groups
     depthwise = cin_g == 1 and cout_g == 1
-    generated = generator is not None
-    dummy = x  # placeholder for pointer arguments a branch does not read
     block_p = pixel_block(ph * pw)
     block_co = block(cout if depthwise else cout_g, high=64)
     block_ci = block(cin_g, high=32)
     n_co = triton.cdiv(cout, block_co) if depthwise else groups * triton.cdiv(cout_g, block_co)
     grid = (b * gh * gw, n_co, triton.cdiv(ph * pw, block_p))
     _patch_conv_kernel[grid](
-        x, out, weight if weight is not None else dummy, bias if bias is not None else dummy,
-        signal if generated else dummy, generator if generated else dummy,
-        scale if scale is not None else dummy, shift if shift is not None else dummy,
-        h, w, gh, gw, cin, cout, cin_g, cout_g,
-        signal.shape[1] if generated else 0, signal_offset, gen_spg, gen_rpg, row_start,
-        K=kernel_size, PAD_MODE=PADDING_CODES[padding_mode], GENERATED=generated,
-        HAS_BIAS=bias is not None, HAS_AFFINE=scale is not None,
-        ACT=ACTIVATION_CODES[activation], DEPTHWISE=depthwise, DOT_MODE=dot_mode(x.dtype),
-        ACC=accumulator(x.dtype),
-        TAPS=triton.next_power_of_2(kernel_size * kernel_size),
+        x, out, weight, bias if bias is not None else x, h, w, gh, gw, cin, cout, cin_g, cout_g,
+        K=kernel_size, PAD_MODE=PADDING_CODES[padding_mode], HAS_BIAS=bias is not None,
+        DEPTHWISE=depthwise, DOT_MODE=dot_mode(x.dtype), ACC=accumulator(x.dtype),
         BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_P=block_p, num_warps=4)
     return out
 
@@ -334,23 +304,6 @@ def _launch_backward(dout, x, weight, *, dx, dw, db, groups, padding_mode):
             num_warps=4, **common)
 
 
-def _check_common(x: torch.Tensor, grid, kernel_size: int, groups: int, padding_mode: str,
-                  float64: bool = False) -> None:
-    if x.dim() != 4:
-        raise ValueError(f"x must have shape (B, Cin, H, W), got {tuple(x.shape)}")
-    check_dtype(x, float64)
-    ops.check_grid(x, grid)
-    if padding_mode not in PADDING_CODES:
-        raise ValueError(f"padding_mode must be one of {tuple(PADDING_CODES)}, got {padding_mode!r}")
-    if kernel_size % 2 == 0 or kernel_size < 1 or kernel_size > 5:
-        raise ValueError(f"kernel size must be 1, 3 or 5, got {kernel_size}")
-    if padding_mode == "reflect" and kernel_size // 2 >= min(x.shape[-2:]):
-        raise ValueError(f"reflect padding of {kernel_size // 2} pixel(s) needs a feature map larger "
-                         f"than that, got {tuple(x.shape[-2:])}")
-    if groups < 1 or x.shape[1] % groups:
-        raise ValueError(f"{x.shape[1]} input channels do not split into {groups} groups")
-
-
 def patch_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
                  padding_mode: str = "reflect", groups: int = 1) -> torch.Tensor:
     """Triton patch-wise dynamic convolution; the semantics of ``hyperseg.ops.patch_conv2d``.
@@ -365,7 +318,7 @@ def patch_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     if weight.dim() != 7:
         raise ValueError(f"weight must have shape (B, GH, GW, Cout, Cin/groups, k, k), got {tuple(weight.shape)}")
     b, gh, gw, cout, cin_g, kh, kw = weight.shape
-    _check_common(x, (gh, gw), kh, groups, padding_mode, float64=True)
+    check_common(x, (gh, gw), kh, groups, padding_mode, float64=True)
     if kh != kw:
         raise ValueError(f"kernel must be square, got {kh} x {kw}")
     if b != x.shape[0]:
@@ -418,25 +371,18 @@ class PatchConv2dFunction(torch.autograd.Function):
 # no graph break. The ops take validated arguments only.
 # ------------------------------------------------------------------------------------------------
 
-def _output_like(x: torch.Tensor, channels: int) -> torch.Tensor:
-    return x.new_empty((x.shape[0], channels, x.shape[2], x.shape[3]))
-
-
 @torch.library.custom_op("hyperseg::patch_conv2d", mutates_args=())
 def _patch_conv2d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                      padding_mode: str, groups: int) -> torch.Tensor:
     x = x.contiguous()
-    out = _output_like(x, weight.shape[3])
-    return _launch(x, out, weight=weight.contiguous(),
-                   bias=None if bias is None else bias.contiguous(), signal=None, generator=None,
-                   signal_offset=0, gen_spg=0, gen_rpg=1, row_start=0, groups=groups,
-                   kernel_size=weight.shape[-1], scale=None, shift=None, activation=None,
-                   padding_mode=padding_mode)
+    out = output_like(x, weight.shape[3])
+    return _launch(x, out, weight.contiguous(), None if bias is None else bias.contiguous(), groups,
+                   padding_mode)
 
 
 @_patch_conv2d_op.register_fake
 def _patch_conv2d_fake(x, weight, bias, padding_mode, groups):
-    return _output_like(x, weight.shape[3])
+    return output_like(x, weight.shape[3])
 
 
 @torch.library.custom_op("hyperseg::patch_conv2d_backward", mutates_args=())
@@ -464,35 +410,14 @@ def _patch_conv2d_backward_fake(dout, x, weight, input_grad, weight_grad, bias_g
             if bias_grad else x.new_empty(0))
 
 
-def check_generator(signal: torch.Tensor, generator_weight: torch.Tensor, signal_offset: int,
-                    generator_groups: int, row_start: int, count: int) -> None:
-    if generator_weight.dim() != 4 or generator_weight.shape[2:] != (1, 1):
-        raise ValueError(f"generator weight must have shape (R, S / groups, 1, 1), "
-                         f"got {tuple(generator_weight.shape)}")
-    rows = generator_weight.shape[0]
-    if generator_groups < 1 or rows % generator_groups:
-        raise ValueError(f"the generator's {rows} rows do not split into {generator_groups} groups")
-    width = generator_weight.shape[1] * generator_groups
-    if signal_offset < 0 or signal_offset + width > signal.shape[1]:
-        raise ValueError(f"the generator reads signal channels {signal_offset}..{signal_offset + width}, "
-                         f"the signal has {signal.shape[1]}")
-    if row_start < 0 or row_start + count > rows:
-        raise ValueError(f"rows {row_start}..{row_start + count} exceed the generator's {rows} rows")
-
-
 def _check_generated(x, signal, generator_weight, out_channels, signal_offset, generator_groups,
                      row_start, groups, kernel_size, padding_mode, float64=False) -> int:
     """Validate the arguments of a convolution with generated kernels; returns the row count."""
-    if signal.dim() != 4:
-        raise ValueError(f"signal must have shape (B, S, GH, GW), got {tuple(signal.shape)}")
-    grid = tuple(signal.shape[2:4])
-    _check_common(x, grid, kernel_size, groups, padding_mode, float64)
-    if out_channels < 1 or out_channels % groups:
+    if x.dim() == 4 and (out_channels < 1 or out_channels % max(groups, 1)):
         raise ValueError(f"{out_channels} output channels do not split into {groups} groups")
-    if signal.shape[0] != x.shape[0]:
-        raise ValueError(f"batch of signal ({signal.shape[0]}) differs from batch of x ({x.shape[0]})")
-    count = out_channels * (x.shape[1] // groups) * kernel_size * kernel_size
-    check_generator(signal, generator_weight, signal_offset, generator_groups, row_start, count)
+    count = out_channels * (x.shape[1] // max(groups, 1) if x.dim() == 4 else 0) * kernel_size ** 2
+    check_generated_common(x, signal, generator_weight, signal_offset, generator_groups, row_start,
+                           count, groups, kernel_size, padding_mode, float64)
     return count
 
 
@@ -559,48 +484,3 @@ class GeneratedPatchConv2dFunction(torch.autograd.Function):
                 need_signal, need_weight)
         return (dx if need_x else None, dsignal if need_signal else None,
                 dweight if need_weight else None, None, None, None, None, None, None)
-
-
-def meta_patch_conv(x: torch.Tensor, signal: torch.Tensor, generator_weight: torch.Tensor, *,
-                    out_channels: int, signal_offset: int = 0, generator_groups: int = 1,
-                    row_start: int = 0, groups: int = 1, kernel_size: int = 1,
-                    scale: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None,
-                    activation: Optional[str] = None, padding_mode: str = "reflect") -> torch.Tensor:
-    """Fused meta block in one launch: per-patch weight generation + patch-wise convolution +
-    ``* scale + shift`` + activation. Semantics of ``hyperseg.ops.meta_patch_conv``. Inference
-    only (no backward); ``generated_patch_conv2d`` is the differentiable counterpart."""
-    _check_generated(x, signal, generator_weight, out_channels, signal_offset, generator_groups,
-                     row_start, groups, kernel_size, padding_mode)
-    if activation not in ACTIVATION_CODES:
-        raise ValueError(f"activation must be one of {tuple(ACTIVATION_CODES)}, got {activation!r}")
-    if (scale is None) != (shift is None):
-        raise ValueError("give both scale and shift, or neither")
-    check_device(x, signal, generator_weight, scale, shift)
-    return torch.ops.hyperseg.meta_patch_conv(
-        x, signal, generator_weight, out_channels, signal_offset, generator_groups, row_start,
-        groups, kernel_size, scale, shift, activation, padding_mode)
-
-
-@torch.library.custom_op("hyperseg::meta_patch_conv", mutates_args=())
-def _meta_patch_conv_op(x: torch.Tensor, signal: torch.Tensor, generator_weight: torch.Tensor,
-                        out_channels: int, signal_offset: int, generator_groups: int,
-                        row_start: int, groups: int, kernel_size: int,
-                        scale: Optional[torch.Tensor], shift: Optional[torch.Tensor],
-                        activation: Optional[str], padding_mode: str) -> torch.Tensor:
-    x = x.contiguous()
-    rows, spg = generator_weight.shape[:2]
-    out = _output_like(x, out_channels)
-    return _launch(x, out, weight=None, bias=None, signal=signal.contiguous(),
-                   generator=generator_weight.contiguous(), signal_offset=signal_offset,
-                   gen_spg=spg, gen_rpg=rows // generator_groups, row_start=row_start,
-                   groups=groups, kernel_size=kernel_size,
-                   scale=None if scale is None else scale.float().contiguous(),
-                   shift=None if shift is None else shift.float().contiguous(),
-                   activation=activation, padding_mode=padding_mode)
-
-
-@_meta_patch_conv_op.register_fake
-def _meta_patch_conv_fake(x, signal, generator_weight, out_channels, signal_offset,
-                          generator_groups, row_start, groups, kernel_size, scale, shift,
-                          activation, padding_mode):
-    return _output_like(x, out_channels)

@@ -21,6 +21,8 @@ from hyperseg.kernels.generate_weights import (_generate_weights_kernel,  # noqa
                                                _generate_weights_signal_grad_kernel,
                                                _generate_weights_weight_grad_kernel)
 from hyperseg.kernels.meta_inverted_residual import _meta_inverted_residual_kernel  # noqa: E402
+from hyperseg.kernels.meta_patch_conv import (_meta_conv_patch_kernel,  # noqa: E402
+                                              _meta_conv_pixel_kernel)
 from hyperseg.kernels.patch_conv import (_patch_conv_input_grad_kernel, _patch_conv_kernel,  # noqa: E402
                                          _patch_conv_weight_grad_kernel)
 
@@ -28,7 +30,7 @@ TARGET = GPUTarget("cuda", 90, 32)
 # Pointers to activations (and to the per-patch kernels, the signal and their gradients) have the
 # input dtype; generator weights, BatchNorm vectors and the bias gradient are float32.
 FLOAT32_POINTERS = ("gen_ptr", "dgen_ptr", "db_ptr", "s1_ptr", "t1_ptr", "s2_ptr", "t2_ptr",
-                    "s3_ptr", "t3_ptr", "scale_ptr", "shift_ptr")
+                    "s3_ptr", "t3_ptr", "scale_ptr", "shift_ptr", "wscr_ptr", "yscr_ptr")
 
 
 def compile_variant(fn, dtype, constexprs):
@@ -44,7 +46,8 @@ def compile_variant(fn, dtype, constexprs):
     source = ASTSource(fn=fn, signature=signature,
                        constexprs={(index[k],): v for k, v in constexprs.items()})
     start = time.time()
-    triton.compile(source, target=TARGET, options={"num_warps": 4})
+    warps = 8 if fn is _meta_inverted_residual_kernel else 4
+    triton.compile(source, target=TARGET, options={"num_warps": warps})
     return time.time() - start
 
 
@@ -54,17 +57,30 @@ def report(name, dtype, seconds):
 
 
 def forward_variants(dtype):
-    fp32 = dtype == "fp32"
-    for generated, depthwise, k in itertools.product((False, True), (False, True), (1, 3, 5)):
-        constexprs = dict(K=k, PAD_MODE=1, GENERATED=generated, HAS_BIAS=not generated,
-                          HAS_AFFINE=generated, ACT=2 if generated else 0, DEPTHWISE=depthwise,
-                          DOT_MODE=int(fp32), ACC=tl.float32, TAPS=triton.next_power_of_2(k * k),
-                          BLOCK_CO=32, BLOCK_CI=32, BLOCK_P=64)
-        yield f"patch_conv generated={generated} depthwise={depthwise} k={k}", _patch_conv_kernel, constexprs
-    for residual in (False, True):
-        constexprs = dict(K=3, PAD_MODE=1, RESIDUAL=residual, DOT_FP32=fp32, TAPS=16, BLOCK_CI=64,
-                          BLOCK_H=128, BLOCK_CO=32, BLOCK_P=64)
-        yield f"meta_inverted_residual residual={residual}", _meta_inverted_residual_kernel, constexprs
+    """The inference kernels: fp32 with tf32 (3) and IEEE (1) dots, half precision with 0."""
+    modes = (3, 1) if dtype == "fp32" else (0,)
+    for depthwise, k in itertools.product((False, True), (1, 3, 5)):
+        constexprs = dict(K=k, PAD_MODE=1, HAS_BIAS=True, DEPTHWISE=depthwise, DOT_MODE=int(dtype == "fp32"),
+                          ACC=tl.float32, BLOCK_CO=32, BLOCK_CI=32, BLOCK_P=64)
+        yield f"patch_conv depthwise={depthwise} k={k}", _patch_conv_kernel, constexprs
+    for mode in modes:
+        yield (f"meta_conv_pixel dot_mode={mode}", _meta_conv_pixel_kernel,
+               dict(CIN=82, COUT=64, SPG=13, GEN_STRIDE=16, HAS_AFFINE=True, ACT=1, DOT_MODE=mode,
+                    BLOCK_N=64, BLOCK_O=2, BLOCK_C=32, BLOCK_S=16))
+        for depthwise, k, groups in ((False, 1, 1), (False, 3, 2), (True, 3, 48), (True, 5, 48)):
+            cin = 48 if groups > 1 else 94
+            yield (f"meta_conv_patch depthwise={depthwise} k={k} dot_mode={mode}", _meta_conv_patch_kernel,
+                   dict(CIN=cin, COUT=48 if groups > 1 else 32, GROUPS=groups, PH=8, PW=8, K=k,
+                        PAD_MODE=1, DEPTHWISE=depthwise, HAS_AFFINE=True, ACT=2, SPG=13,
+                        GEN_STRIDE=16, DOT_MODE=mode, BAND=8, BLOCK_W=8, BLOCK_CO=32,
+                        BLOCK_K=16, BLOCK_R=64, BLOCK_S=16))
+        for residual in (False, True):
+            yield (f"meta_inverted_residual residual={residual} dot_mode={mode}",
+                   _meta_inverted_residual_kernel,
+                   dict(CIN=34, HIDDEN=68, COUT=34 if residual else 19, PH=16, PW=16, K=3,
+                        PAD_MODE=1, RESIDUAL=residual, SPG=80, GEN_STRIDE=80, DOT_MODE=mode,
+                        BAND=8 if mode == 1 else 16, BLOCK_W=16, HALO_CHUNK=32, BLOCK_K=16,
+                        BLOCK_H=16, BLOCK_CO=64 if residual else 32, BLOCK_R=64, BLOCK_S=16))
 
 
 def backward_variants(dtype):

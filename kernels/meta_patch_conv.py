@@ -1,0 +1,322 @@
+"""The fused meta block: per-patch weight generation + patch-wise convolution + folded BatchNorm
++ activation, in one launch. Inference only; ``generated_patch_conv2d`` (patch_conv.py) is the
+differentiable counterpart. Reference semantics: ``hyperseg.ops.meta_patch_conv``.
+
+Two kernels, chosen by the patch size:
+
+* ``_meta_conv_pixel_kernel`` — 1x1 patches, 1x1 convolution, one group: every pixel is a patch,
+  so a program generates the weights of a block of pixels as one tensor-core GEMM over the
+  generator's rows (M), the signal's inputs (K) and the pixels (N), then applies them pixel by
+  pixel. Nothing is generated twice.
+* ``_meta_conv_patch_kernel`` — any other case (dense or depthwise, any k): one program per patch
+  generates the patch's kernel once into a per-program scratch slot (L1/L2-resident), then walks
+  the patch in bands of rows: a tensor-core dot per (output block, input block, tap) for dense
+  convolutions, a multiply-add per tap for depthwise ones.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (ACTIVATION_CODES, PADDING_CODES, activate, border_index, check_device,
+                      check_generated_common, dot_acc, fused_dot_mode, generate_params,
+                      generator_layout, interpreting, output_like, signal_block)
+
+
+@triton.jit
+def _meta_conv_pixel_kernel(
+        x_ptr, out_ptr, sig_ptr, gen_ptr, scale_ptr, shift_ptr,
+        N, GHW, SIG_C, sig_offset, rpg, row_start,
+        CIN: tl.constexpr, COUT: tl.constexpr, SPG: tl.constexpr, GEN_STRIDE: tl.constexpr,
+        HAS_AFFINE: tl.constexpr, ACT: tl.constexpr, DOT_MODE: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
+        BLOCK_S: tl.constexpr):
+    # Program (pixel block, output block). Pixels are numbered n = b * GHW + q, so a block of
+    # BLOCK_N consecutive pixels reads contiguous runs of x, of the signal and of out. For each
+    # block of BLOCK_C input channels the weights W[o, c, n] of the tile's BLOCK_O x BLOCK_C
+    # generator rows are one dot, (rows x inputs) @ (inputs x pixels), per generator group that
+    # the rows span (rows of other groups masked to zero), then out[o, n] += sum_c W[o, c, n] x[c, n].
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n < N
+    b = (n // GHW).to(tl.int64)
+    q = n % GHW
+    x_off = b * CIN * GHW + q
+    sig_off = b * SIG_C * GHW + q
+    o0 = tl.program_id(1) * BLOCK_O
+    o = o0 + tl.arange(0, BLOCK_O)
+    o_mask = o < COUT
+    o_last = tl.minimum(o0 + BLOCK_O, COUT) - 1
+    acc = tl.zeros((BLOCK_O, BLOCK_N), dtype=tl.float32)
+    for c0 in range(0, CIN, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_mask = c < CIN
+        rows = tl.reshape(row_start + o[:, None] * CIN + c[None, :], (BLOCK_O * BLOCK_C,))
+        r_mask = tl.reshape(o_mask[:, None] & c_mask[None, :], (BLOCK_O * BLOCK_C,))
+        grp = rows // rpg
+        first = (row_start + o0 * CIN + c0) // rpg
+        last = (row_start + o_last * CIN + tl.minimum(c0 + BLOCK_C, CIN) - 1) // rpg
+        wgt = tl.zeros((BLOCK_O * BLOCK_C, BLOCK_N), dtype=tl.float32)
+        for g in range(first, last + 1):
+            g_mask = r_mask & (grp == g)
+            for s0 in range(0, SPG, BLOCK_S):
+                s = s0 + tl.arange(0, BLOCK_S)
+                s_mask = s < SPG
+                gv = tl.load(gen_ptr + rows.to(tl.int64)[:, None] * GEN_STRIDE + s[None, :],
+                             mask=g_mask[:, None] & s_mask[None, :], other=0.0)
+                chan = (sig_offset + g * SPG + s).to(tl.int64)
+                sv = tl.load(sig_ptr + sig_off[None, :] + chan[:, None] * GHW,
+                             mask=s_mask[:, None] & n_mask[None, :], other=0.0)
+                wgt = dot_acc(gv, sv, wgt, DOT_MODE)
+        xv = tl.load(x_ptr + x_off[None, :] + c.to(tl.int64)[:, None] * GHW,
+                     mask=c_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(tl.reshape(wgt, (BLOCK_O, BLOCK_C, BLOCK_N)) * xv[None, :, :], axis=1)
+    if HAS_AFFINE:
+        acc = (acc * tl.load(scale_ptr + o, mask=o_mask, other=0.0)[:, None]
+               + tl.load(shift_ptr + o, mask=o_mask, other=0.0)[:, None])
+    acc = activate(acc, ACT)
+    out_off = b[None, :] * COUT * GHW + o.to(tl.int64)[:, None] * GHW + q[None, :]
+    tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty),
+             mask=o_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _meta_conv_patch_kernel(
+        x_ptr, out_ptr, sig_ptr, gen_ptr, wscr_ptr, scale_ptr, shift_ptr,
+        H, W, GH, GW, SIG_C, sig_offset, rpg, row_start,
+        CIN: tl.constexpr, COUT: tl.constexpr, GROUPS: tl.constexpr, PH: tl.constexpr,
+        PW: tl.constexpr, K: tl.constexpr, PAD_MODE: tl.constexpr, DEPTHWISE: tl.constexpr,
+        HAS_AFFINE: tl.constexpr, ACT: tl.constexpr, SPG: tl.constexpr,
+        GEN_STRIDE: tl.constexpr, DOT_MODE: tl.constexpr, BAND: tl.constexpr,
+        BLOCK_W: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+    # One program per patch: phase 1 writes the patch's (COUT, CIN / GROUPS, K, K) kernel to the
+    # program's scratch slot (generated once, coalesced generator rows); phase 2 walks the patch
+    # in bands of BAND rows x BLOCK_W columns (a tile row is contiguous in x and out) and, per
+    # block of BLOCK_CO output channels, accumulates one dot per (input block, tap) (dense) or a
+    # per-channel multiply-add per tap (depthwise) with the taps' pixels mapped through the border.
+    pid = tl.program_id(0)
+    gj = pid % GW
+    gi = (pid // GW) % GH
+    b = pid // (GH * GW)
+    HW = H * W
+    KK: tl.constexpr = K * K
+    R: tl.constexpr = K // 2
+    CIN_G: tl.constexpr = CIN // GROUPS
+    COUT_G: tl.constexpr = COUT // GROUPS
+    COUNT: tl.constexpr = COUT * CIN_G * KK
+    BLOCK_P: tl.constexpr = BAND * BLOCK_W
+    x_base = x_ptr + b.to(tl.int64) * CIN * HW
+    out_base = out_ptr + b.to(tl.int64) * COUT * HW
+    sig_base = sig_ptr + b.to(tl.int64) * SIG_C * GH * GW + gi * GW + gj
+    wscr = wscr_ptr + pid.to(tl.int64) * COUNT
+
+    generate_params(wscr, COUNT, row_start, sig_base, gen_ptr, sig_offset, rpg, GH * GW,
+                    SPG, GEN_STRIDE, BLOCK_R, BLOCK_S)
+    tl.debug_barrier()
+
+    p = tl.arange(0, BLOCK_P)
+    pr = p // BLOCK_W
+    pc = p % BLOCK_W
+    xx = gj * PW + pc
+    for band0 in range(0, PH, BAND):
+        yy = gi * PH + band0 + pr
+        p_mask = (pr < PH - band0) & (pc < PW)
+        pix = yy * W + xx
+        if DEPTHWISE:
+            for c0 in range(0, COUT, BLOCK_CO):
+                co = c0 + tl.arange(0, BLOCK_CO)
+                co_mask = co < COUT
+                acc = tl.zeros((BLOCK_CO, BLOCK_P), dtype=tl.float32)
+                for t in range(KK):
+                    sy, vy = border_index(yy + (t // K - R), H, PAD_MODE)
+                    sx, vx = border_index(xx + (t % K - R), W, PAD_MODE)
+                    xv = tl.load(x_base + co.to(tl.int64)[:, None] * HW + (sy * W + sx)[None, :],
+                                 mask=co_mask[:, None] & (p_mask & vy & vx)[None, :], other=0.0)
+                    wt = tl.load(wscr + co * KK + t, mask=co_mask, other=0.0)
+                    acc += wt[:, None] * xv.to(tl.float32)
+                _store_epilogue(acc, out_base, co, co_mask, pix, p_mask, scale_ptr, shift_ptr,
+                                HW, HAS_AFFINE, ACT)
+        else:
+            for g in range(GROUPS):
+                for co0 in range(0, COUT_G, BLOCK_CO):
+                    co_l = co0 + tl.arange(0, BLOCK_CO)
+                    co_mask = co_l < COUT_G
+                    acc = tl.zeros((BLOCK_CO, BLOCK_P), dtype=tl.float32)
+                    for ci0 in range(0, CIN_G, BLOCK_K):
+                        ci_l = ci0 + tl.arange(0, BLOCK_K)
+                        ci_mask = ci_l < CIN_G
+                        x_rows = x_base + (g * CIN_G + ci_l).to(tl.int64)[:, None] * HW
+                        for t in range(KK):
+                            sy, vy = border_index(yy + (t // K - R), H, PAD_MODE)
+                            sx, vx = border_index(xx + (t % K - R), W, PAD_MODE)
+                            xv = tl.load(x_rows + (sy * W + sx)[None, :],
+                                         mask=ci_mask[:, None] & (p_mask & vy & vx)[None, :],
+                                         other=0.0)
+                            widx = ((g * COUT_G + co_l)[:, None] * CIN_G + ci_l[None, :]) * KK + t
+                            wv = tl.load(wscr + widx, mask=co_mask[:, None] & ci_mask[None, :],
+                                         other=0.0)
+                            acc = dot_acc(wv, xv, acc, DOT_MODE)
+                    _store_epilogue(acc, out_base, g * COUT_G + co_l, co_mask, pix, p_mask,
+                                    scale_ptr, shift_ptr, HW, HAS_AFFINE, ACT)
+
+
+@triton.jit
+def _store_epilogue(acc, out_base, co, co_mask, pix, p_mask, scale_ptr, shift_ptr, HW,
+                    HAS_AFFINE: tl.constexpr, ACT: tl.constexpr):
+    """Folded BatchNorm (``* scale + shift``), activation and the store of one output tile."""
+    if HAS_AFFINE:
+        acc = (acc * tl.load(scale_ptr + co, mask=co_mask, other=0.0)[:, None]
+               + tl.load(shift_ptr + co, mask=co_mask, other=0.0)[:, None])
+    acc = activate(acc, ACT)
+    tl.store(out_base + co.to(tl.int64)[:, None] * HW + pix[None, :],
+             acc.to(out_base.dtype.element_ty), mask=co_mask[:, None] & p_mask[None, :])
+
+
+def _least_padding(n: int, sizes) -> int:
+    """The size among ``sizes`` whose multiple pads ``n`` least (the largest on ties)."""
+    return min((-(-n // s) * s, -s, s) for s in sizes)[2]
+
+
+def pixel_plan(cin: int, cout: int, rpg: int, spg: int) -> dict:
+    """Tiles of ``_meta_conv_pixel_kernel``: BLOCK_O output channels whose rows (BLOCK_O x Cin)
+    fit in one generator group where the group is at least that large (so a tile spans at most
+    two groups), input channels in blocks of 16-64, 64 pixels, signal inputs in blocks of 16/32."""
+    block_o = 1
+    while block_o * 2 <= min(8, max(1, rpg // cin)):
+        block_o *= 2
+    return dict(BLOCK_N=64, BLOCK_O=block_o, BLOCK_C=_least_padding(cin, (16, 32, 64)),
+                BLOCK_S=_least_padding(spg, (16, 32)))
+
+
+def patch_plan(cin: int, cout: int, groups: int, patch, depthwise: bool) -> dict:
+    """Tiles of ``_meta_conv_patch_kernel``: bands of whole patch rows of about 128 pixels (at
+    least 16 for the dots), up to 64 output channels (depthwise: 32 channels) per tile, input
+    channels 16 at a time."""
+    ph, pw = patch
+    block_w = triton.next_power_of_2(pw)
+    band = max(1, min(triton.next_power_of_2(ph), max(1, 128 // block_w)))
+    block_w = max(block_w, 16 // band)
+    if depthwise:
+        block_co = min(32, max(16, triton.next_power_of_2(cout)))
+    else:
+        block_co = min(64, max(16, triton.next_power_of_2(cout // groups)))
+    return dict(BAND=band, BLOCK_W=block_w, BLOCK_CO=block_co, BLOCK_K=16, BLOCK_R=64)
+
+
+def meta_patch_conv(x: torch.Tensor, signal: torch.Tensor, generator_weight: torch.Tensor, *,
+                    out_channels: int, signal_offset: int = 0, generator_groups: int = 1,
+                    row_start: int = 0, groups: int = 1, kernel_size: int = 1,
+                    scale: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None,
+                    activation: Optional[str] = None, padding_mode: str = "reflect") -> torch.Tensor:
+    """Fused meta block in one launch: per-patch weight generation + patch-wise convolution +
+    ``* scale + shift`` + activation. Semantics of ``hyperseg.ops.meta_patch_conv``. Inference
+    only (no backward); ``generated_patch_conv2d`` is the differentiable counterpart. float32
+    inputs use tf32 tensor cores when ``torch.backends.cudnn.allow_tf32`` is on."""
+    if x.dim() == 4 and (out_channels < 1 or out_channels % max(groups, 1)):
+        raise ValueError(f"{out_channels} output channels do not split into {groups} groups")
+    count = out_channels * (x.shape[1] // max(groups, 1) if x.dim() == 4 else 0) * kernel_size ** 2
+    check_generated_common(x, signal, generator_weight, signal_offset, generator_groups, row_start,
+                           count, groups, kernel_size, padding_mode)
+    if activation not in ACTIVATION_CODES:
+        raise ValueError(f"activation must be one of {tuple(ACTIVATION_CODES)}, got {activation!r}")
+    if (scale is None) != (shift is None):
+        raise ValueError("give both scale and shift, or neither")
+    check_device(x, signal, generator_weight, scale, shift)
+    return torch.ops.hyperseg.meta_patch_conv(
+        x, signal, generator_weight, out_channels, signal_offset, generator_groups, row_start,
+        groups, kernel_size, scale, shift, activation, padding_mode)
+
+
+@torch.library.custom_op("hyperseg::meta_patch_conv", mutates_args=())
+def _meta_patch_conv_op(x: torch.Tensor, signal: torch.Tensor, generator_weight: torch.Tensor,
+                        out_channels: int, signal_offset: int, generator_groups: int,
+                        row_start: int, groups: int, kernel_size: int,
+                        scale: Optional[torch.Tensor], shift: Optional[torch.Tensor],
+                        activation: Optional[str], padding_mode: str) -> torch.Tensor:
+    x = x.contiguous()
+    signal = signal.contiguous()
+    b, cin, h, w = x.shape
+    gh, gw = signal.shape[2:4]
+    patch = (h // gh, w // gw)
+    gen, spg, stride = generator_layout(generator_weight)
+    rpg = gen.shape[0] // generator_groups
+    out = output_like(x, out_channels)
+    affine = scale is not None
+    scale = scale.float().contiguous() if affine else gen        # gen: a placeholder, not read
+    shift = shift.float().contiguous() if affine else gen
+    common = dict(SPG=spg, GEN_STRIDE=stride, HAS_AFFINE=affine,
+                  ACT=ACTIVATION_CODES[activation], DOT_MODE=fused_dot_mode(x.dtype))
+    if patch == (1, 1) and kernel_size == 1 and groups == 1:
+        cfg = pixel_plan(cin, out_channels, rpg, spg)
+        grid = (triton.cdiv(b * gh * gw, cfg["BLOCK_N"]), triton.cdiv(out_channels, cfg["BLOCK_O"]))
+        _meta_conv_pixel_kernel[grid](
+            x, out, signal, gen, scale, shift, b * gh * gw, gh * gw, signal.shape[1],
+            signal_offset, rpg, row_start, CIN=cin, COUT=out_channels, num_warps=4,
+            **common, **cfg)
+        return out
+    depthwise = groups == cin == out_channels
+    cfg = patch_plan(cin, out_channels, groups, patch, depthwise)
+    count = out_channels * (cin // groups) * kernel_size ** 2
+    wscr = x.new_empty((b * gh * gw, count), dtype=torch.float32)
+    _meta_conv_patch_kernel[(b * gh * gw,)](
+        x, out, signal, gen, wscr, scale, shift, h, w, gh, gw, signal.shape[1], signal_offset,
+        rpg, row_start, CIN=cin, COUT=out_channels, GROUPS=groups, PH=patch[0], PW=patch[1],
+        K=kernel_size, PAD_MODE=PADDING_CODES[padding_mode], DEPTHWISE=depthwise,
+        BLOCK_S=signal_block(spg), num_warps=4, **common, **cfg)
+    return out
+
+
+@_meta_patch_conv_op.register_fake
+def _meta_patch_conv_fake(x, signal, generator_weight, out_channels, *args):
+    return output_like(x, out_channels)
+
+
+def _pad(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def executed_work(name: str, launch) -> Optional[dict]:
+    """Multiply-adds one launch executes, padding and recomputation counted (for
+    bench/kernel_report.py). ``launch.args`` maps the kernel's argument names (constexprs
+    included) to their values; ``launch.grid`` is the launch grid."""
+    a = launch.args
+    if name == "_meta_conv_pixel_kernel":
+        return _pixel_work(a, launch.grid)
+    if name != "_meta_conv_patch_kernel":
+        return None
+    programs = launch.grid[0]
+    k2 = a["K"] * a["K"]
+    cin_g, cout_g = a["CIN"] // a["GROUPS"], a["COUT"] // a["GROUPS"]
+    count = a["COUT"] * cin_g * k2
+    block_p = a["BAND"] * a["BLOCK_W"]
+    bands = -(-a["PH"] // a["BAND"])
+    gen = count * _pad(a["SPG"], a["BLOCK_S"])
+    if a["DEPTHWISE"]:
+        conv = bands * block_p * _pad(a["COUT"], a["BLOCK_CO"]) * k2
+        tensor = 0
+    else:
+        conv = bands * block_p * a["GROUPS"] * _pad(cout_g, a["BLOCK_CO"]) * _pad(cin_g, a["BLOCK_K"]) * k2
+        tensor = conv if a["DOT_MODE"] in (0, 3) else 0
+    return {"macs": programs * (gen + conv), "tensor_core_macs": programs * tensor}
+
+
+def _pixel_work(a: dict, grid) -> dict:
+    """``_meta_conv_pixel_kernel``: per (pixel block, output block), a generation dot per input
+    block and generator group its rows span (M = BLOCK_O x BLOCK_C rows, K = SPG padded, N =
+    BLOCK_N pixels), and BLOCK_O x BLOCK_C x BLOCK_N multiply-adds applying the weights."""
+    cin, cout, rpg, start = a["CIN"], a["COUT"], a["rpg"], a["row_start"]
+    bo, bc = a["BLOCK_O"], a["BLOCK_C"]
+    per_pixel_block = gen = 0
+    for o0 in range(0, cout, bo):
+        o_last = min(o0 + bo, cout) - 1
+        for c0 in range(0, cin, bc):
+            first = (start + o0 * cin + c0) // rpg
+            last = (start + o_last * cin + min(c0 + bc, cin) - 1) // rpg
+            gen += (last - first + 1) * bo * bc * _pad(a["SPG"], a["BLOCK_S"]) * a["BLOCK_N"]
+            per_pixel_block += bo * bc * a["BLOCK_N"]
+    blocks = grid[0]
+    tensor = gen if a["DOT_MODE"] in (0, 3) else 0
+    return {"macs": blocks * (gen + per_pixel_block), "tensor_core_macs": blocks * tensor}
