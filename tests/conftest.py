@@ -20,4 +20,14 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _exact_float32():
+    """float32 means float32 in the tests: no tf32 in cuDNN, cuBLAS or the fused kernels (which
+    follow ``torch.backends.cudnn.allow_tf32``); tests of tf32 switch it on themselves."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 from hyperseg.model import calibrate_batchnorm  # noqa: E402,F401  (used by several test modules)

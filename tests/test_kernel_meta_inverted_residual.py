@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from hyperseg import kernels, ops
-from kernel_utils import DEVICE, DTYPES, assert_matches, randn, small_pixel_blocks  # noqa: F401
+from kernel_utils import DEVICE, DTYPES, assert_matches, randn
 
 # (B, grid, patch, Cin, hidden, Cout, generator groups, padding mode, dtype, contiguous x)
 CASES = [
@@ -15,6 +15,10 @@ CASES = [
     (1, (2, 3), (5, 4), 12, 24, 12, 2, "zeros", "fp16", False),
     (2, (4, 4), (1, 1), 6, 12, 5, 3, "replicate", "fp32", True),
     (1, (1, 1), (16, 8), 21, 42, 21, 8, "reflect", "bf16", True),
+    # bands of 16 rows of a 20-row patch (the last band partial), a hidden size that is not a
+    # multiple of the 16-channel chunks, Cout > 16
+    pytest.param(1, (2, 1), (20, 16), 9, 18, 17, 2, "reflect", "fp32", True, id="bands"),
+    pytest.param(1, (2, 2), (20, 16), 6, 12, 6, 3, "zeros", "fp16", True, id="bands-zeros-fp16"),
 ]
 
 
@@ -42,7 +46,7 @@ def test_meta_inverted_residual_matches_reference(b, grid, patch, cin, hidden, c
     assert_matches(got, ref, dtype)
 
 
-def test_meta_inverted_residual_several_pixel_blocks(small_pixel_blocks):
+def test_meta_inverted_residual_with_residual():
     x = randn(2, 8, 12, 15)
     signal, gen, kw = make_block(2, (2, 3), 8, 16, 8, 2)
     assert_matches(kernels.meta_inverted_residual(x, signal, gen, **kw),

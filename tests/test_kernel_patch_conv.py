@@ -58,6 +58,13 @@ META_CONV_CASES = [
     (1, (2, 3), (3, 3), 21, 34, 1, 1, 16, 0, 0, "relu", "bf16", True),
     (2, (2, 3), (5, 2), 6, 6, 6, 3, 4, 0, 3, "relu6", "fp16", False),
     (1, (2, 2), (4, 4), 8, 6, 2, 3, 2, 0, 0, "relu", "fp32", True),
+    # 1x1 patches on the pixel kernel: several pixel blocks that cross images, output tiles whose
+    # generator rows span two groups (rows per group 42 = 2 x Cin, shifted by row_start)
+    pytest.param(2, (6, 8), (1, 1), 21, 10, 1, 1, 5, 2, 7, "relu", "fp32", True, id="pixel-groups-span"),
+    pytest.param(3, (5, 7), (1, 1), 40, 12, 1, 1, 4, 0, 0, None, "fp16", False, id="pixel-fp16"),
+    # bands of patch rows: 12 rows in bands of 8 (the last one partial), dense and depthwise
+    pytest.param(1, (2, 1), (12, 16), 18, 20, 1, 1, 2, 0, 0, "relu", "fp32", True, id="bands-dense"),
+    pytest.param(2, (1, 2), (12, 16), 20, 20, 20, 3, 4, 0, 5, "relu6", "bf16", True, id="bands-depthwise"),
 ]
 
 
@@ -84,7 +91,7 @@ def test_meta_patch_conv_matches_reference(b, grid, patch, cin, cout, groups, k,
     assert_matches(got, ref, dtype)
 
 
-def test_meta_patch_conv_several_pixel_blocks_and_no_affine(small_pixel_blocks):
+def test_meta_patch_conv_without_affine():
     x = randn(2, 9, 12, 10)
     signal = randn(2, 24, 2, 2)
     gen = generator_for(9 * 7, 24, 3)
@@ -156,3 +163,14 @@ def test_meta_patch_conv_errors():
         kernels.meta_patch_conv(x, signal, gen[..., 0, 0], **ok)
     with pytest.raises(ValueError, match="tile"):
         kernels.meta_patch_conv(randn(1, 4, 9, 8), signal, gen, **ok)
+
+
+def test_meta_patch_conv_pixel_kernel_has_no_group_restriction():
+    """1x1 patches with generator groups smaller than one output channel's rows (a tile spans
+    several groups) and more outputs than one output block."""
+    x = randn(2, 24, 3, 5)
+    signal = randn(2, 48, 3, 5)
+    gen = generator_for(24 * 20, 48, 16)                    # 30 rows per group, Cin = 24
+    kw = dict(out_channels=20, generator_groups=16)
+    assert_matches(kernels.meta_patch_conv(x, signal, gen, **kw), ops.meta_patch_conv(x, signal, gen, **kw),
+                   torch.float32)
