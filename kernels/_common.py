@@ -135,6 +135,23 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def autotuned(kernel, key, warps=(4, 8)):
+    """``kernel`` autotuned over ``warps`` warps per program on a GPU: the first launch with a new
+    ``key`` (argument names: the block's shape) times each configuration and keeps the fastest.
+    Under the interpreter (decided at import, like ``triton.jit`` itself) the plain kernel; its
+    launchers then give ``num_warps`` themselves. The kernels write only their outputs and their
+    own scratch, so repeated launches while tuning are harmless."""
+    if interpreting():
+        return kernel
+    return triton.autotune([triton.Config({}, num_warps=w) for w in warps], key=list(key))(kernel)
+
+
+def launch_options(kernel, num_warps: int) -> dict:
+    """Launch keywords: ``num_warps`` for a plain kernel, none for an autotuned one (its
+    configuration chooses)."""
+    return {} if isinstance(kernel, triton.runtime.Autotuner) else {"num_warps": num_warps}
+
+
 def check_device(*tensors: torch.Tensor) -> None:
     """Kernels run on CUDA tensors, or on CPU tensors through the Triton interpreter."""
     devices = {t.device for t in tensors if t is not None}

@@ -12,9 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (PADDING_CODES, border_index, check_device, check_generated_common, dot_acc,
-                      fused_dot_mode, generate_params, generator_layout, interpreting, output_like,
-                      signal_block)
+from ._common import (PADDING_CODES, autotuned, border_index, check_device, check_generated_common,
+                      dot_acc, fused_dot_mode, generate_params, generator_layout, launch_options,
+                      output_like, signal_block)
 
 
 @triton.jit
@@ -127,6 +127,10 @@ def _meta_inverted_residual_kernel(
         tl.store(out_base + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+_tuned_kernel = autotuned(_meta_inverted_residual_kernel,
+                          ("CIN", "HIDDEN", "COUT", "PH", "PW", "K", "DOT_MODE", "BAND"), warps=(8, 16))
+
+
 def plan(cin: int, hidden: int, cout: int, patch: Tuple[int, int], kernel_size: int,
          dot_mode: int) -> dict:
     """Tile sizes of ``_meta_inverted_residual_kernel`` for a block: bands of whole patch rows of
@@ -203,12 +207,12 @@ def _meta_inverted_residual_op(
     wscr = x.new_empty((programs, n_params), dtype=torch.float32)
     yscr = x.new_empty((programs, n_halo), dtype=torch.float32)
     norms = [t.float().contiguous() for t in (scale1, shift1, scale2, shift2, scale3, shift3)]
-    _meta_inverted_residual_kernel[(programs,)](
+    _tuned_kernel[(programs,)](
         x, out, signal.contiguous(), gen, wscr, yscr, *norms,
         h, w, gh, gw, signal.shape[1], signal_offset, gen.shape[0] // generator_groups, row_start,
         CIN=cin, HIDDEN=hidden, COUT=out_channels, PH=patch[0], PW=patch[1], K=kernel_size,
         PAD_MODE=PADDING_CODES[padding_mode], RESIDUAL=residual, SPG=spg, GEN_STRIDE=stride,
-        DOT_MODE=mode, num_warps=4 if interpreting() else 8, **cfg)
+        DOT_MODE=mode, **launch_options(_tuned_kernel, 4), **cfg)
     return out
 
 

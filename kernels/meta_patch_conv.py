@@ -21,9 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (ACTIVATION_CODES, PADDING_CODES, activate, border_index, check_device,
-                      check_generated_common, dot_acc, fused_dot_mode, generate_params,
-                      generator_layout, interpreting, output_like, signal_block)
+from ._common import (ACTIVATION_CODES, PADDING_CODES, activate, autotuned, border_index,
+                      check_device, check_generated_common, dot_acc, fused_dot_mode,
+                      generate_params, generator_layout, launch_options, output_like, signal_block)
 
 
 @triton.jit
@@ -175,6 +175,11 @@ def _store_epilogue(acc, out_base, co, co_mask, pix, p_mask, scale_ptr, shift_pt
              acc.to(out_base.dtype.element_ty), mask=co_mask[:, None] & p_mask[None, :])
 
 
+_tuned_pixel_kernel = autotuned(_meta_conv_pixel_kernel, ("CIN", "COUT", "SPG", "DOT_MODE", "BLOCK_O"))
+_tuned_patch_kernel = autotuned(_meta_conv_patch_kernel,
+                                ("CIN", "COUT", "GROUPS", "PH", "PW", "K", "DOT_MODE", "BAND"))
+
+
 def _least_padding(n: int, sizes) -> int:
     """The size among ``sizes`` whose multiple pads ``n`` least (the largest on ties)."""
     return min((-(-n // s) * s, -s, s) for s in sizes)[2]
@@ -252,20 +257,20 @@ def _meta_patch_conv_op(x: torch.Tensor, signal: torch.Tensor, generator_weight:
     if patch == (1, 1) and kernel_size == 1 and groups == 1:
         cfg = pixel_plan(cin, out_channels, rpg, spg)
         grid = (triton.cdiv(b * gh * gw, cfg["BLOCK_N"]), triton.cdiv(out_channels, cfg["BLOCK_O"]))
-        _meta_conv_pixel_kernel[grid](
+        _tuned_pixel_kernel[grid](
             x, out, signal, gen, scale, shift, b * gh * gw, gh * gw, signal.shape[1],
-            signal_offset, rpg, row_start, CIN=cin, COUT=out_channels, num_warps=4,
-            **common, **cfg)
+            signal_offset, rpg, row_start, CIN=cin, COUT=out_channels,
+            **launch_options(_tuned_pixel_kernel, 4), **common, **cfg)
         return out
     depthwise = groups == cin == out_channels
     cfg = patch_plan(cin, out_channels, groups, patch, depthwise)
     count = out_channels * (cin // groups) * kernel_size ** 2
     wscr = x.new_empty((b * gh * gw, count), dtype=torch.float32)
-    _meta_conv_patch_kernel[(b * gh * gw,)](
+    _tuned_patch_kernel[(b * gh * gw,)](
         x, out, signal, gen, wscr, scale, shift, h, w, gh, gw, signal.shape[1], signal_offset,
         rpg, row_start, CIN=cin, COUT=out_channels, GROUPS=groups, PH=patch[0], PW=patch[1],
         K=kernel_size, PAD_MODE=PADDING_CODES[padding_mode], DEPTHWISE=depthwise,
-        BLOCK_S=signal_block(spg), num_warps=4, **common, **cfg)
+        BLOCK_S=signal_block(spg), **launch_options(_tuned_patch_kernel, 4), **common, **cfg)
     return out
 
 
