@@ -188,10 +188,15 @@ def _least_padding(n: int, sizes) -> int:
 def pixel_plan(cin: int, cout: int, rpg: int, spg: int) -> dict:
     """Tiles of ``_meta_conv_pixel_kernel``: BLOCK_O output channels whose rows (BLOCK_O x Cin)
     fit in one generator group where the group is at least that large (so a tile spans at most
-    two groups), input channels in blocks of 16-64, 64 pixels, signal inputs in blocks of 16/32."""
+    two groups, and exactly one when a group holds a multiple of BLOCK_O outputs' rows), input
+    channels in blocks of 16-64, 64 pixels, signal inputs in blocks of 16/32."""
+    outputs_per_group = max(1, rpg // cin)
     block_o = 1
-    while block_o * 2 <= min(8, max(1, rpg // cin)):
+    while block_o * 2 <= min(8, outputs_per_group):
         block_o *= 2
+    if rpg % cin == 0:
+        while outputs_per_group % block_o:
+            block_o //= 2
     return dict(BLOCK_N=64, BLOCK_O=block_o, BLOCK_C=_least_padding(cin, (16, 32, 64)),
                 BLOCK_S=_least_padding(spg, (16, 32)))
 
