@@ -38,6 +38,14 @@ QUICK_SIZE = (128, 256)
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
 # Allowed max |err| relative to max(1, max|reference|).
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 2e-2}
+TF32_TOLERANCE = 5e-3        # fp32 with --tf32: operands rounded to 10 mantissa bits
+
+
+def tolerance(dtype: str) -> float:
+    """max |err| / max(1, max |ref|) allowed against the reference in ``dtype``."""
+    if dtype == "fp32" and torch.backends.cudnn.allow_tf32:
+        return TF32_TOLERANCE
+    return TOLERANCE[dtype]
 VARIANTS = ("triton", "torch", "official")
 MIB = float(1 << 20)
 
@@ -108,6 +116,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch CPU threads (default: torch's default, one per core; 1 when the "
                         "machine is busy at start)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the weights and the input")
+    p.add_argument("--tf32", action="store_true",
+                   help="fp32 on tf32 tensor cores: cuDNN, cuBLAS and the fused kernels (which "
+                        "follow torch.backends.cudnn.allow_tf32), PyTorch's default for "
+                        "convolutions; without it fp32 means IEEE fp32 everywhere")
     args = p.parse_args(argv)
     if args.interpret and args.device == "cuda":
         p.error("--interpret runs the kernels on CPU; it cannot be combined with --device cuda")
@@ -634,10 +646,27 @@ def block_cost(block, x, signal, generator) -> dict:
             "flops": sum(flops.values()), "flops_detail": flops, "grid": [gh, gw], "patch": [ph, pw]}
 
 
+def predicted_floors(run, model, x, dtype: str) -> dict:
+    """{level: floor in µs} from bench/kernel_roofline.py: the roofline floor of each block on the
+    GPU in use (an H200's figures on an H200, else an H100's), at the peak the kernels run at
+    (tensor cores for fp16 / bf16; for fp32 tf32 tensor cores when
+    ``torch.backends.cudnn.allow_tf32`` is on, else FFMA). None on a CPU."""
+    if run["device"] != "cuda":
+        return {}
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from kernel_roofline import block_floors
+    gpu = "h200" if "H200" in torch.cuda.get_device_name() else "h100"
+    peak = None
+    if dtype == "fp32":
+        peak = "tf32_tensor" if torch.backends.cudnn.allow_tf32 else "fp32_fma"
+    return block_floors(model, tuple(x.shape[2:]), x.shape[0], dtype, gpu=gpu, peak=peak)
+
+
 def bench_blocks(run, model, x, dtype: str, use_triton: bool) -> list:
     device, meter = run["device"], run["meter"]
     amp = autocast_for(device, dtype)
     d = model.decoder
+    floors = predicted_floors(run, model, x, dtype)
     model.backend = "torch"
     with amp():
         inputs, signal = decoder_inputs(model, x)
@@ -668,7 +697,7 @@ def bench_blocks(run, model, x, dtype: str, use_triton: bool) -> list:
             out = fn()
             _sync(device)
             err, scale = _max_err(out, ref)
-            bound = TOLERANCE[dtype] * scale
+            bound = tolerance(dtype) * scale
             ok = bool(err <= bound) and tuple(out.shape) == tuple(ref.shape)
             checked[variant] = (err, bound, ok)
             if not ok:
@@ -705,11 +734,15 @@ def bench_blocks(run, model, x, dtype: str, use_triton: bool) -> list:
                        signal_shape=list(signal.shape), grid=cost["grid"], patch=cost["patch"],
                        bytes=cost["bytes"], bytes_detail=cost["bytes_detail"],
                        flops=cost["flops"], flops_detail=cost["flops_detail"],
-                       max_abs_err=err, ref_scale=bound / TOLERANCE[dtype], err_bound=bound,
+                       max_abs_err=err, ref_scale=bound / tolerance(dtype), err_bound=bound,
                        correct=ok,
                        meaningful=not (variant == "triton" and _interpreting()))
+            if level in floors:
+                rec["floor_us"] = floors[level]
             if variant in times:
                 med = times[variant]["median_ms"]
+                if level in floors and rec["meaningful"]:
+                    rec["x_floor"] = med * 1e3 / floors[level]
                 gbs = cost["bytes"] / (med * 1e-3) / 1e9
                 rec.update(times[variant], gb_s=gbs,
                            peak_bw_gb_s=run["peak_bw"]["gb_s"],
@@ -772,10 +805,10 @@ def bench_whole(run, model, x, dtype: str, use_triton: bool) -> list:
             out = fns[f"whole:{b}"]()
             _sync(device)
             err, scale = _max_err(out, ref)
-            errors[b] = (err, TOLERANCE[dtype] * scale)
-            if err > TOLERANCE[dtype] * scale:
+            errors[b] = (err, tolerance(dtype) * scale)
+            if err > tolerance(dtype) * scale:
                 message = (f"{run['model']} whole model {dtype}: {b} differs from torch: "
-                           f"max |err| {err:.3e} > {TOLERANCE[dtype] * scale:.3e}")
+                           f"max |err| {err:.3e} > {tolerance(dtype) * scale:.3e}")
                 if dtype == "fp32":
                     run["failures"].append(message)
                     progress("CORRECTNESS FAILURE: " + message)
@@ -1002,7 +1035,7 @@ def print_report(result: dict) -> None:
                   f"batch {r['batch']}: decoder blocks")
             print(f"{'dtype':5s} {'L':>1s} {'block':13s} {'in->out @ HxW':17s} {'variant':8s} "
                   f"{'ms':>8s} {'vs off':>6s} {'GB/s':>6s} {'%peak':>5s} {'TFLOP/s':>7s} "
-                  f"{'xtra MiB':>8s} {'max err':>7s}")
+                  f"{'xtra MiB':>8s} {'max err':>7s} {'floor us':>8s} {'x floor':>7s}")
         io = f"{r['input_shape'][1]}->{r['output_shape'][1]} @{r['input_shape'][2]}x{r['input_shape'][3]}"
         ms = _f(r.get("median_ms"), ".3f")
         if not r["meaningful"] and r.get("median_ms") is not None:
@@ -1014,7 +1047,8 @@ def print_report(result: dict) -> None:
               f"{_f(r.get('pct_peak_bw') if r['meaningful'] else None, '.1f'):>5s} "
               f"{_f(r.get('tflop_s') if r['meaningful'] else None, '.3f'):>7s} "
               f"{_f(None if extra is None else extra / MIB, '.1f'):>8s} "
-              f"{r['max_abs_err']:7.1e}")
+              f"{r['max_abs_err']:7.1e} {_f(r.get('floor_us'), '.1f'):>8s} "
+              f"{_f(r.get('x_floor'), '.1f'):>7s}")
     whole = result["whole_model"]
     if whole:
         print()
@@ -1085,9 +1119,9 @@ def main(argv=None) -> int:
             names = [hyperseg.get_config(args.model).name]
         except ValueError as error:
             raise SystemExit(str(error))
-    # fp32 means fp32: no TF32 in cuDNN convolutions or cuBLAS matmuls.
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
+    # fp32 means fp32 (no tf32 in cuDNN, cuBLAS or the fused kernels) unless --tf32 says otherwise.
+    torch.backends.cudnn.allow_tf32 = args.tf32
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
 
     notes = []
     triton_ok = hyperseg.triton_available()
@@ -1118,7 +1152,8 @@ def main(argv=None) -> int:
     if not meter.works:
         notes.append("Extra-memory measurement failed its self-check on this torch build: "
                      "memory figures are left empty.")
-    context = {"device": device_name(device), "device_type": device, "versions": versions()}
+    context = {"device": device_name(device), "device_type": device, "versions": versions(),
+               "tf32": bool(args.tf32)}
     run = {"device": device, "meter": meter, "repeats": repeats, "warmup": warmup,
            "peak_bw": peak_bw, "context": context, "failures": [], "notes": notes}
 
