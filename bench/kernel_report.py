@@ -86,6 +86,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reuse-cache", action="store_true", help="use the user's Triton cache")
     p.add_argument("--json", help="write the full report here")
     p.add_argument("--check", action="store_true", help="exit 1 if an inference kernel fails CHECKS")
+    p.add_argument("--half-encoder", action="store_true",
+                   help="fp16: run the backbone and context head in fp16 too (slow on CPUs; by "
+                        "default they run in bf16 and hand fp16 outputs to the decoder)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--from-json", metavar="PATH", help="print and check a saved report instead of "
                                                        "making one (no recording, no compilation)")
@@ -194,8 +197,8 @@ def _blocks(model, size, batch, dtype, groups, kernels, recorded_inputs) -> list
         row["redundancy"] = executed["macs"] / row["minimal"]["macs"] if executed else None
         if executed:
             minimal = row["minimal"]["parts"]
-            row["redundancy_by_part"] = {
-                part: macs / minimal[part] for part, macs in executed["parts"].items() if minimal.get(part)}
+            row["redundancy_by_part"] = {part: macs / minimal[part] for part, macs
+                                         in executed["parts"].items() if minimal.get(part)}
     return rows
 
 
@@ -209,7 +212,7 @@ def report_model(name: str, args, dtype: str) -> dict:
     recorder = Recorder()
     start = time.perf_counter()
     model = hyperseg.build(config.name)
-    record_inference(model, size, args.batch, torch_dtype, recorder)
+    record_inference(model, size, args.batch, torch_dtype, recorder, fast_encoder=not args.half_encoder)
     if args.train:
         record_train_step(model, train_size, args.train_batch, torch_dtype, recorder)
     record_s = time.perf_counter() - start
@@ -266,7 +269,8 @@ def kernel_table(entry: dict) -> list:
             f"{head} {k['num_warps']:>1} {k['registers']:>4} "
             f"{str(k['spill_stores']) + '/' + str(k['spill_loads']):>11} {k['stack']:>5} "
             f"{k['shared'] / 1024:>7.1f} {k['warps_per_sm']:>8} {s['HGMMA']:>5} {s['HMMA']:>4} "
-            f"{s['FFMA']:>5} {str(s['widest_load']) + 'B':>7} {s['LDL'] + s['STL']:>7} {k['compile_s']:>6.1f}")
+            f"{s['FFMA']:>5} {str(s['widest_load']) + 'B':>7} {s['LDL'] + s['STL']:>7} "
+            f"{k['compile_s']:>6.1f}")
     return lines
 
 
@@ -289,9 +293,9 @@ def block_table(entry: dict, gpu: str) -> list:
 def print_report(entry: dict, gpu: str) -> None:
     spec = GPUS[gpu]
     train = entry["train"]
+    step = f"  (+ train step {train['batch']}x{train['size'][0]}x{train['size'][1]})" if train else ""
     print(f"\n== {entry['model']}  {entry['size'][0]}x{entry['size'][1]}  batch {entry['batch']}  "
-          f"{entry['dtype']}" + (f"  (+ train step {train['batch']}x{train['size'][0]}x{train['size'][1]})"
-                                 if train else "") + f"  {entry['launches']} launches ==")
+          f"{entry['dtype']}{step}  {entry['launches']} launches ==")
     print("Kernels (sm_90a, static SASS instruction counts; warps/SM on an H100):")
     print("\n".join(kernel_table(entry)))
     print(f"Blocks ({spec['name']}: {spec['bandwidth'] / 1e12:.2f} TB/s; dense peaks fp32 FMA "
@@ -323,8 +327,9 @@ def _finish(report: dict, args) -> int:
     """Evaluate CHECKS, print the verdict, write the JSON; the exit status."""
     failures = failed_checks(report)
     report["failed_checks"] = failures
-    print(f"\nTotal {report['wall_s']:.1f} s; checks ({', '.join(' '.join(map(str, c)) for c in CHECKS)}) "
-          f"on inference kernels: {'all pass' if not failures else str(len(failures)) + ' failed'}")
+    checks = ", ".join(" ".join(map(str, c)) for c in CHECKS)
+    print(f"\nTotal {report['wall_s']:.1f} s; checks ({checks}) on inference kernels: "
+          f"{'all pass' if not failures else str(len(failures)) + ' failed'}")
     for failure in failures:
         print(f"  FAILED {failure}")
     if args.json:
@@ -353,8 +358,9 @@ def main(argv=None) -> int:
         for dtype in args.dtypes:
             entries.append(report_model(name, args, dtype))
             print_report(entries[-1], args.gpu)
-    report = dict(tool="bench/kernel_report.py", date=datetime.datetime.now().isoformat(timespec="seconds"),
-                  command=sys.argv, versions=_versions(), target="cuda sm_90 (sm_90a PTX), warp 32",
+    report = dict(tool="bench/kernel_report.py", command=sys.argv,
+                  date=datetime.datetime.now().isoformat(timespec="seconds"), versions=_versions(),
+                  target="cuda sm_90 (sm_90a PTX), warp 32",
                   assumptions=dict(gpus=GPUS, printed_gpu=args.gpu, sm=SM, peaks=PEAKS,
                                    dtype_bytes=DTYPE_BYTES),
                   checks=[list(c) for c in CHECKS], reports=entries,

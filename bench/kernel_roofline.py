@@ -48,7 +48,8 @@ def minimal_work(block, generator, g: dict, act_bytes: int) -> dict:
     parts = {"generation": p * block.num_params * spg}
     cin, cout = block.in_channels, block.out_channels
     traffic = pixels * (cin + cout) * act_bytes
-    traffic += p * spg * generator.groups * act_bytes + block.num_params * spg * generator.weight.element_size()
+    traffic += p * spg * generator.groups * act_bytes                       # the signal slice
+    traffic += block.num_params * spg * generator.weight.element_size()     # the generator rows
     halo = 0
     if not hasattr(block, "hidden"):          # MetaConv, kernel 1
         parts["conv"] = pixels * cout * cin // block.groups
@@ -100,4 +101,5 @@ def block_floors(model, size, batch: int = 1, dtype: str = "fp32", gpu: str = "h
     roofline floor on ``gpu`` at ``peak`` (default: FFMA for fp32, tensor cores for fp16/bf16).
     Needs no compilation; for ``profile_kernels.py``'s predicted times."""
     peak = peak or DEFAULT_PEAK[dtype]
-    return {row["level"]: row["floors_us"][gpu][peak] for row in block_roofline(model, size, batch, dtype)}
+    rows = block_roofline(model, size, batch, dtype)
+    return {row["level"]: row["floors_us"][gpu][peak] for row in rows}

@@ -25,8 +25,10 @@ from kernel_record import TARGET
 SM = dict(registers=65536, register_unit_thread=8, register_unit_warp=256, shared_bytes=228 * 1024,
           shared_reserved_per_block=1024, max_shared_per_block=227 * 1024, max_warps=64, max_blocks=32)
 
+_PTXAS_ENTRY = re.compile(r"Compiling entry function '([^']+)'")
 _PTXAS_USED = re.compile(r"Used (\d+) registers")
-_PTXAS_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_FRAME = (r"Function properties for {}\s+(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                r"(\d+) bytes spill loads")
 _SASS_LINE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
 _WIDTHS = {".128": 16, ".64": 8, ".U16": 2, ".S16": 2, ".U8": 1, ".S8": 1}
 
@@ -45,8 +47,15 @@ def ptxas_usage(ptx: str, options, capability: int = 90) -> dict:
         cmd = [get_ptxas(capability).path, "-lineinfo", *fmad, "-v", "--regAllocOptLevel=2",
                f"--gpu-name={sm_arch_from_capability(capability)}", src, "-o", src + ".o"]
         log = subprocess.run(cmd, check=True, capture_output=True, text=True).stderr
-    used, frame = _PTXAS_USED.search(log), _PTXAS_FRAME.search(log)
-    if used is None or frame is None:
+    return parse_ptxas_log(log)
+
+
+def parse_ptxas_log(log: str) -> dict:
+    """The entry function's registers, stack frame and spill bytes from a ``ptxas -v`` log."""
+    entry = _PTXAS_ENTRY.search(log)           # the kernel (device functions have blocks too)
+    frame = entry and re.search(_PTXAS_FRAME.format(re.escape(entry.group(1))), log)
+    used = entry and _PTXAS_USED.search(log, entry.end())
+    if not (entry and frame and used):
         raise RuntimeError(f"could not parse the ptxas output:\n{log}")
     stack, spill_stores, spill_loads = (int(v) for v in frame.groups())
     return dict(registers=int(used.group(1)), stack=stack, spill_stores=spill_stores,
@@ -85,8 +94,8 @@ def sass_summary(opcodes: collections.Counter) -> dict:
 
     ldg, ldgsts = by_width("LDG"), by_width("LDGSTS")
     return dict(HGMMA=base("HGMMA"), HMMA=base("HMMA"), FFMA=base("FFMA"), DFMA=base("DFMA"),
-                HFMA2=base("HFMA2") - opcodes["HFMA2.MMA"], LDL=base("LDL"), STL=base("STL"), LDG=ldg, LDGSTS=ldgsts,
-                STG=by_width("STG"),
+                HFMA2=base("HFMA2") - opcodes["HFMA2.MMA"], LDL=base("LDL"), STL=base("STL"),
+                LDG=ldg, LDGSTS=ldgsts, STG=by_width("STG"),
                 widest_load=max([int(w) for w in (*ldg, *ldgsts)], default=0),
                 instructions=sum(opcodes.values()))
 
