@@ -20,6 +20,7 @@ import json
 import operator
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -312,15 +313,17 @@ def _versions() -> dict:
                 hyperseg=hyperseg.__version__)
 
 
-def _set_up_environment(args) -> None:
+def _set_up_environment(args):
     """Real JIT functions (no interpreter) and the Triton cache chosen on the command line; must
-    run before anything imports triton."""
+    run before anything imports triton. Returns the temporary cache it made, if any."""
     if os.environ.pop("TRITON_INTERPRET", "0") not in ("", "0"):
         _progress("TRITON_INTERPRET unset for this run (the report needs real JIT functions)")
     if args.cache_dir:
         os.environ["TRITON_CACHE_DIR"] = args.cache_dir
     elif not args.reuse_cache:
         os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="kernel-report-cache-")
+        return os.environ["TRITON_CACHE_DIR"]
+    return None
 
 
 def _finish(report: dict, args) -> int:
@@ -346,7 +349,7 @@ def main(argv=None) -> int:
         for entry in report["reports"]:
             print_report(entry, args.gpu)
         return _finish(report, args)
-    _set_up_environment(args)
+    temporary_cache = _set_up_environment(args)
     import torch
     import hyperseg
     from kernel_sass import SM
@@ -354,10 +357,14 @@ def main(argv=None) -> int:
     names = hyperseg.list_models(include_aliases=False) if args.model == "all" else [args.model]
     start = time.perf_counter()
     entries = []
-    for name in names:
-        for dtype in args.dtypes:
-            entries.append(report_model(name, args, dtype))
-            print_report(entries[-1], args.gpu)
+    try:
+        for name in names:
+            for dtype in args.dtypes:
+                entries.append(report_model(name, args, dtype))
+                print_report(entries[-1], args.gpu)
+    finally:
+        if temporary_cache:
+            shutil.rmtree(temporary_cache, ignore_errors=True)
     report = dict(tool="bench/kernel_report.py", command=sys.argv,
                   date=datetime.datetime.now().isoformat(timespec="seconds"), versions=_versions(),
                   target="cuda sm_90 (sm_90a PTX), warp 32",
