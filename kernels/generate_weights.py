@@ -104,6 +104,17 @@ def _generate_weights_weight_grad_kernel(
              mask=r_out[:, None] & s_mask[None, :])
 
 
+def executed_work(name: str, launch) -> Optional[dict]:
+    """Multiply-accumulates that a recorded launch of ``_generate_weights_kernel`` executes, padded
+    tiles included: BLOCK_N x BLOCK_R x SPG FMAs per program (the interface of
+    ``bench/kernel_report.py``, see bench/README.md). None for the backward kernels."""
+    if name != "_generate_weights_kernel":
+        return None
+    a = launch.args
+    macs = launch.grid[0] * launch.grid[1] * launch.grid[2] * a["BLOCK_N"] * a["BLOCK_R"] * a["SPG"]
+    return {"macs": macs, "tensor_core_macs": 0, "parts": {"generation": macs}}
+
+
 def _shapes(signal: torch.Tensor, weight: torch.Tensor, groups: int):
     b, width, gh, gw = signal.shape
     rows, spg = weight.shape[:2]

@@ -6,7 +6,7 @@ Reference semantics: ``hyperseg.ops.meta_inverted_residual``.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -153,6 +153,30 @@ def scratch_sizes(cfg: dict, count: int, patch: Tuple[int, int], kernel_size: in
     halo_n = (cfg["BAND"] + 2 * r) * (patch[1] + 2 * r)
     cap = triton.cdiv(halo_n, cfg["HALO_CHUNK"]) * cfg["HALO_CHUNK"]
     return count, cfg["BLOCK_H"] * cap
+
+
+def executed_work(name: str, launch) -> Optional[dict]:
+    """Multiply-accumulates that a recorded launch of ``_meta_inverted_residual_kernel`` executes,
+    padding and recomputation included (the interface of ``bench/kernel_report.py``, see
+    bench/README.md).
+
+    Every program (one patch x one pixel block) generates all of the patch's weights in padded
+    tiles, (BLOCK_H x BLOCK_CI) + (BLOCK_H x TAPS) + (BLOCK_CO x BLOCK_H), ``gen_spg`` MACs each;
+    recomputes the expand dot (BLOCK_H x BLOCK_CI x BLOCK_P) for each of the K*K taps; runs K*K
+    depthwise FMAs on (BLOCK_H x BLOCK_P); and one project dot (BLOCK_CO x BLOCK_H x BLOCK_P). The
+    dots use tensor cores unless DOT_FP32 (fp32: IEEE FFMA).
+    """
+    if name != "_meta_inverted_residual_kernel":
+        return None
+    a = launch.args
+    programs = launch.grid[0] * launch.grid[1] * launch.grid[2]
+    kk = a["K"] * a["K"]
+    bh, bci, bco, bp = a["BLOCK_H"], a["BLOCK_CI"], a["BLOCK_CO"], a["BLOCK_P"]
+    per_program = {"generation": (bh * bci + bh * a["TAPS"] + bco * bh) * a["gen_spg"],
+                   "expand": kk * bh * bci * bp, "depthwise": kk * bh * bp, "project": bco * bh * bp}
+    parts = {k: programs * v for k, v in per_program.items()}
+    dots = 0 if a["DOT_FP32"] else parts["expand"] + parts["project"]
+    return {"macs": sum(parts.values()), "tensor_core_macs": dots, "parts": parts}
 
 
 def meta_inverted_residual(x: torch.Tensor, signal: torch.Tensor, generator_weight: torch.Tensor, *,
