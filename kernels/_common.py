@@ -135,15 +135,20 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def autotuned(kernel, key, warps=(4, 8)):
+def autotuned(kernel, key, warps=(4, 8), prune=None):
     """``kernel`` autotuned over ``warps`` warps per program on a GPU: the first launch with a new
     ``key`` (argument names: the block's shape) times each configuration and keeps the fastest.
-    Under the interpreter (decided at import, like ``triton.jit`` itself) the plain kernel; its
-    launchers then give ``num_warps`` themselves. The kernels write only their outputs and their
-    own scratch, so repeated launches while tuning are harmless."""
+    ``prune(configs, args) -> configs`` drops configurations that do not suit a launch before any
+    is timed. Under the interpreter (decided at import, like ``triton.jit`` itself) the plain
+    kernel; its launchers then give ``num_warps`` themselves. The kernels write only their outputs
+    and their own scratch, so repeated launches while tuning are harmless."""
     if interpreting():
         return kernel
-    return triton.autotune([triton.Config({}, num_warps=w) for w in warps], key=list(key))(kernel)
+    prune_by = None
+    if prune is not None:
+        prune_by = {"early_config_prune": lambda configs, args, **kwargs: prune(configs, {**args, **kwargs})}
+    return triton.autotune([triton.Config({}, num_warps=w) for w in warps], key=list(key),
+                           prune_configs_by=prune_by)(kernel)
 
 
 def launch_options(kernel, num_warps: int) -> dict:

@@ -127,8 +127,17 @@ def _meta_inverted_residual_kernel(
         tl.store(out_base + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def _enough_work_per_warp(configs, args):
+    """16 warps only for tiles of at least 128 output pixels: on smaller ones the extra warps hold
+    a few elements each and the layout conversions spill."""
+    if args["BAND"] * args["BLOCK_W"] >= 128:
+        return configs
+    return [c for c in configs if c.num_warps <= 8]
+
+
 _tuned_kernel = autotuned(_meta_inverted_residual_kernel,
-                          ("CIN", "HIDDEN", "COUT", "PH", "PW", "K", "DOT_MODE", "BAND"), warps=(8, 16))
+                          ("CIN", "HIDDEN", "COUT", "PH", "PW", "K", "DOT_MODE", "BAND"), warps=(8, 16),
+                          prune=_enough_work_per_warp)
 
 
 def plan(cin: int, hidden: int, cout: int, patch: Tuple[int, int], kernel_size: int,
@@ -153,30 +162,6 @@ def scratch_sizes(cfg: dict, count: int, patch: Tuple[int, int], kernel_size: in
     halo_n = (cfg["BAND"] + 2 * r) * (patch[1] + 2 * r)
     cap = triton.cdiv(halo_n, cfg["HALO_CHUNK"]) * cfg["HALO_CHUNK"]
     return count, cfg["BLOCK_H"] * cap
-
-
-def executed_work(name: str, launch) -> Optional[dict]:
-    """Multiply-accumulates that a recorded launch of ``_meta_inverted_residual_kernel`` executes,
-    padding and recomputation included (the interface of ``bench/kernel_report.py``, see
-    bench/README.md).
-
-    Every program (one patch x one pixel block) generates all of the patch's weights in padded
-    tiles, (BLOCK_H x BLOCK_CI) + (BLOCK_H x TAPS) + (BLOCK_CO x BLOCK_H), ``gen_spg`` MACs each;
-    recomputes the expand dot (BLOCK_H x BLOCK_CI x BLOCK_P) for each of the K*K taps; runs K*K
-    depthwise FMAs on (BLOCK_H x BLOCK_P); and one project dot (BLOCK_CO x BLOCK_H x BLOCK_P). The
-    dots use tensor cores unless DOT_FP32 (fp32: IEEE FFMA).
-    """
-    if name != "_meta_inverted_residual_kernel":
-        return None
-    a = launch.args
-    programs = launch.grid[0] * launch.grid[1] * launch.grid[2]
-    kk = a["K"] * a["K"]
-    bh, bci, bco, bp = a["BLOCK_H"], a["BLOCK_CI"], a["BLOCK_CO"], a["BLOCK_P"]
-    per_program = {"generation": (bh * bci + bh * a["TAPS"] + bco * bh) * a["gen_spg"],
-                   "expand": kk * bh * bci * bp, "depthwise": kk * bh * bp, "project": bco * bh * bp}
-    parts = {k: programs * v for k, v in per_program.items()}
-    dots = 0 if a["DOT_FP32"] else parts["expand"] + parts["project"]
-    return {"macs": sum(parts.values()), "tensor_core_macs": dots, "parts": parts}
 
 
 def meta_inverted_residual(x: torch.Tensor, signal: torch.Tensor, generator_weight: torch.Tensor, *,
@@ -245,7 +230,7 @@ def _meta_inverted_residual_fake(x, signal, generator_weight, hidden, out_channe
     return output_like(x, out_channels)
 
 
-def executed_work(name: str, launch) -> dict:
+def executed_work(name: str, launch) -> Optional[dict]:
     """Multiply-adds one launch of ``_meta_inverted_residual_kernel`` executes, padding and
     recomputation counted (for bench/kernel_report.py): generation of every parameter once per
     patch (inputs padded to BLOCK_S), the expand over each band's halo tile (padded to HALO_CHUNK
@@ -263,10 +248,10 @@ def executed_work(name: str, launch) -> dict:
     bands = -(-a["PH"] // a["BAND"])
     halo = pad((a["BAND"] + 2 * r) * (a["PW"] + 2 * r), a["HALO_CHUNK"])
     block_p = a["BAND"] * a["BLOCK_W"]
-    gen = count * pad(a["SPG"], a["BLOCK_S"])
-    expand = bands * halo * hidden_p * pad(a["CIN"], a["BLOCK_K"])
-    depthwise = bands * block_p * hidden_p * k * k
-    project = bands * block_p * hidden_p * a["BLOCK_CO"]
-    tensor = (expand + project) if a["DOT_MODE"] in (0, 3) else 0
-    return {"macs": programs * (gen + expand + depthwise + project),
-            "tensor_core_macs": programs * tensor}
+    parts = {"generation": count * pad(a["SPG"], a["BLOCK_S"]),
+             "expand": bands * halo * hidden_p * pad(a["CIN"], a["BLOCK_K"]),
+             "depthwise": bands * block_p * hidden_p * k * k,
+             "project": bands * block_p * hidden_p * a["BLOCK_CO"]}
+    parts = {key: programs * value for key, value in parts.items()}
+    tensor = (parts["expand"] + parts["project"]) if a["DOT_MODE"] in (0, 3) else 0
+    return {"macs": sum(parts.values()), "tensor_core_macs": tensor, "parts": parts}

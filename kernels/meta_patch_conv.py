@@ -4,10 +4,10 @@ differentiable counterpart. Reference semantics: ``hyperseg.ops.meta_patch_conv`
 
 Two kernels, chosen by the patch size:
 
-* ``_meta_conv_pixel_kernel`` — 1x1 patches, 1x1 convolution, one group: every pixel is a patch,
-  so a program generates the weights of a block of pixels as one tensor-core GEMM over the
-  generator's rows (M), the signal's inputs (K) and the pixels (N), then applies them pixel by
-  pixel. Nothing is generated twice.
+* ``_meta_conv_many_patches_kernel`` — small patches (up to 16 pixels: the 1x1 to 4x4 patches of
+  the first levels), 1x1 convolution, one group: a program generates the weights of a block of
+  patches as one tensor-core GEMM over the generator's rows (M), the signal's inputs (K) and the
+  patches (N), then applies them pixel by pixel. Nothing is generated twice.
 * ``_meta_conv_patch_kernel`` — any other case (dense or depthwise, any k): one program per patch
   generates the patch's kernel once into a per-program scratch slot (L1/L2-resident), then walks
   the patch in bands of rows: a tensor-core dot per (output block, input block, tap) for dense
@@ -27,29 +27,38 @@ from ._common import (ACTIVATION_CODES, PADDING_CODES, activate, autotuned, bord
 
 
 @triton.jit
-def _meta_conv_pixel_kernel(
+def _meta_conv_many_patches_kernel(
         x_ptr, out_ptr, sig_ptr, gen_ptr, scale_ptr, shift_ptr,
-        N, GHW, SIG_C, sig_offset, rpg, row_start,
-        CIN: tl.constexpr, COUT: tl.constexpr, SPG: tl.constexpr, GEN_STRIDE: tl.constexpr,
+        N, H, W, GH, GW, SIG_C, sig_offset, rpg, row_start,
+        CIN: tl.constexpr, COUT: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+        SPG: tl.constexpr, GEN_STRIDE: tl.constexpr, GEN_DOT: tl.constexpr,
         HAS_AFFINE: tl.constexpr, ACT: tl.constexpr, DOT_MODE: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
-        BLOCK_S: tl.constexpr):
-    # Program (pixel block, output block). Pixels are numbered n = b * GHW + q, so a block of
-    # BLOCK_N consecutive pixels reads contiguous runs of x, of the signal and of out. For each
-    # block of BLOCK_C input channels the weights W[o, c, n] of the tile's BLOCK_O x BLOCK_C
-    # generator rows are one dot, (rows x inputs) @ (inputs x pixels), per generator group that
-    # the rows span (rows of other groups masked to zero), then out[o, n] += sum_c W[o, c, n] x[c, n].
+        BLOCK_S: tl.constexpr, BLOCK_Q: tl.constexpr):
+    # Program (block of BLOCK_N patches, block of BLOCK_O output channels); 1x1 convolution, one
+    # group, small patches (PH x PW <= 16 pixels, padded to BLOCK_Q). Patches are numbered n = b * GH * GW + p, so
+    # a block of consecutive patches reads contiguous runs of the signal. For each block of
+    # BLOCK_C input channels the weights W[o, c, n] of the tile's BLOCK_O x BLOCK_C generator rows
+    # are generated once for all the block's patches: one dot (rows x signal inputs) @ (signal
+    # inputs x patches) per generator group the rows span (rows of other groups masked to zero),
+    # or, when a dot would pad a group's inputs by more than 1.5x, SPG outer products.
+    # Then every pixel q of the patches gets out[o, n, q] += sum_c W[o, c, n] x[c, n, q].
+    GHW = GH * GW
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
     b = (n // GHW).to(tl.int64)
-    q = n % GHW
-    x_off = b * CIN * GHW + q
-    sig_off = b * SIG_C * GHW + q
+    p = n % GHW
+    corner = (p // GW) * PH * W + (p % GW) * PW          # the patch's top-left pixel
+    x_off = b * CIN * H * W + corner
+    out_off = b * COUT * H * W + corner
+    sig_off = b * SIG_C * GHW + p
     o0 = tl.program_id(1) * BLOCK_O
     o = o0 + tl.arange(0, BLOCK_O)
     o_mask = o < COUT
     o_last = tl.minimum(o0 + BLOCK_O, COUT) - 1
-    acc = tl.zeros((BLOCK_O, BLOCK_N), dtype=tl.float32)
+    q = tl.arange(0, BLOCK_Q)
+    q_off = (q // PW) * W + q % PW
+    acc = tl.zeros((BLOCK_O, BLOCK_N, BLOCK_Q), dtype=tl.float32)
     for c0 in range(0, CIN, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         c_mask = c < CIN
@@ -61,25 +70,37 @@ def _meta_conv_pixel_kernel(
         wgt = tl.zeros((BLOCK_O * BLOCK_C, BLOCK_N), dtype=tl.float32)
         for g in range(first, last + 1):
             g_mask = r_mask & (grp == g)
-            for s0 in range(0, SPG, BLOCK_S):
-                s = s0 + tl.arange(0, BLOCK_S)
-                s_mask = s < SPG
-                gv = tl.load(gen_ptr + rows.to(tl.int64)[:, None] * GEN_STRIDE + s[None, :],
-                             mask=g_mask[:, None] & s_mask[None, :], other=0.0)
-                chan = (sig_offset + g * SPG + s).to(tl.int64)
-                sv = tl.load(sig_ptr + sig_off[None, :] + chan[:, None] * GHW,
-                             mask=s_mask[:, None] & n_mask[None, :], other=0.0)
-                wgt = dot_acc(gv, sv, wgt, DOT_MODE)
-        xv = tl.load(x_ptr + x_off[None, :] + c.to(tl.int64)[:, None] * GHW,
-                     mask=c_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(tl.reshape(wgt, (BLOCK_O, BLOCK_C, BLOCK_N)) * xv[None, :, :], axis=1)
+            if GEN_DOT:
+                for s0 in range(0, SPG, BLOCK_S):
+                    s = s0 + tl.arange(0, BLOCK_S)
+                    s_mask = s < SPG
+                    gv = tl.load(gen_ptr + rows.to(tl.int64)[:, None] * GEN_STRIDE + s[None, :],
+                                 mask=g_mask[:, None] & s_mask[None, :], other=0.0)
+                    chan = (sig_offset + g * SPG + s).to(tl.int64)
+                    sv = tl.load(sig_ptr + sig_off[None, :] + chan[:, None] * GHW,
+                                 mask=s_mask[:, None] & n_mask[None, :], other=0.0)
+                    wgt = dot_acc(gv, sv, wgt, DOT_MODE)
+            else:
+                for s in range(SPG):
+                    gv = tl.load(gen_ptr + rows.to(tl.int64) * GEN_STRIDE + s, mask=g_mask, other=0.0)
+                    sv = tl.load(sig_ptr + sig_off + (sig_offset + g * SPG + s).to(tl.int64) * GHW,
+                                 mask=n_mask, other=0.0)
+                    wgt += gv.to(tl.float32)[:, None] * sv.to(tl.float32)[None, :]
+        w3 = tl.reshape(wgt, (BLOCK_O, BLOCK_C, BLOCK_N))
+        x_rows = x_ptr + x_off[None, :] + c.to(tl.int64)[:, None] * H * W
+        for qq in tl.static_range(PH * PW):
+            xv = tl.load(x_rows + (qq // PW) * W + qq % PW, mask=c_mask[:, None] & n_mask[None, :],
+                         other=0.0).to(tl.float32)
+            pixel = tl.sum(w3 * xv[None, :, :], axis=1)
+            acc += tl.where(q[None, None, :] == qq, pixel[:, :, None], 0.0)
     if HAS_AFFINE:
-        acc = (acc * tl.load(scale_ptr + o, mask=o_mask, other=0.0)[:, None]
-               + tl.load(shift_ptr + o, mask=o_mask, other=0.0)[:, None])
+        acc = (acc * tl.load(scale_ptr + o, mask=o_mask, other=0.0)[:, None, None]
+               + tl.load(shift_ptr + o, mask=o_mask, other=0.0)[:, None, None])
     acc = activate(acc, ACT)
-    out_off = b[None, :] * COUT * GHW + o.to(tl.int64)[:, None] * GHW + q[None, :]
-    tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty),
-             mask=o_mask[:, None] & n_mask[None, :])
+    offs = (out_off[None, :, None] + o.to(tl.int64)[:, None, None] * H * W
+            + q_off[None, None, :])
+    mask = o_mask[:, None, None] & n_mask[None, :, None] & (q < PH * PW)[None, None, :]
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -175,7 +196,15 @@ def _store_epilogue(acc, out_base, co, co_mask, pix, p_mask, scale_ptr, shift_pt
              acc.to(out_base.dtype.element_ty), mask=co_mask[:, None] & p_mask[None, :])
 
 
-_tuned_pixel_kernel = autotuned(_meta_conv_pixel_kernel, ("CIN", "COUT", "SPG", "DOT_MODE", "BLOCK_O"))
+def _dot_generation_for_8_warps(configs, args):
+    """8 warps only when the weights are generated by a dot: the outer-product generation keeps
+    SPG loads live per thread and spills with 8 warps' layouts."""
+    return configs if args["GEN_DOT"] else [c for c in configs if c.num_warps <= 4]
+
+
+_tuned_many_kernel = autotuned(_meta_conv_many_patches_kernel,
+                               ("CIN", "COUT", "PH", "PW", "SPG", "DOT_MODE", "BLOCK_O"),
+                               prune=_dot_generation_for_8_warps)
 _tuned_patch_kernel = autotuned(_meta_conv_patch_kernel,
                                 ("CIN", "COUT", "GROUPS", "PH", "PW", "K", "DOT_MODE", "BAND"))
 
@@ -185,32 +214,37 @@ def _least_padding(n: int, sizes) -> int:
     return min((-(-n // s) * s, -s, s) for s in sizes)[2]
 
 
-def pixel_plan(cin: int, cout: int, rpg: int, spg: int) -> dict:
-    """Tiles of ``_meta_conv_pixel_kernel``: BLOCK_O output channels whose rows (BLOCK_O x Cin)
-    fit in one generator group where the group is at least that large (so a tile spans at most
-    two groups, and exactly one when a group holds a multiple of BLOCK_O outputs' rows), input
-    channels in blocks of 16-64, 64 pixels, signal inputs in blocks of 16/32."""
-    outputs_per_group = max(1, rpg // cin)
+def many_patches_plan(cin: int, cout: int, rpg: int, spg: int, patch) -> dict:
+    """Tiles of ``_meta_conv_many_patches_kernel``: BLOCK_O output channels whose rows
+    (BLOCK_O x Cin) fit in one generator group where the group is at least that large (so a tile
+    spans at most two groups, and exactly one when a group holds a multiple of BLOCK_O outputs'
+    rows; one output otherwise), input channels in blocks of 16-64, 64 / 32 patches (1x1 /
+    larger patches), signal inputs in blocks of 16 / 32 when generated on tensor cores (GEN_DOT:
+    when that pads them by at most 1.5x; outer products otherwise)."""
     block_o = 1
-    while block_o * 2 <= min(8, outputs_per_group):
-        block_o *= 2
     if rpg % cin == 0:
-        while outputs_per_group % block_o:
-            block_o //= 2
-    return dict(BLOCK_N=64, BLOCK_O=block_o, BLOCK_C=_least_padding(cin, (16, 32, 64)),
-                BLOCK_S=_least_padding(spg, (16, 32)))
+        while block_o * 2 <= 8 and (rpg // cin) % (block_o * 2) == 0:
+            block_o *= 2
+    pixels = patch[0] * patch[1]
+    block_s = _least_padding(spg, (16, 32))
+    return dict(BLOCK_N=64 if pixels == 1 else 32, BLOCK_O=block_o,
+                BLOCK_C=_least_padding(cin, (16, 32, 64)), BLOCK_S=block_s,
+                BLOCK_Q=triton.next_power_of_2(pixels), GEN_DOT=-(-spg // block_s) * block_s <= 1.5 * spg)
+
+
+MANY_PATCHES_MAX_PIXELS = 16
 
 
 def patch_plan(cin: int, cout: int, groups: int, patch, depthwise: bool) -> dict:
     """Tiles of ``_meta_conv_patch_kernel``: bands of whole patch rows of about 128 pixels (at
-    least 16 for the dots), up to 64 output channels (depthwise: 32 channels) per tile, input
+    least 16 for the dots), up to 64 output channels (depthwise: 8-32 channels) per tile, input
     channels 16 at a time."""
     ph, pw = patch
     block_w = triton.next_power_of_2(pw)
     band = max(1, min(triton.next_power_of_2(ph), max(1, 128 // block_w)))
     block_w = max(block_w, 16 // band)
-    if depthwise:
-        block_co = min(32, max(16, triton.next_power_of_2(cout)))
+    if depthwise:                       # no dot: channel blocks of 8-32, whichever pads least
+        block_co = _least_padding(cout, (8, 16, 32))
     else:
         block_co = min(64, max(16, triton.next_power_of_2(cout // groups)))
     return dict(BAND=band, BLOCK_W=block_w, BLOCK_CO=block_co, BLOCK_K=16, BLOCK_R=64)
@@ -259,13 +293,13 @@ def _meta_patch_conv_op(x: torch.Tensor, signal: torch.Tensor, generator_weight:
     shift = shift.float().contiguous() if affine else gen
     common = dict(SPG=spg, GEN_STRIDE=stride, HAS_AFFINE=affine,
                   ACT=ACTIVATION_CODES[activation], DOT_MODE=fused_dot_mode(x.dtype))
-    if patch == (1, 1) and kernel_size == 1 and groups == 1:
-        cfg = pixel_plan(cin, out_channels, rpg, spg)
+    if patch[0] * patch[1] <= MANY_PATCHES_MAX_PIXELS and kernel_size == 1 and groups == 1:
+        cfg = many_patches_plan(cin, out_channels, rpg, spg, patch)
         grid = (triton.cdiv(b * gh * gw, cfg["BLOCK_N"]), triton.cdiv(out_channels, cfg["BLOCK_O"]))
-        _tuned_pixel_kernel[grid](
-            x, out, signal, gen, scale, shift, b * gh * gw, gh * gw, signal.shape[1],
-            signal_offset, rpg, row_start, CIN=cin, COUT=out_channels,
-            **launch_options(_tuned_pixel_kernel, 4), **common, **cfg)
+        _tuned_many_kernel[grid](
+            x, out, signal, gen, scale, shift, b * gh * gw, h, w, gh, gw, signal.shape[1],
+            signal_offset, rpg, row_start, CIN=cin, COUT=out_channels, PH=patch[0], PW=patch[1],
+            **launch_options(_tuned_many_kernel, 4), **common, **cfg)
         return out
     depthwise = groups == cin == out_channels
     cfg = patch_plan(cin, out_channels, groups, patch, depthwise)
@@ -293,8 +327,8 @@ def executed_work(name: str, launch) -> Optional[dict]:
     bench/kernel_report.py). ``launch.args`` maps the kernel's argument names (constexprs
     included) to their values; ``launch.grid`` is the launch grid."""
     a = launch.args
-    if name == "_meta_conv_pixel_kernel":
-        return _pixel_work(a, launch.grid)
+    if name == "_meta_conv_many_patches_kernel":
+        return _many_patches_work(a, launch.grid)
     if name != "_meta_conv_patch_kernel":
         return None
     programs = launch.grid[0]
@@ -303,30 +337,35 @@ def executed_work(name: str, launch) -> Optional[dict]:
     count = a["COUT"] * cin_g * k2
     block_p = a["BAND"] * a["BLOCK_W"]
     bands = -(-a["PH"] // a["BAND"])
-    gen = count * _pad(a["SPG"], a["BLOCK_S"])
+    gen = programs * count * _pad(a["SPG"], a["BLOCK_S"])
     if a["DEPTHWISE"]:
-        conv = bands * block_p * _pad(a["COUT"], a["BLOCK_CO"]) * k2
+        conv = programs * bands * block_p * _pad(a["COUT"], a["BLOCK_CO"]) * k2
         tensor = 0
     else:
-        conv = bands * block_p * a["GROUPS"] * _pad(cout_g, a["BLOCK_CO"]) * _pad(cin_g, a["BLOCK_K"]) * k2
+        conv = (programs * bands * block_p * a["GROUPS"] * _pad(cout_g, a["BLOCK_CO"])
+                * _pad(cin_g, a["BLOCK_K"]) * k2)
         tensor = conv if a["DOT_MODE"] in (0, 3) else 0
-    return {"macs": programs * (gen + conv), "tensor_core_macs": programs * tensor}
+    return {"macs": gen + conv, "tensor_core_macs": tensor,
+            "parts": {"generation": gen, "conv": conv}}
 
 
-def _pixel_work(a: dict, grid) -> dict:
-    """``_meta_conv_pixel_kernel``: per (pixel block, output block), a generation dot per input
-    block and generator group its rows span (M = BLOCK_O x BLOCK_C rows, K = SPG padded, N =
-    BLOCK_N pixels), and BLOCK_O x BLOCK_C x BLOCK_N multiply-adds applying the weights."""
+def _many_patches_work(a: dict, grid) -> dict:
+    """``_meta_conv_many_patches_kernel``: per (patch block, output block), for each input block
+    and generator group its rows span, the generation of BLOCK_O x BLOCK_C rows for BLOCK_N
+    patches (SPG padded to BLOCK_S on tensor cores, exact as outer products), and
+    BLOCK_O x BLOCK_C x BLOCK_N multiply-adds per pixel of a patch applying them."""
     cin, cout, rpg, start = a["CIN"], a["COUT"], a["rpg"], a["row_start"]
-    bo, bc = a["BLOCK_O"], a["BLOCK_C"]
-    per_pixel_block = gen = 0
+    bo, bc, bn = a["BLOCK_O"], a["BLOCK_C"], a["BLOCK_N"]
+    spg = _pad(a["SPG"], a["BLOCK_S"]) if a["GEN_DOT"] else a["SPG"]
+    gen = conv = 0
     for o0 in range(0, cout, bo):
         o_last = min(o0 + bo, cout) - 1
         for c0 in range(0, cin, bc):
             first = (start + o0 * cin + c0) // rpg
             last = (start + o_last * cin + min(c0 + bc, cin) - 1) // rpg
-            gen += (last - first + 1) * bo * bc * _pad(a["SPG"], a["BLOCK_S"]) * a["BLOCK_N"]
-            per_pixel_block += bo * bc * a["BLOCK_N"]
+            gen += (last - first + 1) * bo * bc * spg * bn
+            conv += bo * bc * bn * a["PH"] * a["PW"]
     blocks = grid[0]
-    tensor = gen if a["DOT_MODE"] in (0, 3) else 0
-    return {"macs": blocks * (gen + per_pixel_block), "tensor_core_macs": blocks * tensor}
+    tensor = gen if a["GEN_DOT"] and a["DOT_MODE"] in (0, 3) else 0
+    return {"macs": blocks * (gen + conv), "tensor_core_macs": blocks * tensor,
+            "parts": {"generation": blocks * gen, "conv": blocks * conv}}

@@ -105,31 +105,21 @@ def _launch(x, out, weight, bias, groups, padding_mode):
 
 
 def executed_work(name: str, launch) -> Optional[dict]:
-    """Multiply-accumulates that a recorded launch of ``_patch_conv_kernel`` executes, padding and
-    recomputation included (the interface of ``bench/kernel_report.py``, see bench/README.md).
-
-    Every program runs its whole tiles, masked lanes too. Dense: per input-channel block and tap,
-    a (BLOCK_CO x BLOCK_CI) tile of generated weights (``gen_spg`` MACs each, regenerated for
-    every pixel block and tap) and a BLOCK_CO x BLOCK_CI x BLOCK_P dot (tensor cores when
-    DOT_MODE == 0, else FFMA). Depthwise: BLOCK_CO x TAPS weights generated once per program, then
-    K*K FMA taps on the (BLOCK_CO x BLOCK_P) tile. None for the other kernels of this module.
-    """
+    """Multiply-adds a recorded launch of ``_patch_conv_kernel`` executes, padded tiles included
+    (the interface of ``bench/kernel_report.py``): dense, a BLOCK_CO x BLOCK_CI x BLOCK_P dot per
+    input-channel block and tap; depthwise, K*K multiply-adds on the (BLOCK_CO x BLOCK_P) tile.
+    None for the other kernels of this module."""
     if name != "_patch_conv_kernel":
         return None
     a = launch.args
     programs = launch.grid[0] * launch.grid[1] * launch.grid[2]
     kk = a["K"] * a["K"]
-    spg = a["gen_spg"] if a["GENERATED"] else 0
     if a["DEPTHWISE"]:
-        generation = a["BLOCK_CO"] * a["TAPS"] * spg
         conv, dot = kk * a["BLOCK_CO"] * a["BLOCK_P"], 0
     else:
-        tiles = triton.cdiv(a["CIN_G"], a["BLOCK_CI"]) * kk * a["BLOCK_CO"] * a["BLOCK_CI"]
-        generation = tiles * spg
-        conv = dot = tiles * a["BLOCK_P"]
-    parts = {"generation": programs * generation, "conv": programs * conv}
-    return {"macs": sum(parts.values()), "tensor_core_macs": programs * dot if a["DOT_MODE"] == 0 else 0,
-            "parts": parts}
+        conv = dot = triton.cdiv(a["CIN_G"], a["BLOCK_CI"]) * kk * a["BLOCK_CO"] * a["BLOCK_CI"] * a["BLOCK_P"]
+    return {"macs": programs * conv, "tensor_core_macs": programs * dot if a["DOT_MODE"] == 0 else 0,
+            "parts": {"conv": programs * conv}}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from hyperseg.kernels.generate_weights import (_generate_weights_kernel,  # noqa
                                                _generate_weights_weight_grad_kernel)
 from hyperseg.kernels.meta_inverted_residual import _meta_inverted_residual_kernel  # noqa: E402
 from hyperseg.kernels.meta_patch_conv import (_meta_conv_patch_kernel,  # noqa: E402
-                                              _meta_conv_pixel_kernel)
+                                              _meta_conv_many_patches_kernel)
 from hyperseg.kernels.patch_conv import (_patch_conv_input_grad_kernel, _patch_conv_kernel,  # noqa: E402
                                          _patch_conv_weight_grad_kernel)
 
@@ -64,9 +64,13 @@ def forward_variants(dtype):
                           ACC=tl.float32, BLOCK_CO=32, BLOCK_CI=32, BLOCK_P=64)
         yield f"patch_conv depthwise={depthwise} k={k}", _patch_conv_kernel, constexprs
     for mode in modes:
-        yield (f"meta_conv_pixel dot_mode={mode}", _meta_conv_pixel_kernel,
-               dict(CIN=82, COUT=64, SPG=13, GEN_STRIDE=16, HAS_AFFINE=True, ACT=1, DOT_MODE=mode,
-                    BLOCK_N=64, BLOCK_O=2, BLOCK_C=32, BLOCK_S=16))
+        for patch, spg in (((1, 1), 13), ((2, 2), 6)):
+            yield (f"meta_conv_many_patches patch={patch} spg={spg} dot_mode={mode}",
+                   _meta_conv_many_patches_kernel,
+                   dict(CIN=82, COUT=64, PH=patch[0], PW=patch[1], SPG=spg, GEN_STRIDE=16 if spg > 8 else 8,
+                        GEN_DOT=spg >= 12, HAS_AFFINE=True, ACT=1, DOT_MODE=mode,
+                        BLOCK_N=64 if patch == (1, 1) else 32, BLOCK_O=2, BLOCK_C=32, BLOCK_S=16,
+                        BLOCK_Q=patch[0] * patch[1]))
         for depthwise, k, groups in ((False, 1, 1), (False, 3, 2), (True, 3, 48), (True, 5, 48)):
             cin = 48 if groups > 1 else 94
             yield (f"meta_conv_patch depthwise={depthwise} k={k} dot_mode={mode}", _meta_conv_patch_kernel,

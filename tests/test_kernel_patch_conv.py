@@ -61,7 +61,11 @@ META_CONV_CASES = [
     # 1x1 patches on the pixel kernel: several pixel blocks that cross images, output tiles whose
     # generator rows span two groups (rows per group 42 = 2 x Cin, shifted by row_start)
     pytest.param(2, (6, 8), (1, 1), 21, 10, 1, 1, 5, 2, 7, "relu", "fp32", True, id="pixel-groups-span"),
+    pytest.param(2, (6, 8), (1, 1), 21, 10, 1, 1, 2, 2, 7, "relu", "fp32", True, id="pixel-dot-groups-span"),
     pytest.param(3, (5, 7), (1, 1), 40, 12, 1, 1, 4, 0, 0, None, "fp16", False, id="pixel-fp16"),
+    # small patches (up to 8 pixels) on the same kernel, generation as outer products or a dot
+    pytest.param(2, (3, 5), (2, 4), 13, 20, 1, 1, 4, 0, 3, "relu", "fp32", False, id="2x4-outer"),
+    pytest.param(1, (4, 6), (2, 2), 30, 17, 1, 1, 2, 1, 0, "relu6", "bf16", True, id="2x2-dot"),
     # bands of patch rows: 12 rows in bands of 8 (the last one partial), dense and depthwise
     pytest.param(1, (2, 1), (12, 16), 18, 20, 1, 1, 2, 0, 0, "relu", "fp32", True, id="bands-dense"),
     pytest.param(2, (1, 2), (12, 16), 20, 20, 20, 3, 4, 0, 5, "relu6", "bf16", True, id="bands-depthwise"),
@@ -165,12 +169,14 @@ def test_meta_patch_conv_errors():
         kernels.meta_patch_conv(randn(1, 4, 9, 8), signal, gen, **ok)
 
 
-def test_meta_patch_conv_pixel_kernel_has_no_group_restriction():
+@pytest.mark.parametrize("width", [48, 192], ids=["outer-products", "dot"])
+def test_meta_patch_conv_many_patches_tiles_span_groups(width):
     """1x1 patches with generator groups smaller than one output channel's rows (a tile spans
-    several groups) and more outputs than one output block."""
+    several groups) and more outputs than one output block; generation with 3 signal inputs per
+    group (outer products) and with 12 (a dot)."""
     x = randn(2, 24, 3, 5)
-    signal = randn(2, 48, 3, 5)
-    gen = generator_for(24 * 20, 48, 16)                    # 30 rows per group, Cin = 24
+    signal = randn(2, width, 3, 5)
+    gen = generator_for(24 * 20, width, 16)                 # 30 rows per group, Cin = 24
     kw = dict(out_channels=20, generator_groups=16)
     assert_matches(kernels.meta_patch_conv(x, signal, gen, **kw), ops.meta_patch_conv(x, signal, gen, **kw),
                    torch.float32)
