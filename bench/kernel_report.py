@@ -102,6 +102,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--half-encoder", action="store_true",
                    help="fp16: run the backbone and context head in fp16 too (slow on CPUs; by "
                         "default they run in bf16 and hand fp16 outputs to the decoder)")
+    p.add_argument("--ieee", action="store_true",
+                   help="fp32 kernels with IEEE fp32 dots (torch.backends.cudnn.allow_tf32 off); "
+                        "by default tf32 tensor cores, PyTorch's default for convolutions")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--from-json", metavar="PATH", help="print and check a saved report instead of "
                                                        "making one (no recording, no compilation)")
@@ -276,7 +279,7 @@ def kernel_table(entry: dict) -> list:
              f"{'HMMA':>4} {'FFMA':>5} {'LDG max':>7} {'LDL+STL':>7} {'comp s':>6}"]
     for k in entry["kernels"]:
         grid = "x".join(map(str, k["grids"][0])) + ("+" if len(k["grids"]) > 1 else "")
-        name = _short(k["kernel"]) + (f" [{k['variant']}]" if k["variant"] else "")
+        name = _short(k["kernel"]) + (" (tuned)" if k["variant"] else "")   # w: the config's warps
         head = f"{k['id']:>2} {name:<34} {_users(k['used_by'])[:22]:<22} {grid:<13}"
         if not k.get("compiled"):
             lines.append(f"{head} COMPILE FAILED: {k['error'].splitlines()[0][:80]}")
@@ -372,6 +375,7 @@ def main(argv=None) -> int:
     import hyperseg
     from kernel_sass import SM
     torch.set_num_threads(args.threads)
+    torch.backends.cudnn.allow_tf32 = not args.ieee        # what the fused fp32 kernels follow
     names = hyperseg.list_models(include_aliases=False) if args.model == "all" else [args.model]
     start = time.perf_counter()
     entries = []
@@ -385,7 +389,7 @@ def main(argv=None) -> int:
             shutil.rmtree(temporary_cache, ignore_errors=True)
     report = dict(tool="bench/kernel_report.py", command=sys.argv,
                   date=datetime.datetime.now().isoformat(timespec="seconds"), versions=_versions(),
-                  target="cuda sm_90 (sm_90a PTX), warp 32",
+                  target="cuda sm_90 (sm_90a PTX), warp 32", fp32_dots="ieee" if args.ieee else "tf32",
                   assumptions=dict(gpus=GPUS, printed_gpu=args.gpu, sm=SM, peaks=PEAKS,
                                    dtype_bytes=DTYPE_BYTES),
                   checks=[list(c) for c in CHECKS], block_checks=[list(c) for c in BLOCK_CHECKS],

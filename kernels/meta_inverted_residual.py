@@ -129,10 +129,15 @@ def _meta_inverted_residual_kernel(
 
 def _enough_work_per_warp(configs, args):
     """16 warps only for tiles of at least 128 output pixels: on smaller ones the extra warps hold
-    a few elements each and the layout conversions spill."""
-    if args["BAND"] * args["BLOCK_W"] >= 128:
-        return configs
-    return [c for c in configs if c.num_warps <= 8]
+    a few elements each and the layout conversions spill. With IEEE float32 dots (operands in
+    registers) and 4,096 output accumulators, 16 warps only: 8 need so many registers that 8
+    warps fill an SM."""
+    tile = args["BAND"] * args["BLOCK_W"]
+    if tile < 128:
+        return [c for c in configs if c.num_warps <= 8]
+    if args["DOT_MODE"] == 1 and tile * args["BLOCK_CO"] >= 4096:
+        return [c for c in configs if c.num_warps >= 16]
+    return configs
 
 
 _tuned_kernel = autotuned(_meta_inverted_residual_kernel,
@@ -143,13 +148,16 @@ _tuned_kernel = autotuned(_meta_inverted_residual_kernel,
 def plan(cin: int, hidden: int, cout: int, patch: Tuple[int, int], kernel_size: int,
          dot_mode: int) -> dict:
     """Tile sizes of ``_meta_inverted_residual_kernel`` for a block: bands of whole patch rows of
-    about 256 output pixels on tensor cores (128 with IEEE float32 dots, whose operands live in
-    registers), at most 8,192 output accumulators per program; 16 hidden channels and 16 input
-    channels per dot (the smallest tensor-core tile), 32 halo pixels per expand dot."""
+    up to 256 output pixels, at most 8,192 output accumulators per program (IEEE float32 dots,
+    whose operands live in registers: 128 pixels, or 256 for patches 32 wide, and at most 4,096
+    accumulators); 16 hidden channels and 16 input channels per
+    dot (the smallest tensor-core tile), 32 halo pixels per expand dot."""
     ph, pw = patch
     block_w = triton.next_power_of_2(pw)
     block_co = max(16, triton.next_power_of_2(cout))
-    target = max(block_w, min(128 if dot_mode == 1 else 256, 8192 // block_co))
+    ieee_target = 256 if block_w >= 32 else 128
+    target = max(block_w, min(ieee_target if dot_mode == 1 else 256,
+                              (4096 if dot_mode == 1 else 8192) // block_co))
     band = max(1, min(triton.next_power_of_2(ph), target // block_w))
     block_w = max(block_w, 16 // band)          # a dot needs >= 16 output pixels
     return dict(BAND=band, BLOCK_W=block_w, HALO_CHUNK=32, BLOCK_K=16, BLOCK_H=16,
