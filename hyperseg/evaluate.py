@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader
 from . import distributed
 from .datasets import TransformedDataset, collate, eval_transform
 from .metrics import ConfusionMatrix
-from .predict import DEFAULT_TTA_SCALES, pyramid
+from .options import DEFAULT_TTA_SCALES, TTA_MODES
+from .predict import pyramid
 
 # How each dataset's validation images are preprocessed (see eval_transform), and at what size
 # (None: the model's input_size).
@@ -32,7 +33,6 @@ EVAL_PREPROCESSING: Dict[str, Tuple[str, Optional[Tuple[int, int]]]] = {
     "voc": ("pad", (512, 512)),
     "synthetic": ("native", None),
 }
-TTA_MODES = ("flip", "ms")
 
 
 def evaluation_dataset(dataset, kind: str, config, size: Union[None, str, Tuple[int, int]] = None

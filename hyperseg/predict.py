@@ -20,14 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .model import MIN_SIDE
+from .options import (DEFAULT_TTA_SCALES, IMAGE_EXTENSIONS, MIN_SIDE,  # noqa: F401
+                      check_size, is_image_file, parse_size)
 from .palettes import colorize, overlay, palette
 
 if TYPE_CHECKING:                     # Pillow is imported when an image is read or written
     import PIL.Image
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-DEFAULT_TTA_SCALES = (1.0, 0.75, 1.25)
 
 Size = Union[None, str, Tuple[int, int]]
 ImageLike = Union[str, "os.PathLike[str]", "PIL.Image.Image", np.ndarray, Tensor]
@@ -40,11 +38,6 @@ class ImageError(ValueError):
 # ------------------------------------------------------------------------------------------------
 # Images in
 # ------------------------------------------------------------------------------------------------
-
-def is_image_file(path) -> bool:
-    """True when ``path`` has a JPEG or PNG extension (case-insensitive)."""
-    return os.path.splitext(os.fspath(path))[1].lower() in IMAGE_EXTENSIONS
-
 
 def read_image(path) -> "PIL.Image.Image":
     """Read a JPEG or PNG file as an RGB PIL image, turned upright by its EXIF orientation.
@@ -113,26 +106,6 @@ def to_uint8(image: Tensor) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------
 # Sizes and preprocessing
 # ------------------------------------------------------------------------------------------------
-
-def parse_size(text: str) -> Union[str, Tuple[int, int]]:
-    """``"HxW"`` -> (H, W); ``"native"`` -> "native" (keep each image's size)."""
-    text = text.strip().lower()
-    if text == "native":
-        return "native"
-    parts = text.replace("*", "x").split("x")
-    try:
-        h, w = (int(p) for p in parts)
-    except ValueError:
-        raise ValueError(f"size must be HxW (e.g. 512x1024) or 'native', got {text!r}") from None
-    return check_size((h, w))
-
-
-def check_size(size) -> Tuple[int, int]:
-    h, w = size
-    if h < MIN_SIDE or w < MIN_SIDE:
-        raise ValueError(f"the network input must be at least {MIN_SIDE} x {MIN_SIDE}, got {h} x {w}")
-    return int(h), int(w)
-
 
 def network_size(config, size: Size, image_hw: Tuple[int, int]) -> Tuple[int, int]:
     """The size an image of ``image_hw`` is segmented at: ``size`` None or "model" -> the model's

@@ -39,9 +39,9 @@ from .datasets import (DEFAULT_SPLITS, Augmentation, DataSpec, TransformedDatase
                        open_dataset, parse_data_spec, train_transform)
 from .losses import LOSSES, build_loss
 from .model import BACKENDS, HyperSeg
+from .options import AMP_MODES
 from .zoo import get_config
 
-AMP_MODES = ("off", "fp16", "bf16")
 SCHEDULES = ("step", "epoch")
 STATE_FORMAT = "hyperseg-train-state"
 STATE_VERSION = 1

@@ -1,0 +1,46 @@
+"""Names, limits and argument checks shared by the package and the command line.
+
+Plain Python (no torch, torchvision or timm), so that ``hyperseg --help``, ``hyperseg list`` and
+every argument check run in milliseconds: the command line imports the heavy modules only once
+its arguments have been checked.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple, Union
+
+BACKENDS = ("auto", "torch", "triton")            # decoder implementations (hyperseg.model)
+MIN_SIDE = 32                                     # the smallest input side the network takes
+LOSSES = ("bootstrapped_ce", "ce")                # training losses (hyperseg.losses)
+AMP_MODES = ("off", "fp16", "bf16")               # mixed precision in training
+TTA_MODES = ("flip", "ms")                        # test-time augmentation (predict and eval)
+DEFAULT_TTA_SCALES = (1.0, 0.75, 1.25)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+DATA_SPEC_HELP = ("cityscapes:PATH, camvid:PATH, voc:PATH, or synthetic[:N][,size=HxW][,classes=C]"
+                  "[,seed=S] (N training images, default 512 of 128x128 with 4 classes)")
+
+
+def parse_size(text: str) -> Union[str, Tuple[int, int]]:
+    """``"HxW"`` -> (H, W); ``"native"`` -> "native" (keep each image's size)."""
+    text = text.strip().lower()
+    if text == "native":
+        return "native"
+    parts = text.replace("*", "x").split("x")
+    try:
+        h, w = (int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"size must be HxW (e.g. 512x1024) or 'native', got {text!r}") from None
+    return check_size((h, w))
+
+
+def check_size(size) -> Tuple[int, int]:
+    """(H, W) as ints, or ValueError when a side is below ``MIN_SIDE``."""
+    h, w = size
+    if h < MIN_SIDE or w < MIN_SIDE:
+        raise ValueError(f"the network input must be at least {MIN_SIDE} x {MIN_SIDE}, got {h} x {w}")
+    return int(h), int(w)
+
+
+def is_image_file(path) -> bool:
+    """True when ``path`` has a JPEG or PNG extension (case-insensitive)."""
+    return os.path.splitext(os.fspath(path))[1].lower() in IMAGE_EXTENSIONS
