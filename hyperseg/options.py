@@ -44,3 +44,17 @@ def check_size(size) -> Tuple[int, int]:
 def is_image_file(path) -> bool:
     """True when ``path`` has a JPEG or PNG extension (case-insensitive)."""
     return os.path.splitext(os.fspath(path))[1].lower() in IMAGE_EXTENSIONS
+
+
+def image_path_problem(path) -> Optional[str]:
+    """Why ``path`` cannot be an input image (another extension, missing, a directory), or None.
+    Whether the file really is a readable image is only known once it is read."""
+    path = os.fspath(path)
+    if not is_image_file(path):
+        ext = os.path.splitext(path)[1] or "no extension"
+        return f"unsupported image type ({ext}); expected one of {', '.join(IMAGE_EXTENSIONS)}"
+    if not os.path.exists(path):
+        return "no such file"
+    if os.path.isdir(path):
+        return "is a directory"
+    return None

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .options import (DEFAULT_TTA_SCALES, IMAGE_EXTENSIONS, MIN_SIDE,  # noqa: F401
-                      check_size, is_image_file, parse_size)
+                      check_size, image_path_problem, is_image_file, parse_size)
 from .palettes import colorize, overlay, palette
 
 if TYPE_CHECKING:                     # Pillow is imported when an image is read or written
@@ -48,23 +48,31 @@ def read_image(path) -> "PIL.Image.Image":
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = os.fspath(path)
-    if not is_image_file(path):
-        ext = os.path.splitext(path)[1] or "no extension"
-        raise ImageError(f"unsupported image type ({ext}); expected one of "
-                         f"{', '.join(IMAGE_EXTENSIONS)}")
-    if not os.path.exists(path):
-        raise ImageError("no such file")
-    if os.path.isdir(path):
-        raise ImageError("is a directory")
+    problem = image_path_problem(path)
+    if problem:
+        raise ImageError(problem)
     try:
         with Image.open(path) as image:
             image = ImageOps.exif_transpose(image)
             image.load()
-            return image.convert("RGB")
+            return _to_rgb(image)
     except UnidentifiedImageError:
         raise ImageError("not a readable JPEG/PNG image") from None
     except (OSError, SyntaxError, ValueError) as err:   # truncated or corrupt data, permissions
         raise ImageError(f"cannot read the image: {err}") from None
+
+
+def _to_rgb(image: "PIL.Image.Image") -> "PIL.Image.Image":
+    """An RGB (8 bits per channel) copy of ``image``. Pillow reads a 16-bit grayscale PNG as
+    mode "I;16" (or "I") and its ``convert("RGB")`` clips every value above 255 to white; such
+    an image is scaled to 8 bits as Pillow does for 16-bit colour PNGs (the high byte)."""
+    from PIL import Image
+
+    if image.mode.startswith("I"):
+        values = np.asarray(image).astype(np.int64)
+        gray = (np.clip(values, 0, 65535) >> 8).astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    return image.convert("RGB")
 
 
 def to_tensor(image: ImageLike) -> Tensor:
@@ -78,7 +86,7 @@ def to_tensor(image: ImageLike) -> Tensor:
     if isinstance(image, (str, os.PathLike)):
         image = read_image(image)
     if isinstance(image, Image.Image):
-        array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+        array = np.asarray(_to_rgb(image), dtype=np.uint8)
         return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255)
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:

@@ -317,3 +317,20 @@ def test_export_help_says_the_triton_kernels_are_not_exported(capsys):
         main(["export", "--help"])
     assert exit_info.value.code == 0
     assert "Triton kernels cannot be exported" in " ".join(capsys.readouterr().out.split())
+
+
+# -- 16-bit images ------------------------------------------------------------------------------
+
+def test_16_bit_pngs_are_scaled_not_clipped(tmp_path):
+    """Pillow reads a 16-bit grayscale PNG as mode I;16, whose convert("RGB") clips every value
+    above 255 to white; it is scaled to 8 bits instead, as Pillow reads 16-bit colour PNGs."""
+    values = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(values).save(tmp_path / "gray16.png")
+    with Image.open(tmp_path / "gray16.png") as raw:
+        assert raw.mode.startswith("I")                   # what Pillow makes of it
+    image = np.asarray(read_image(tmp_path / "gray16.png"))
+    assert image.shape == (64, 64, 3) and image.dtype == np.uint8
+    np.testing.assert_array_equal(image[..., 0], values >> 8)
+    np.testing.assert_array_equal(image[..., 0], image[..., 2])
+    tensor = to_tensor(Image.open(tmp_path / "gray16.png"))
+    assert 0.45 < tensor.mean() < 0.55
