@@ -13,14 +13,14 @@ arg-max, so the label map always has the size of the image given.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Iterable, List, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .options import (DEFAULT_TTA_SCALES, IMAGE_EXTENSIONS, MIN_SIDE,  # noqa: F401
+from .options import (DEFAULT_TTA_SCALES, IMAGE_EXTENSIONS, MIN_SIDE, TTA_MODES,  # noqa: F401
                       check_size, image_path_problem, is_image_file, parse_size)
 from .palettes import colorize, overlay, palette
 
@@ -28,6 +28,7 @@ if TYPE_CHECKING:                     # Pillow is imported when an image is read
     import PIL.Image
 
 Size = Union[None, str, Tuple[int, int]]
+TTA = Union[None, bool, str]
 ImageLike = Union[str, "os.PathLike[str]", "PIL.Image.Image", np.ndarray, Tensor]
 
 
@@ -162,6 +163,36 @@ def pyramid(images: Tensor, scales: Sequence[float]) -> List[Tensor]:
     return levels
 
 
+def tta_mode(tta: TTA) -> Optional[str]:
+    """A ``tta`` argument as None, "flip" or "ms" (True is "ms", False None)."""
+    if tta is None or tta is False:
+        return None
+    if tta is True:
+        return "ms"
+    if tta not in TTA_MODES:
+        raise ValueError(f"tta must be one of {TTA_MODES}, True or None, got {tta!r}")
+    return tta
+
+
+def tta_forward(model, images: Tensor, tta: TTA, tta_scales: Sequence[float] = DEFAULT_TTA_SCALES
+                ) -> Tensor:
+    """The logits of a normalised batch under test-time augmentation ``tta``, for ``predict``
+    and ``evaluate`` alike: None, the batch as it is; "flip", the batch and its mirror image,
+    merged as the model merges flips (``tta_flip_gather``); "ms", the ``tta_scales`` pyramid
+    (``pyramid``), each level also flipped when the model's ``tta_hflip`` says so (all zoo
+    models do, as the official evaluation)."""
+    tta = tta_mode(tta)
+    if tta is None:
+        return model(images)
+    module = _model_of(model)
+    hflip = module.tta_hflip
+    module.tta_hflip = True if tta == "flip" else hflip
+    try:
+        return model([images] if tta == "flip" else pyramid(images, tta_scales))
+    finally:
+        module.tta_hflip = hflip
+
+
 # ------------------------------------------------------------------------------------------------
 # Prediction
 # ------------------------------------------------------------------------------------------------
@@ -172,11 +203,12 @@ def _model_of(model):
 
 
 def segment(model, images: Sequence[Tensor], *, size: Size = None, batch_size: int = 4,
-            tta: bool = False, tta_scales: Sequence[float] = DEFAULT_TTA_SCALES) -> List[Tensor]:
+            tta: TTA = None, tta_scales: Sequence[float] = DEFAULT_TTA_SCALES) -> List[Tensor]:
     """Label maps of (3, H, W) float tensors in [0, 1] (see ``predict_batch``): consecutive images
     of equal network input size are batched, ``batch_size`` at most per forward pass."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    tta = tta_mode(tta)
     config = _model_of(model).config
     targets = [network_size(config, size, tuple(image.shape[-2:])) for image in images]
     results: List[Tensor] = []
@@ -192,7 +224,7 @@ def segment(model, images: Sequence[Tensor], *, size: Size = None, batch_size: i
 
 
 def predict_batch(model, images: Iterable[ImageLike], *, size: Size = None,
-                  batch_size: int = 4, tta: bool = False,
+                  batch_size: int = 4, tta: TTA = None,
                   tta_scales: Sequence[float] = DEFAULT_TTA_SCALES) -> List[Tensor]:
     """Segment several images; returns one (H, W) ``torch.int64`` CPU label map per image, each of
     its image's own size.
@@ -205,14 +237,16 @@ def predict_batch(model, images: Iterable[ImageLike], *, size: Size = None,
         size: network input size: None (the model's official ``config.input_size``), "native"
             (each image's own size, at least 32 x 32), (H, W) or "HxW".
         batch_size: images per forward pass (consecutive images of equal network size).
-        tta: test-time augmentation: a pyramid of ``tta_scales`` (plus the flips that the model's
-            ``tta_hflip`` asks for), merged by the model (``HyperSeg.forward_pyramid``).
+        tta: test-time augmentation (see ``tta_forward``): None (none), "flip" (each image and
+            its mirror image) or "ms" (a pyramid of ``tta_scales``, each level also flipped when
+            the model's ``tta_hflip`` asks for it, merged by ``HyperSeg.forward_pyramid``); True
+            means "ms".
     """
     return segment(model, [to_tensor(image) for image in images], size=size,
                    batch_size=batch_size, tta=tta, tta_scales=tta_scales)
 
 
-def predict(model, image: ImageLike, *, size: Size = None, tta: bool = False,
+def predict(model, image: ImageLike, *, size: Size = None, tta: TTA = None,
             tta_scales: Sequence[float] = DEFAULT_TTA_SCALES) -> Tensor:
     """Segment one image: its (H, W) label map of class ids, a ``torch.int64`` CPU tensor of the
     image's own size (``.numpy().astype(numpy.uint8)`` gives a uint8 array when there are at most
@@ -220,7 +254,7 @@ def predict(model, image: ImageLike, *, size: Size = None, tta: bool = False,
     return predict_batch(model, [image], size=size, tta=tta, tta_scales=tta_scales)[0]
 
 
-def _segment_batch(model, config, images: Sequence[Tensor], target: Tuple[int, int], tta: bool,
+def _segment_batch(model, config, images: Sequence[Tensor], target: Tuple[int, int], tta,
                    tta_scales: Sequence[float]) -> List[Tensor]:
     """Label maps of images segmented at one network input size ``target``."""
     module = _model_of(model)
@@ -231,7 +265,7 @@ def _segment_batch(model, config, images: Sequence[Tensor], target: Tuple[int, i
     module.eval()
     try:
         with torch.inference_mode():
-            logits = model(pyramid(batch, tta_scales) if tta else batch)
+            logits = tta_forward(model, batch, tta, tta_scales)
             out = []
             for image, scores in zip(images, logits):
                 scores = scores[None].float()

@@ -157,6 +157,29 @@ def test_tta_passes_a_pyramid_to_the_model(model):
     assert (labels == logits.argmax(1)[0]).float().mean() > 0.999
 
 
+def test_tta_flip_is_the_image_and_its_mirror_image(model, images):
+    """tta="flip" as eval's: the image and its mirror image (merged as the model merges flips),
+    whatever the model's own tta_hflip; tta=True is "ms" (the pyramid)."""
+    expected = hyperseg.predict(model, images / "street.png", size=SIZE, tta="flip")
+    x = to_tensor(images / "street.png")
+    net = torch.nn.functional.interpolate(x[None], size=SIZE, mode="bilinear",
+                                          align_corners=False, antialias=True)
+    mean = torch.tensor(model.config.mean).view(1, 3, 1, 1)
+    std = torch.tensor(model.config.std).view(1, 3, 1, 1)
+    net = (net - mean) / std
+    with torch.no_grad():
+        both = torch.max(model(net), model(net.flip(-1)).flip(-1))
+    both = torch.nn.functional.interpolate(both, size=(70, 90), mode="bilinear",
+                                           align_corners=False)
+    assert (expected == both.argmax(1)[0]).float().mean() > 0.999
+    with pytest.raises(ValueError, match="tta must be one of"):
+        hyperseg.predict(model, images / "street.png", tta="mirror")
+    pyramid = hyperseg.predict(model, images / "street.png", size=SIZE, tta="ms",
+                               tta_scales=(1.0, 0.5))
+    assert torch.equal(pyramid, hyperseg.predict(model, images / "street.png", size=SIZE,
+                                                 tta=True, tta_scales=(1.0, 0.5)))
+
+
 def test_predict_errors(model, tmp_path):
     with pytest.raises(ImageError, match="unsupported image type"):
         hyperseg.predict(model, tmp_path / "a.gif")
