@@ -58,3 +58,26 @@ def image_path_problem(path) -> Optional[str]:
     if os.path.isdir(path):
         return "is a directory"
     return None
+
+
+def default_workers(world_size: int = 1) -> int:
+    """Data-loading processes per rank when none are asked for: one less than this rank's share
+    of the CPU cores, at most 8 (0: load in the main process)."""
+    return min(8, max(0, (os.cpu_count() or 1) // max(1, world_size) - 1))
+
+
+def interpreting_triton() -> bool:
+    """True when the Triton kernels run through the interpreter (``TRITON_INTERPRET`` set to
+    anything but 0), the only way they run on CPU tensors (as ``hyperseg.kernels`` decides)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_device_problem(device_type: str) -> Optional[str]:
+    """Why backend "triton" cannot run on a device of type ``device_type``, or None."""
+    if device_type == "cuda" or (device_type == "cpu" and interpreting_triton()):
+        return None
+    if device_type == "cpu":
+        return ("the Triton kernels need a CUDA device; on CPU they run only through the Triton "
+                "interpreter (set TRITON_INTERPRET=1 in the environment: slow, for testing). "
+                "Use --backend torch (or auto, which picks the torch reference on CPU)")
+    return f"the Triton kernels run on CUDA devices only, not on {device_type}"
