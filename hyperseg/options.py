@@ -81,3 +81,37 @@ def triton_device_problem(device_type: str) -> Optional[str]:
                 "interpreter (set TRITON_INTERPRET=1 in the environment: slow, for testing). "
                 "Use --backend torch (or auto, which picks the torch reference on CPU)")
     return f"the Triton kernels run on CUDA devices only, not on {device_type}"
+
+
+def output_file_problem(path) -> Optional[str]:
+    """Why the file ``path`` cannot be written (its folder is missing or not writable, or it is a
+    folder), or None. Nothing is created."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return f"{path!r} is a folder, not a file name"
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return f"the folder {os.path.dirname(path) or '.'!r} of {path!r} does not exist"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"the folder {os.path.dirname(path) or '.'!r} of {path!r} is not writable"
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        return f"{path!r} exists and is not writable"
+    return None
+
+
+def output_dir_problem(path) -> Optional[str]:
+    """Why the folder ``path`` could not be created or written into, or None. Nothing is created:
+    the nearest existing ancestor must be a writable folder."""
+    path = os.path.abspath(os.fspath(path))
+    probe = path
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        return f"{probe!r} is a file, so the folder {path!r} cannot be created in it"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        what = "folder" if probe == path else "folder in which it would be created,"
+        return f"the {what} {probe!r} is not writable"
+    return None

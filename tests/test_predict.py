@@ -314,6 +314,16 @@ def test_predict_command_native_size_and_tta(images, tmp_path, capsys):
     assert read_png(out / "street_labels.png").shape == (70, 90)
 
 
+def test_predict_command_tta_flip_as_in_eval(model, images, tmp_path):
+    weights = tmp_path / "model.safetensors"
+    hyperseg.save(model, weights)
+    out = tmp_path / "out"
+    assert main(["predict", str(images / "street.png"), "--weights", str(weights), "--out",
+                 str(out), "--size", "64x64", "--tta", "flip", "--quiet"]) == 0
+    expected = hyperseg.predict(model, images / "street.png", size=SIZE, tta="flip")
+    assert (read_png(out / "street_labels.png") == expected.numpy()).mean() > 0.999
+
+
 def test_module_predict_help():
     result = subprocess.run([sys.executable, "-m", "hyperseg", "predict", "--help"],
                             capture_output=True, text=True)
@@ -357,3 +367,44 @@ def test_16_bit_pngs_are_scaled_not_clipped(tmp_path):
     np.testing.assert_array_equal(image[..., 0], image[..., 2])
     tensor = to_tensor(Image.open(tmp_path / "gray16.png"))
     assert 0.45 < tensor.mean() < 0.55
+
+
+# -- failing before any work, leaving nothing behind ---------------------------------------------
+
+def _no_model(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr("hyperseg.__main__._load_model", fail)
+
+
+def test_predict_checks_inputs_and_output_before_loading_the_model(images, tmp_path, capsys,
+                                                                   monkeypatch):
+    _no_model(monkeypatch)
+    out = tmp_path / "out"
+    assert main(["predict", str(tmp_path / "missing.png"), "--model", NAME, "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "missing.png: no such file" in err and "nothing was done" in err
+    assert main(["predict", str(images / "notes.txt"), "--model", NAME, "--out", str(out)]) == 1
+    assert "unsupported image type (.txt)" in capsys.readouterr().err
+    assert not out.exists()
+    # --backend triton on a CPU without the Triton interpreter
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert main(["predict", str(images), "--model", NAME, "--out", str(out), "--device", "cpu",
+                 "--backend", "triton"]) == 2
+    assert "TRITON_INTERPRET=1" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_predict_that_segments_nothing_leaves_no_output_folder(images, tmp_path, capsys):
+    out = tmp_path / "out"
+    bad = tmp_path / "bad.pth"
+    bad.write_text("not a checkpoint\n")
+    assert main(["predict", str(images), "--weights", str(bad), "--out", str(out)]) == 2
+    assert "it is a text file (starting with 'not a checkpoint')" in capsys.readouterr().err
+    assert not out.exists()
+    # every image unreadable: the model runs on nothing and the folder is not left behind
+    assert main(["predict", str(images / "broken.png"), "--model", NAME, "--out", str(out / "x"),
+                 "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "no image was segmented" in err and "segmented 0" not in err
+    assert not out.exists()
