@@ -559,7 +559,7 @@ def _add_workers_arg(parser: argparse.ArgumentParser) -> None:
 def _version() -> str:
     try:
         from . import __version__
-    except ImportError:            # the package's __init__ did not run
+    except ImportError:            # the package's __init__ did not run (see _shadowing_folder)
         from importlib.metadata import version
         return version("hyperseg")
     return __version__
@@ -686,7 +686,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _shadowing_folder() -> Optional[str]:
+    """The folder that Python took for the package, when it is not the package: a folder named
+    hyperseg without an __init__.py (typically a clone of the repository) in the folder Python
+    runs from is a namespace package that hides the installed one from ``import hyperseg``."""
+    package = sys.modules.get(__package__ or "hyperseg")
+    if package is None or getattr(package, "__file__", None) is not None:
+        return None
+    paths = list(getattr(package, "__path__", []))
+    return paths[0] if paths else None
+
+
+SHADOWING_NOTE = """\
+hyperseg: note: from this folder, Python takes {folder!r} (a clone of the repository?) for the
+hyperseg package, so `import hyperseg` in Python started here fails ("module 'hyperseg' has no
+attribute ..."); this command works. Start Python elsewhere, or rename the clone."""
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    folder = _shadowing_folder()
+    if folder is not None:
+        print(SHADOWING_NOTE.format(folder=folder), file=sys.stderr)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -85,6 +85,31 @@ def test_predict_and_eval_share_option_names_defaults_and_choices():
         assert train[option] == evaluate[option], option
 
 
+def test_a_clone_named_hyperseg_in_the_current_folder(tmp_path):
+    """Python started in the folder that holds a clone named hyperseg takes the clone's folder
+    (no __init__.py) for a namespace package when the project is installed in editable mode
+    (setuptools' finder comes after Python's path search). Then `python -m hyperseg` still works
+    and says why `import hyperseg` does not; with a regular install there is nothing to say."""
+    clone = tmp_path / "hyperseg"
+    clone.mkdir()
+    (clone / "README.md").write_text("a clone\n")
+    probe = subprocess.run([sys.executable, "-c", "import hyperseg; print(hyperseg.__file__)"],
+                           capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    shadowed = probe.stdout.strip() == "None"
+    result = subprocess.run([sys.executable, "-m", "hyperseg", "--version"], capture_output=True,
+                            text=True, cwd=tmp_path, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"hyperseg {hyperseg.__version__}"
+    if shadowed:
+        assert "rename the clone" in result.stderr and str(clone) in result.stderr
+    else:
+        assert result.stderr == ""
+    # started elsewhere, nothing is said
+    result = subprocess.run([sys.executable, "-m", "hyperseg", "--version"], capture_output=True,
+                            text=True, cwd=clone, timeout=60)
+    assert result.returncode == 0 and result.stderr == ""
+
+
 def test_export_and_eval_check_their_output_files_before_loading_a_model(tmp_path, capsys,
                                                                          monkeypatch):
     def no_model(*args, **kwargs):
