@@ -33,8 +33,8 @@ def _list(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
-# Checks that run before any work (and before torch is imported): a wrong argument is reported
-# at once, and nothing is created.
+# Checks that run before any work (all but the device's before torch is imported): a wrong
+# argument is reported at once, and nothing is created.
 # ------------------------------------------------------------------------------------------------
 
 def _check_checkpoint_file(path: str, option: Optional[str] = "--weights") -> None:
