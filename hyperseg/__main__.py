@@ -32,7 +32,60 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------
+# Checks that run before any work (all but the device's before torch is imported): a wrong
+# argument is reported at once, and nothing is created.
+# ------------------------------------------------------------------------------------------------
+
+def _check_checkpoint_file(path: str, option: Optional[str] = "--weights") -> None:
+    if not os.path.isfile(path):
+        prefix = f"{option}: " if option else ""
+        what = " (it is a folder)" if os.path.isdir(path) else ""
+        raise UsageError(f"{prefix}no checkpoint file at {path!r}{what}")
+
+
+def _check_model_args(args: argparse.Namespace) -> None:
+    """--weights FILE (an existing file) or --model NAME (a zoo name)."""
+    from .zoo import get_config
+
+    if args.weights:
+        _check_checkpoint_file(args.weights)
+    elif not args.model:
+        raise UsageError("give --weights FILE (or --model NAME for an untrained model)")
+    if args.model:
+        get_config(args.model)
+
+
+def _check_output_file(path: Optional[str], option: str) -> None:
+    from .options import output_file_problem
+
+    problem = path and output_file_problem(path)
+    if problem:
+        raise UsageError(f"{option}: {problem}")
+
+
+def _check_backend(backend: str, device) -> None:
+    """--backend triton on a device where the kernels cannot run is a usage error."""
+    from .options import triton_device_problem
+
+    if backend == "triton":
+        problem = triton_device_problem(device.type)
+        if problem:
+            raise UsageError(f"--backend triton on {device}: {problem}")
+
+
+def _remove_empty_dirs(top: str) -> None:
+    """Remove ``top`` and the folders under it, if they hold no file."""
+    for root, _, _ in sorted(os.walk(top), key=lambda entry: -len(entry[0])):
+        try:
+            os.rmdir(root)
+        except OSError:
+            pass
+
+
 def _convert(args: argparse.Namespace) -> int:
+    _check_checkpoint_file(args.source, None)
+    _check_output_file(args.target, "TARGET")
     from .checkpoint import load, save
 
     model = load(args.source, backend="torch")
@@ -76,7 +129,7 @@ def _device(name: Optional[str]):
 
 
 def _size_arg(text: str):
-    from .predict import parse_size
+    from .options import parse_size
     try:
         return parse_size(text)
     except ValueError as err:
@@ -131,11 +184,11 @@ class _Job:
 
 
 def _plan_jobs(inputs: Sequence[str], out: str) -> Tuple[List[_Job], List[str]]:
-    """One job per image: files as given (any extension: a wrong one is that image's error),
-    directories searched recursively for JPEG/PNG files, whose outputs mirror their
+    """One job per image: files as given (a missing file or one of another type is that input's
+    error), directories searched recursively for JPEG/PNG files, whose outputs mirror their
     sub-directories under ``out``. Output names that would collide get the source extension, then
     a counter. Returns the jobs and the errors of inputs that yield no image."""
-    from .predict import is_image_file
+    from .options import image_path_problem, is_image_file
 
     jobs, errors, taken = [], [], set()
 
@@ -169,38 +222,48 @@ def _plan_jobs(inputs: Sequence[str], out: str) -> Tuple[List[_Job], List[str]]:
             if not found:
                 errors.append(f"{item}: no JPEG/PNG images in this directory")
         else:
-            add(item, "", os.path.basename(os.path.normpath(item)))
+            problem = image_path_problem(item)
+            if problem:
+                errors.append(f"{item}: {problem}")
+            else:
+                add(item, "", os.path.basename(os.path.normpath(item)))
     return jobs, errors
 
 
 def _predict(args: argparse.Namespace) -> int:
-    import torch
-    from tqdm import tqdm
-
-    from .predict import (ImageError, network_size, read_image, save_prediction, segment,
-                          to_tensor, model_palette)
+    from .options import output_dir_problem
 
     def report(message: str) -> None:
-        tqdm.write(f"hyperseg predict: error: {message}", file=sys.stderr)
+        print(f"hyperseg predict: error: {message}", file=sys.stderr, flush=True)
 
-    if not args.weights and not args.model:
-        raise UsageError("give --weights FILE (or --model NAME for an untrained model)")
+    _check_model_args(args)
     jobs, errors = _plan_jobs(args.inputs, args.out)
     for message in errors:
         report(message)
     if not jobs:
+        report("no input image to segment; nothing was done")
         return 1
-    try:
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as err:
-        report(f"cannot create the output directory {args.out!r}: {err.strerror or err}; no image "
-               f"was segmented")
+    problem = output_dir_problem(args.out)
+    if problem:
+        report(f"cannot create the output directory {args.out!r}: {problem}; no image was "
+               f"segmented")
         return 1
-
     device = _device(args.device)
+    _check_backend(args.backend, device)
+
+    import torch
+    from tqdm import tqdm
+
+    from .predict import (ImageError, model_palette, network_size, read_image, save_prediction,
+                          segment, to_tensor)
+
+    def report_in_progress(message: str) -> None:
+        tqdm.write(f"hyperseg predict: error: {message}", file=sys.stderr)
+
     model = _load_model(args, args.backend, "predictions are").to(device)
     config = model.config
     colors = model_palette(model)
+    out_existed = os.path.exists(args.out)
     failed = len(errors)
     done = 0
 
@@ -210,7 +273,7 @@ def _predict(args: argparse.Namespace) -> int:
                              batch_size=args.batch_size, tta=args.tta, tta_scales=args.tta_scales)
         except (RuntimeError, ValueError) as err:
             for job, _ in batch:
-                report(f"{job.source}: segmentation failed: {err}")
+                report_in_progress(f"{job.source}: segmentation failed: {err}")
             return 0
         ok = 0
         for (job, image), label in zip(batch, labels):
@@ -219,8 +282,8 @@ def _predict(args: argparse.Namespace) -> int:
                 ok += 1
             except OSError as err:
                 where = err.filename or job.out_dir
-                report(f"{job.source}: cannot write its outputs to {where!r}: "
-                       f"{err.strerror or err}")
+                report_in_progress(f"{job.source}: cannot write its outputs to {where!r}: "
+                                   f"{err.strerror or err}")
         return ok
 
     progress = tqdm(total=len(jobs), unit="image", file=sys.stderr,
@@ -232,7 +295,7 @@ def _predict(args: argparse.Namespace) -> int:
                 image = to_tensor(read_image(job.source))
                 network_size(config, args.size, tuple(image.shape[-2:]))
             except ImageError as err:
-                report(f"{job.source}: {err}")
+                report_in_progress(f"{job.source}: {err}")
                 progress.update(1)
                 continue
             batch.append((job, image))
@@ -244,7 +307,13 @@ def _predict(args: argparse.Namespace) -> int:
             done += run(batch)
             progress.update(len(batch))
     failed += len(jobs) - done
-    print(f"segmented {done} of {len(jobs)} image(s) with {config.name}; outputs in {args.out}")
+    total = len(jobs) + len(errors)
+    if not done:
+        if not out_existed:
+            _remove_empty_dirs(args.out)
+        report(f"no image was segmented ({failed} of {total} input(s) failed; see above)")
+        return 1
+    print(f"segmented {done} of {total} image(s) with {config.name}; outputs in {args.out}")
     return 1 if failed else 0
 
 
@@ -253,16 +322,26 @@ def _predict(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------
 
 def _export(args: argparse.Namespace) -> int:
-    from .export import DEFAULT_OPSET, export_onnx
-
     if args.size == "native":
         raise UsageError("--size native has no meaning for an export: give HxW")
+    _check_model_args(args)
+    _check_output_file(args.onnx, "--onnx")
+    from .export import DEFAULT_OPSET, check_exporter, export_onnx
+
+    try:
+        check_exporter()
+    except (ImportError, RuntimeError) as err:
+        print(f"hyperseg export: error: {err}", file=sys.stderr)
+        return 2
     model = _load_model(args, "torch", "exported graph is")
     size = args.size or tuple(model.config.input_size)
+    existed = os.path.exists(args.onnx)
     try:
         export_onnx(model, args.onnx, size=size, batch_size=args.batch_size,
                     dynamic_batch=args.dynamic_batch, opset=args.opset, verbose=args.verbose)
     except (ImportError, RuntimeError) as err:
+        if not existed and os.path.exists(args.onnx):
+            os.remove(args.onnx)
         print(f"hyperseg export: error: {err}", file=sys.stderr)
         return 2
     batch = "B" if args.dynamic_batch else args.batch_size
@@ -282,17 +361,27 @@ TRAIN_OVERRIDES = ("epochs", "epoch_size", "batch_size", "accumulate", "lr", "po
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .options import output_dir_problem
+
+    if not args.resume:
+        if not args.model or not args.data:
+            raise UsageError("give --model NAME and --data SPEC (or --resume to continue the run "
+                             "in --out)")
+        problem = output_dir_problem(args.out)
+        if problem:
+            raise UsageError(f"--out {args.out!r}: {problem}")
+    if args.weights:
+        _check_checkpoint_file(args.weights)
+    device = _device(args.device)
+    _check_backend(args.backend, device)
+
     from .train import RunOptions, make_config, resume_config, train
 
     overrides = {name: getattr(args, name) for name in TRAIN_OVERRIDES}
     if args.resume:
         config = resume_config(args.out, args.model, args.data, overrides)
     else:
-        if not args.model or not args.data:
-            raise UsageError("give --model NAME and --data SPEC (or --resume to continue the run "
-                             "in --out)")
         config = make_config(args.model, args.data, overrides)
-    device = _device(args.device)
     options = RunOptions(steps=args.steps, device=str(device), backend=args.backend,
                          workers=args.workers, quiet=args.quiet)
     train(config, args.out, resume=args.resume, options=options)
@@ -300,26 +389,31 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    _check_model_args(args)
+    _check_output_file(args.json, "--json")
+    device = _device(args.device)
+    _check_backend(args.backend, device)
+
     import json
 
     from . import distributed
     from .datasets import DEFAULT_SPLITS, open_dataset, parse_data_spec
     from .evaluate import class_names, evaluate, evaluation_dataset, format_table, summarize
+    from .options import default_workers
 
-    if not args.weights and not args.model:
-        raise UsageError("give --weights FILE (or --model NAME for an untrained model)")
     spec = parse_data_spec(args.data)
     split = args.split or DEFAULT_SPLITS[spec.kind][1]
     dataset = open_dataset(spec, split)
-    context = distributed.setup(_device(args.device))
+    context = distributed.setup(device)
     try:
         model = _load_model(args, args.backend, "scores are").to(context.device)
         if dataset.num_classes > model.num_classes:
             raise UsageError(f"the {spec.kind} labels have {dataset.num_classes} classes but "
                              f"{model.config.name} predicts {model.num_classes}")
         data = evaluation_dataset(dataset, spec.kind, model.config, args.size)
+        workers = default_workers(context.world_size) if args.workers is None else args.workers
         matrix = evaluate(model, data, batch_size=args.batch_size, device=context.device,
-                          workers=args.workers, tta=args.tta, tta_scales=args.tta_scales,
+                          workers=workers, tta=args.tta, tta_scales=args.tta_scales,
                           quiet=args.quiet)
         if context.is_main:
             summary = summarize(matrix, class_names(model.config, dataset),
@@ -365,37 +459,53 @@ def _scale_range_arg(text: str) -> Tuple[float, float]:
 # main
 # ------------------------------------------------------------------------------------------------
 
+LIST_DESCRIPTION = """\
+List the zoo models: name, alias, dataset, class count, official input resolution (H x W) and
+the official architecture. Any name or alias is accepted by --model and hyperseg.build."""
+
+CONVERT_DESCRIPTION = """\
+Convert a checkpoint to hyperseg's .safetensors format (the tensors, and the model configuration
+as metadata). SOURCE is an official HyperSeg .pth file (read with torch.load(weights_only=True):
+nothing in it runs; its architecture comes from its 'arch' string, parsed, never evaluated) or a
+hyperseg .safetensors file. TARGET's folder must exist."""
+
 PREDICT_DESCRIPTION = """\
 Segment JPEG/PNG images. Each image is resized to the network input size (--size; by default the
 model's official resolution), normalised with the model's dataset mean/std, segmented, and the
 logits are resized back to the image's own size. For every image three PNGs are written to
 --out: <name>_labels.png (class ids, 8-bit), <name>_color.png (the dataset's palette:
 Cityscapes, CamVid or PASCAL VOC) and <name>_overlay.png (the image blended with the colours).
-Directories are searched recursively and their sub-directories mirrored under --out. An image
-that cannot be read or written is reported on stderr and the others are still processed; the
-exit status is 1 if any image failed."""
+Directories are searched recursively and their sub-directories mirrored under --out. Missing
+inputs are reported before the model is loaded; an image that cannot be read or written is
+reported on stderr and the others are still processed; the exit status is 1 if any image
+failed. --out is created when the first image is written."""
 
 EXPORT_DESCRIPTION = """\
 Export a model to ONNX with the torch exporter (torch.onnx.export(..., dynamo=True)). The graph
 is the pure-PyTorch reference decoder: the export always uses backend="torch", because the
 Triton kernels cannot be exported to ONNX. The graph has static shapes: input "images"
 (B, 3, H, W), normalised with the model's mean/std, and output "logits" (B, classes, H, W).
-Needs the onnx and onnxscript packages."""
-
+Needs the onnx and onnxscript packages. The folder of --onnx must exist."""
 
 TRAIN_DESCRIPTION = """\
 Train a zoo model with its official recipe (see README, "Train and evaluate"); every recipe value
 can be overridden. Writes to --out: run.json (the configuration), latest.safetensors and
-latest_state.pt after every epoch (and when --steps stops the run), best.safetensors when the
-validation mIoU improves, metrics.jsonl. --resume continues the run in --out exactly where it
-stopped. Under torchrun (e.g. torchrun --nproc_per_node 4 -m hyperseg train ...) it trains with
-DDP, one process per GPU (NCCL) or CPU process (gloo); --batch-size is the global batch."""
+latest_state.pt after every epoch and when the run stops (at --steps or the end),
+best.safetensors when the validation mIoU improves (validation runs every --val-every epochs and
+when the run stops), metrics.jsonl. A run that fails before its first checkpoint leaves nothing
+behind. --resume continues the run in --out exactly where it stopped. Under torchrun (e.g.
+torchrun --nproc_per_node 4 -m hyperseg train ...) it trains with DDP, one process per GPU
+(NCCL) or CPU process (gloo); --batch-size is the global batch."""
 
 EVAL_DESCRIPTION = """\
 Evaluate a model on a dataset split: per-class IoU, mIoU, pixel accuracy and mean class accuracy,
 printed as a table (and written with --json). Preprocessing follows the official evaluation
 (Cityscapes and CamVid resized to the model's resolution, logits resized back to the labels;
 VOC padded to 512x512). Under torchrun the split is sharded over the processes."""
+
+BACKEND_HELP = ("decoder implementation: torch (the pure-PyTorch reference), triton (the Triton "
+                "kernels: CUDA, or CPU through the interpreter with TRITON_INTERPRET=1) or auto "
+                "(triton for CUDA inference, torch otherwise; default)")
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -407,16 +517,70 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                              "is RANDOM and UNTRAINED (for testing only)")
 
 
+def _add_run_args(parser: argparse.ArgumentParser, backend_help: str = BACKEND_HELP,
+                  torchrun: bool = True) -> None:
+    """--device, --backend, --quiet: the same for predict, eval and train."""
+    from .options import BACKENDS
+
+    parser.add_argument("--device", default=None,
+                        help="torch device, e.g. cuda, cuda:1, cpu (default: cuda if available" +
+                             ("; under torchrun each process takes cuda:LOCAL_RANK)" if torchrun
+                              else ")"))
+    parser.add_argument("--backend", choices=BACKENDS, default="auto", help=backend_help)
+    parser.add_argument("--quiet", "-q", action="store_true",
+                        help="no progress bar (the result lines are still printed)")
+
+
+def _add_inference_args(parser: argparse.ArgumentParser) -> None:
+    """--size, --batch-size, --tta, --tta-scales: the same for predict and eval."""
+    from .options import DEFAULT_TTA_SCALES, TTA_MODES
+
+    parser.add_argument("--size", type=_size_arg, default=None, metavar="HxW|native",
+                        help="network input size: HxW, or 'native' to keep each image's size "
+                             "(default: the model's official resolution, or for eval the "
+                             "dataset's official preprocessing)")
+    parser.add_argument("--batch-size", "-b", type=_positive_int, default=1, metavar="N",
+                        help="images per forward pass (per process under torchrun; default: 1)")
+    parser.add_argument("--tta", nargs="?", const="ms", choices=TTA_MODES, default=None,
+                        help="test-time augmentation: flip (each image and its mirror image) or "
+                             "ms (the multi-scale pyramid over --tta-scales, each level also "
+                             "flipped, as the official evaluation); --tta alone means ms")
+    scales = ",".join(f"{s:g}" for s in DEFAULT_TTA_SCALES)
+    parser.add_argument("--tta-scales", type=_scales_arg, default=DEFAULT_TTA_SCALES,
+                        metavar="S,S,...", help=f"pyramid scales for --tta ms (default: {scales})")
+
+
+def _add_workers_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workers", "-j", type=_non_negative_int, default=None, metavar="N",
+                        help="data-loading processes per process (default: one less than its "
+                             "share of the CPU cores, at most 8)")
+
+
+def _version() -> str:
+    try:
+        from . import __version__
+    except ImportError:            # the package's __init__ did not run (see _shadowing_folder)
+        from importlib.metadata import version
+        return version("hyperseg")
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .model import BACKENDS
+    """The command line. Building and parsing it imports no torch: every command checks its
+    arguments first and imports the heavy modules only to do its work."""
+    from .options import AMP_MODES, DATA_SPEC_HELP, LOSSES
 
     parser = argparse.ArgumentParser(prog="hyperseg", description="HyperSeg semantic segmentation")
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("list", help="list the zoo models").set_defaults(run=_list)
+    parser.add_argument("--version", action="version", version=f"hyperseg {_version()}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser("list", help="list the zoo models",
+                        description=LIST_DESCRIPTION).set_defaults(run=_list)
     convert = commands.add_parser(
-        "convert", help="convert an official .pth checkpoint to our .safetensors format")
-    convert.add_argument("source", help="official checkpoint (.pth) or a hyperseg .safetensors file")
-    convert.add_argument("target", help="output .safetensors file")
+        "convert", help="convert an official .pth checkpoint to our .safetensors format",
+        description=CONVERT_DESCRIPTION)
+    convert.add_argument("source", metavar="SOURCE",
+                         help="official checkpoint (.pth) or a hyperseg .safetensors file")
+    convert.add_argument("target", metavar="TARGET", help="the .safetensors file to write")
     convert.set_defaults(run=_convert)
 
     predict = commands.add_parser(
@@ -425,31 +589,20 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR",
                          help="JPEG/PNG files, or directories searched recursively for them")
     _add_model_args(predict)
-    predict.add_argument("--out", "-o", required=True, metavar="DIR", help="output directory")
-    predict.add_argument("--size", type=_size_arg, default=None, metavar="HxW|native",
-                         help="network input size: HxW, or 'native' to keep each image's size "
-                              "(default: the model's official resolution)")
-    predict.add_argument("--batch-size", "-b", type=_positive_int, default=4, metavar="N",
-                         help="images per forward pass (default: 4)")
-    predict.add_argument("--device", default=None,
-                         help="torch device, e.g. cuda, cuda:1, cpu (default: cuda if available)")
-    predict.add_argument("--backend", choices=BACKENDS, default="auto",
-                         help="decoder implementation (default: auto = triton on CUDA)")
-    predict.add_argument("--tta", action="store_true",
-                         help="test-time augmentation: an image pyramid (--tta-scales), each "
-                              "level also flipped when the model asks for it (tta_hflip)")
-    predict.add_argument("--tta-scales", type=_scales_arg, default=(1.0, 0.75, 1.25),
-                         metavar="S,S,...", help="pyramid scales for --tta (default: 1,0.75,1.25)")
+    predict.add_argument("--out", "-o", required=True, metavar="DIR",
+                         help="output directory (created when the first image is written)")
+    _add_inference_args(predict)
     predict.add_argument("--alpha", type=_alpha_arg, default=0.5,
                          help="opacity of the colours in the overlay (default: 0.5)")
-    predict.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    _add_run_args(predict, torchrun=False)
     predict.set_defaults(run=_predict)
 
     export = commands.add_parser(
         "export", help="export the torch backend to ONNX (the Triton kernels cannot be exported)",
         description=EXPORT_DESCRIPTION)
     _add_model_args(export)
-    export.add_argument("--onnx", required=True, metavar="FILE", help="the .onnx file to write")
+    export.add_argument("--onnx", required=True, metavar="FILE",
+                        help="the .onnx file to write (its folder must exist)")
     export.add_argument("--size", type=_size_arg, default=None, metavar="HxW",
                         help="input size of the graph (default: the model's official resolution)")
     export.add_argument("--batch-size", "-b", type=_positive_int, default=1, metavar="N",
@@ -461,22 +614,21 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--verbose", action="store_true", help="show the exporter's progress")
     export.set_defaults(run=_export)
 
-    from .datasets import DATA_SPEC_HELP
-    from .losses import LOSSES
-    from .train import AMP_MODES
-
     train = commands.add_parser("train", help="train a model (official recipes; torchrun for DDP)",
                                 description=TRAIN_DESCRIPTION)
     train.add_argument("--model", "-m", metavar="NAME", help="zoo model name (see 'hyperseg list')")
     train.add_argument("--data", "-d", metavar="SPEC", help=DATA_SPEC_HELP)
-    train.add_argument("--out", "-o", required=True, metavar="DIR", help="run folder")
+    train.add_argument("--out", "-o", required=True, metavar="DIR",
+                       help="run folder (created when the run starts)")
     train.add_argument("--resume", action="store_true",
                        help="continue the run in --out (its settings come from its run.json)")
     train.add_argument("--steps", type=_positive_int, metavar="N",
                        help="stop when the run has done N optimizer steps in all (the LR schedule "
-                            "still spans --epochs)")
+                            "still spans --epochs); the run validates and checkpoints when it "
+                            "stops")
     recipe = train.add_argument_group("recipe (default: the model's official recipe)")
-    recipe.add_argument("--epochs", type=_positive_int, metavar="N")
+    recipe.add_argument("--epochs", type=_positive_int, metavar="N",
+                        help="epochs of the whole schedule")
     recipe.add_argument("--epoch-size", type=_positive_int, metavar="N",
                         help="training samples per epoch (official: train_iterations)")
     recipe.add_argument("--batch-size", "-b", type=_positive_int, metavar="N",
@@ -490,14 +642,18 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--crop", type=_crop_arg, metavar="HxW", help="training crop size")
     recipe.add_argument("--scale-range", type=_scale_range_arg, metavar="LOW,HIGH",
                         help="random rescale range")
-    recipe.add_argument("--loss", choices=LOSSES)
+    recipe.add_argument("--loss", choices=LOSSES,
+                        help="bootstrapped_ce (bootstrapped cross-entropy) or ce (cross-entropy)")
     recipe.add_argument("--pretrained-backbone", action=argparse.BooleanOptionalAction,
                         default=None, help="start from timm's ImageNet backbone (downloaded; "
                                            "default on, off for synthetic data)")
     recipe.add_argument("--num-classes", type=_positive_int, metavar="N",
                         help="output classes (default: the dataset's)")
-    recipe.add_argument("--weights", "-w", metavar="FILE", help="start from these weights")
-    recipe.add_argument("--seed", type=_non_negative_int, metavar="N", help="default 0")
+    recipe.add_argument("--weights", "-w", metavar="FILE",
+                        help="start from these weights (a .pth or .safetensors checkpoint of "
+                             "the model)")
+    recipe.add_argument("--seed", type=_non_negative_int, metavar="N",
+                        help="seed of the initialisation, sampling and augmentation (default 0)")
     recipe.add_argument("--amp", choices=AMP_MODES, help="mixed precision (default off)")
     recipe.add_argument("--sync-bn", action="store_true", default=None,
                         help="SyncBatchNorm over all processes (CUDA only)")
@@ -506,15 +662,13 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--val-split", metavar="SPLIT",
                         help="validation split, or 'none' (default: the official one)")
     recipe.add_argument("--val-every", type=_positive_int, metavar="N",
-                        help="validate every N epochs (default 1)")
-    train.add_argument("--workers", "-j", type=_non_negative_int, metavar="N",
-                       help="data-loading processes per rank (default: from the CPU count)")
-    train.add_argument("--device", default=None,
-                       help="torch device (default: cuda if available; under torchrun each "
-                            "process takes cuda:LOCAL_RANK)")
-    train.add_argument("--backend", choices=BACKENDS, default="auto",
-                       help="decoder for validation (training always runs the torch reference)")
-    train.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+                        help="validate every N epochs (default 1; the run also validates when "
+                             "it stops)")
+    _add_workers_arg(train)
+    _add_run_args(train, BACKEND_HELP.replace(
+        "auto (triton for CUDA inference, torch otherwise; default)",
+        "auto (default: training on the torch reference, validation on triton on CUDA); "
+        "triton trains on the Triton kernels too"))
     train.set_defaults(run=_train)
 
     evaluate = commands.add_parser("eval", help="mIoU, per-class IoU and pixel accuracy on a split",
@@ -523,29 +677,36 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", "-d", required=True, metavar="SPEC", help=DATA_SPEC_HELP)
     evaluate.add_argument("--split", metavar="SPLIT",
                           help="default: the official evaluation split (val; test for CamVid)")
-    evaluate.add_argument("--tta", choices=("flip", "ms"), default=None,
-                          help="test-time augmentation: flip, or ms (multi-scale pyramid over "
-                               "--tta-scales, each level also flipped)")
-    evaluate.add_argument("--tta-scales", type=_scales_arg, default=(1.0, 0.75, 1.25),
-                          metavar="S,S,...",
-                          help="pyramid scales for --tta ms (default: 1,0.75,1.25)")
-    evaluate.add_argument("--size", type=_size_arg, default=None, metavar="HxW|native",
-                          help="network input size (default: the dataset's official preprocessing)")
-    evaluate.add_argument("--batch-size", "-b", type=_positive_int, default=1, metavar="N",
-                          help="images per forward pass, per process (default: 1)")
-    evaluate.add_argument("--workers", "-j", type=_non_negative_int, default=2, metavar="N",
-                          help="data-loading processes (default: 2)")
-    evaluate.add_argument("--device", default=None,
-                          help="torch device (default: cuda if available)")
-    evaluate.add_argument("--backend", choices=BACKENDS, default="auto",
-                          help="decoder implementation (default: auto = triton on CUDA)")
-    evaluate.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    evaluate.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    _add_inference_args(evaluate)
+    _add_workers_arg(evaluate)
+    evaluate.add_argument("--json", metavar="FILE",
+                          help="also write the results as JSON (its folder must exist)")
+    _add_run_args(evaluate)
     evaluate.set_defaults(run=_eval)
     return parser
 
 
+def _shadowing_folder() -> Optional[str]:
+    """The folder that Python took for the package, when it is not the package: a folder named
+    hyperseg without an __init__.py (typically a clone of the repository) in the folder Python
+    runs from is a namespace package that hides the installed one from ``import hyperseg``."""
+    package = sys.modules.get(__package__ or "hyperseg")
+    if package is None or getattr(package, "__file__", None) is not None:
+        return None
+    paths = list(getattr(package, "__path__", []))
+    return paths[0] if paths else None
+
+
+SHADOWING_NOTE = """\
+hyperseg: note: from this folder, Python takes {folder!r} (a clone of the repository?) for the
+hyperseg package, so `import hyperseg` in Python started here fails ("module 'hyperseg' has no
+attribute ..."); this command works. Start Python elsewhere, or rename the clone."""
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    folder = _shadowing_folder()
+    if folder is not None:
+        print(SHADOWING_NOTE.format(folder=folder), file=sys.stderr)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -289,6 +289,33 @@ def _is_safetensors(path: str) -> bool:
     return 0 < size < os.path.getsize(path) and head[8:9] == b"{"
 
 
+def _not_a_torch_file(path: str) -> Optional[str]:
+    """Why ``path`` cannot be a ``torch.save`` file (a zip archive, or a pickle as the legacy
+    format and plain pickles are), from its first bytes; None when it may be one."""
+    with open(path, "rb") as f:
+        head = f.read(256)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return None
+    if not head:
+        return "the file is empty"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and all(c.isprintable() or c in "\r\n\t" for c in text.rstrip("\x00")):
+        first = text.strip().splitlines()[0][:60] if text.strip() else ""
+        if first.startswith("version https://git-lfs"):
+            return (f"it is a Git LFS pointer (a text file starting with {first!r}), not the "
+                    f"checkpoint itself: fetch the file with git lfs pull")
+        if first.lower().startswith(("<!doctype html", "<html")):
+            return (f"it is a web page (starting with {first!r}), not a checkpoint: download the "
+                    f"file again")
+        return (f"it is a text file (starting with {first!r}), not a PyTorch (.pth) or "
+                f"safetensors checkpoint")
+    return (f"it is neither a PyTorch file (a zip archive or a pickle) nor a safetensors file "
+            f"(its first bytes are {head[:8]!r})")
+
+
 def read_checkpoint(path, map_location="cpu") -> Checkpoint:
     """Read an official ``.pth`` or a hyperseg ``.safetensors`` file (nothing is executed)."""
     path = os.fspath(path)
@@ -296,6 +323,9 @@ def read_checkpoint(path, map_location="cpu") -> Checkpoint:
         raise FileNotFoundError(f"no checkpoint file at {path!r}")
     if _is_safetensors(path):
         return _read_safetensors(path, map_location)
+    problem = _not_a_torch_file(path)
+    if problem:
+        raise CheckpointError(f"{path!r} is not a readable checkpoint: {problem}")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -381,11 +411,17 @@ def load(path, *, backend: str = "auto", map_location="cpu") -> HyperSeg:
 
 
 def save(model: HyperSeg, path) -> None:
-    """Save ``model`` in our format: safetensors tensors plus its config as JSON metadata."""
-    from safetensors.torch import save_file
+    """Save ``model`` in our format: safetensors tensors plus its config as JSON metadata.
+
+    The file is written by Python's ``open``, so it gets the permissions of any other file the
+    process creates (0644 under the usual umask 022; safetensors' ``save_file`` makes it 0600).
+    """
+    from safetensors.torch import save as serialize
     if not isinstance(model, HyperSeg):
         raise TypeError(f"save expects a HyperSeg model, got {type(model).__name__}")
     tensors = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION,
                 "config": json.dumps(model.config.to_dict())}
-    save_file(tensors, os.fspath(path), metadata=metadata)
+    data = serialize(tensors, metadata=metadata)
+    with open(os.fspath(path), "wb") as f:
+        f.write(data)

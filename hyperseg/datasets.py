@@ -21,6 +21,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from .options import DATA_SPEC_HELP
 from .palettes import CAMVID_PALETTE
 from .zoo import CAMVID_CLASSES, CITYSCAPES_CLASSES, VOC_CLASSES
 
@@ -432,8 +433,6 @@ DATASET_ALIASES = {"vocsbd": "voc", "voc-sbd": "voc"}
 DEFAULT_SPLITS = {"cityscapes": ("train", "val"), "camvid": ("train+val", "test"),
                   "voc": ("train_aug", "val"), "synthetic": ("train", "val")}
 SYNTHETIC_DEFAULTS = {"length": 512, "size": (128, 128), "classes": 4, "seed": 0}
-DATA_SPEC_HELP = ("cityscapes:PATH, camvid:PATH, voc:PATH, or synthetic[:N][,size=HxW][,classes=C]"
-                  "[,seed=S] (N training images, default 512 of 128x128 with 4 classes)")
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader
 from . import distributed
 from .datasets import TransformedDataset, collate, eval_transform
 from .metrics import ConfusionMatrix
-from .predict import DEFAULT_TTA_SCALES, pyramid
+from .options import DEFAULT_TTA_SCALES, TTA_MODES  # noqa: F401  (TTA_MODES: part of the API)
+from .predict import tta_forward, tta_mode
 
 # How each dataset's validation images are preprocessed (see eval_transform), and at what size
 # (None: the model's input_size).
@@ -32,7 +33,6 @@ EVAL_PREPROCESSING: Dict[str, Tuple[str, Optional[Tuple[int, int]]]] = {
     "voc": ("pad", (512, 512)),
     "synthetic": ("native", None),
 }
-TTA_MODES = ("flip", "ms")
 
 
 def evaluation_dataset(dataset, kind: str, config, size: Union[None, str, Tuple[int, int]] = None
@@ -44,19 +44,6 @@ def evaluation_dataset(dataset, kind: str, config, size: Union[None, str, Tuple[
         mode, size = "native", None
     size = size or default_size or tuple(config.input_size)
     return TransformedDataset(dataset, eval_transform(mode, size, config.mean, config.std))
-
-
-def _forward(model, images: Tensor, tta: Optional[str], tta_scales: Sequence[float]) -> Tensor:
-    if tta is None:
-        return model(images)
-    if tta not in TTA_MODES:
-        raise ValueError(f"tta must be one of {TTA_MODES} or None, got {tta!r}")
-    hflip = model.tta_hflip
-    model.tta_hflip = True if tta == "flip" else hflip
-    try:
-        return model([images] if tta == "flip" else pyramid(images, tta_scales))
-    finally:
-        model.tta_hflip = hflip
 
 
 def evaluate(model, data: TransformedDataset, *, batch_size: int = 1,
@@ -74,6 +61,7 @@ def evaluate(model, data: TransformedDataset, *, batch_size: int = 1,
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    tta = tta_mode(tta)
     param = next(model.parameters())
     device = device or param.device
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed.is_active() else (0, 1)
@@ -93,7 +81,7 @@ def evaluate(model, data: TransformedDataset, *, batch_size: int = 1,
                 for x, y in groups:
                     x = x.to(device, param.dtype, non_blocking=True)
                     y = y.to(device, non_blocking=True)
-                    logits = _forward(model, x, tta, tta_scales)
+                    logits = tta_forward(model, x, tta, tta_scales)
                     if logits.shape[-2:] != y.shape[-2:]:
                         logits = F.interpolate(logits.float(), size=tuple(y.shape[-2:]),
                                                mode="bilinear", align_corners=False)

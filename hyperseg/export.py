@@ -34,7 +34,7 @@ INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 
 
-def _check_exporter() -> dict:
+def check_exporter() -> dict:
     """Raise if the dynamo exporter is unavailable; the extra keyword arguments to pass it."""
     params = inspect.signature(torch.onnx.export).parameters
     if "dynamo" not in params:
@@ -76,7 +76,7 @@ def export_onnx(model: HyperSeg, path, *, size: Optional[Tuple[int, int]] = None
         raise ValueError(f"the input size must be at least {MIN_SIDE} x {MIN_SIDE}, got {h} x {w}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    extra = _check_exporter()
+    extra = check_exporter()
     path = os.fspath(path)
     param = next(model.parameters())
     example = torch.zeros(batch_size, 3, h, w, device=param.device, dtype=param.dtype)

@@ -10,8 +10,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .options import LOSSES
+
 IGNORE_INDEX = 255
-LOSSES = ("bootstrapped_ce", "ce")
 
 
 def _check(logits: Tensor, target: Tensor) -> None:

@@ -11,11 +11,10 @@ from torch import Tensor
 from .backbone import Backbone
 from .context_head import ContextHead, ContextHeadV01
 from .decoder import Decoder, MetaInvertedResidual, records_gradients
+from .options import BACKENDS, MIN_SIDE
 from .zoo import ModelConfig, get_config
 
-BACKENDS = ("auto", "torch", "triton")
 GATHER_MODES = ("mean", "max")
-MIN_SIDE = 32
 
 
 def triton_available() -> bool:

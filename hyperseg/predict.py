@@ -13,23 +13,22 @@ arg-max, so the label map always has the size of the image given.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Iterable, List, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .model import MIN_SIDE
+from .options import (DEFAULT_TTA_SCALES, IMAGE_EXTENSIONS, MIN_SIDE, TTA_MODES,  # noqa: F401
+                      check_size, image_path_problem, is_image_file, parse_size)
 from .palettes import colorize, overlay, palette
 
 if TYPE_CHECKING:                     # Pillow is imported when an image is read or written
     import PIL.Image
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-DEFAULT_TTA_SCALES = (1.0, 0.75, 1.25)
-
 Size = Union[None, str, Tuple[int, int]]
+TTA = Union[None, bool, str]
 ImageLike = Union[str, "os.PathLike[str]", "PIL.Image.Image", np.ndarray, Tensor]
 
 
@@ -41,11 +40,6 @@ class ImageError(ValueError):
 # Images in
 # ------------------------------------------------------------------------------------------------
 
-def is_image_file(path) -> bool:
-    """True when ``path`` has a JPEG or PNG extension (case-insensitive)."""
-    return os.path.splitext(os.fspath(path))[1].lower() in IMAGE_EXTENSIONS
-
-
 def read_image(path) -> "PIL.Image.Image":
     """Read a JPEG or PNG file as an RGB PIL image, turned upright by its EXIF orientation.
 
@@ -55,23 +49,31 @@ def read_image(path) -> "PIL.Image.Image":
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = os.fspath(path)
-    if not is_image_file(path):
-        ext = os.path.splitext(path)[1] or "no extension"
-        raise ImageError(f"unsupported image type ({ext}); expected one of "
-                         f"{', '.join(IMAGE_EXTENSIONS)}")
-    if not os.path.exists(path):
-        raise ImageError("no such file")
-    if os.path.isdir(path):
-        raise ImageError("is a directory")
+    problem = image_path_problem(path)
+    if problem:
+        raise ImageError(problem)
     try:
         with Image.open(path) as image:
             image = ImageOps.exif_transpose(image)
             image.load()
-            return image.convert("RGB")
+            return _to_rgb(image)
     except UnidentifiedImageError:
         raise ImageError("not a readable JPEG/PNG image") from None
     except (OSError, SyntaxError, ValueError) as err:   # truncated or corrupt data, permissions
         raise ImageError(f"cannot read the image: {err}") from None
+
+
+def _to_rgb(image: "PIL.Image.Image") -> "PIL.Image.Image":
+    """An RGB (8 bits per channel) copy of ``image``. Pillow reads a 16-bit grayscale PNG as
+    mode "I;16" (or "I") and its ``convert("RGB")`` clips every value above 255 to white; such
+    an image is scaled to 8 bits as Pillow does for 16-bit colour PNGs (the high byte)."""
+    from PIL import Image
+
+    if image.mode.startswith("I"):
+        values = np.asarray(image).astype(np.int64)
+        gray = (np.clip(values, 0, 65535) >> 8).astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    return image.convert("RGB")
 
 
 def to_tensor(image: ImageLike) -> Tensor:
@@ -85,7 +87,7 @@ def to_tensor(image: ImageLike) -> Tensor:
     if isinstance(image, (str, os.PathLike)):
         image = read_image(image)
     if isinstance(image, Image.Image):
-        array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+        array = np.asarray(_to_rgb(image), dtype=np.uint8)
         return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255)
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
@@ -113,26 +115,6 @@ def to_uint8(image: Tensor) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------
 # Sizes and preprocessing
 # ------------------------------------------------------------------------------------------------
-
-def parse_size(text: str) -> Union[str, Tuple[int, int]]:
-    """``"HxW"`` -> (H, W); ``"native"`` -> "native" (keep each image's size)."""
-    text = text.strip().lower()
-    if text == "native":
-        return "native"
-    parts = text.replace("*", "x").split("x")
-    try:
-        h, w = (int(p) for p in parts)
-    except ValueError:
-        raise ValueError(f"size must be HxW (e.g. 512x1024) or 'native', got {text!r}") from None
-    return check_size((h, w))
-
-
-def check_size(size) -> Tuple[int, int]:
-    h, w = size
-    if h < MIN_SIDE or w < MIN_SIDE:
-        raise ValueError(f"the network input must be at least {MIN_SIDE} x {MIN_SIDE}, got {h} x {w}")
-    return int(h), int(w)
-
 
 def network_size(config, size: Size, image_hw: Tuple[int, int]) -> Tuple[int, int]:
     """The size an image of ``image_hw`` is segmented at: ``size`` None or "model" -> the model's
@@ -181,6 +163,36 @@ def pyramid(images: Tensor, scales: Sequence[float]) -> List[Tensor]:
     return levels
 
 
+def tta_mode(tta: TTA) -> Optional[str]:
+    """A ``tta`` argument as None, "flip" or "ms" (True is "ms", False None)."""
+    if tta is None or tta is False:
+        return None
+    if tta is True:
+        return "ms"
+    if tta not in TTA_MODES:
+        raise ValueError(f"tta must be one of {TTA_MODES}, True or None, got {tta!r}")
+    return tta
+
+
+def tta_forward(model, images: Tensor, tta: TTA, tta_scales: Sequence[float] = DEFAULT_TTA_SCALES
+                ) -> Tensor:
+    """The logits of a normalised batch under test-time augmentation ``tta``, for ``predict``
+    and ``evaluate`` alike: None, the batch as it is; "flip", the batch and its mirror image,
+    merged as the model merges flips (``tta_flip_gather``); "ms", the ``tta_scales`` pyramid
+    (``pyramid``), each level also flipped when the model's ``tta_hflip`` says so (all zoo
+    models do, as the official evaluation)."""
+    tta = tta_mode(tta)
+    if tta is None:
+        return model(images)
+    module = _model_of(model)
+    hflip = module.tta_hflip
+    module.tta_hflip = True if tta == "flip" else hflip
+    try:
+        return model([images] if tta == "flip" else pyramid(images, tta_scales))
+    finally:
+        module.tta_hflip = hflip
+
+
 # ------------------------------------------------------------------------------------------------
 # Prediction
 # ------------------------------------------------------------------------------------------------
@@ -191,11 +203,12 @@ def _model_of(model):
 
 
 def segment(model, images: Sequence[Tensor], *, size: Size = None, batch_size: int = 4,
-            tta: bool = False, tta_scales: Sequence[float] = DEFAULT_TTA_SCALES) -> List[Tensor]:
+            tta: TTA = None, tta_scales: Sequence[float] = DEFAULT_TTA_SCALES) -> List[Tensor]:
     """Label maps of (3, H, W) float tensors in [0, 1] (see ``predict_batch``): consecutive images
     of equal network input size are batched, ``batch_size`` at most per forward pass."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    tta = tta_mode(tta)
     config = _model_of(model).config
     targets = [network_size(config, size, tuple(image.shape[-2:])) for image in images]
     results: List[Tensor] = []
@@ -211,7 +224,7 @@ def segment(model, images: Sequence[Tensor], *, size: Size = None, batch_size: i
 
 
 def predict_batch(model, images: Iterable[ImageLike], *, size: Size = None,
-                  batch_size: int = 4, tta: bool = False,
+                  batch_size: int = 4, tta: TTA = None,
                   tta_scales: Sequence[float] = DEFAULT_TTA_SCALES) -> List[Tensor]:
     """Segment several images; returns one (H, W) ``torch.int64`` CPU label map per image, each of
     its image's own size.
@@ -224,14 +237,16 @@ def predict_batch(model, images: Iterable[ImageLike], *, size: Size = None,
         size: network input size: None (the model's official ``config.input_size``), "native"
             (each image's own size, at least 32 x 32), (H, W) or "HxW".
         batch_size: images per forward pass (consecutive images of equal network size).
-        tta: test-time augmentation: a pyramid of ``tta_scales`` (plus the flips that the model's
-            ``tta_hflip`` asks for), merged by the model (``HyperSeg.forward_pyramid``).
+        tta: test-time augmentation (see ``tta_forward``): None (none), "flip" (each image and
+            its mirror image) or "ms" (a pyramid of ``tta_scales``, each level also flipped when
+            the model's ``tta_hflip`` asks for it, merged by ``HyperSeg.forward_pyramid``); True
+            means "ms".
     """
     return segment(model, [to_tensor(image) for image in images], size=size,
                    batch_size=batch_size, tta=tta, tta_scales=tta_scales)
 
 
-def predict(model, image: ImageLike, *, size: Size = None, tta: bool = False,
+def predict(model, image: ImageLike, *, size: Size = None, tta: TTA = None,
             tta_scales: Sequence[float] = DEFAULT_TTA_SCALES) -> Tensor:
     """Segment one image: its (H, W) label map of class ids, a ``torch.int64`` CPU tensor of the
     image's own size (``.numpy().astype(numpy.uint8)`` gives a uint8 array when there are at most
@@ -239,7 +254,7 @@ def predict(model, image: ImageLike, *, size: Size = None, tta: bool = False,
     return predict_batch(model, [image], size=size, tta=tta, tta_scales=tta_scales)[0]
 
 
-def _segment_batch(model, config, images: Sequence[Tensor], target: Tuple[int, int], tta: bool,
+def _segment_batch(model, config, images: Sequence[Tensor], target: Tuple[int, int], tta,
                    tta_scales: Sequence[float]) -> List[Tensor]:
     """Label maps of images segmented at one network input size ``target``."""
     module = _model_of(model)
@@ -250,7 +265,7 @@ def _segment_batch(model, config, images: Sequence[Tensor], target: Tuple[int, i
     module.eval()
     try:
         with torch.inference_mode():
-            logits = model(pyramid(batch, tta_scales) if tta else batch)
+            logits = tta_forward(model, batch, tta, tta_scales)
             out = []
             for image, scores in zip(images, logits):
                 scores = scores[None].float()

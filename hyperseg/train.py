@@ -39,9 +39,9 @@ from .datasets import (DEFAULT_SPLITS, Augmentation, DataSpec, TransformedDatase
                        open_dataset, parse_data_spec, train_transform)
 from .losses import LOSSES, build_loss
 from .model import BACKENDS, HyperSeg
+from .options import AMP_MODES, default_workers, triton_device_problem
 from .zoo import get_config
 
-AMP_MODES = ("off", "fp16", "bf16")
 SCHEDULES = ("step", "epoch")
 STATE_FORMAT = "hyperseg-train-state"
 STATE_VERSION = 1
@@ -336,10 +336,12 @@ class RunOptions:
 
     steps: Optional[int] = None       # stop once the run has done this many steps in all
     device: Optional[str] = None
-    backend: str = "auto"             # decoder implementation for validation
+    backend: str = "auto"             # decoder implementation (training and validation)
     workers: Optional[int] = None     # data-loading processes per rank
-    quiet: bool = False
-    log: Callable[[str], None] = field(default=print)
+    quiet: bool = False               # no progress bar (or progress lines)
+    log: Callable[[str], None] = field(default=lambda message: print(message, flush=True))
+    progress: Callable[[str], None] = field(
+        default=lambda message: print(message, file=sys.stderr, flush=True))
 
 
 def load_run_config(out: str) -> TrainConfig:
@@ -357,6 +359,11 @@ def resume_config(out: str, model: Optional[str], data: Optional[str],
                   overrides: Optional[Dict[str, Any]] = None) -> TrainConfig:
     """The configuration of the run in ``out``; explicit settings must agree with it, except
     the data location (``RESUMABLE``)."""
+    if os.path.isfile(os.path.join(out, RUN)):
+        missing = [n for n in (STATE, LATEST) if not os.path.isfile(os.path.join(out, n))]
+        if missing:
+            raise TrainError(f"--resume: {out!r} holds no checkpoint to resume from (no "
+                             f"{missing[0]}): start the run again without --resume")
     saved = load_run_config(out)
     requested = {k: v for k, v in (overrides or {}).items() if v is not None}
     if model is not None and get_config(model).name != saved.model:
@@ -408,6 +415,9 @@ def train(config: TrainConfig, out: str, *, resume: bool = False,
     if options.backend not in BACKENDS:
         raise TrainError(f"backend must be one of {BACKENDS}, got {options.backend!r}")
     device = _default_device(options.device)
+    problem = triton_device_problem(device.type) if options.backend == "triton" else None
+    if problem:
+        raise TrainError(f"backend triton on {device}: {problem}")
     if config.sync_bn and device.type != "cuda":
         raise TrainError("--sync-bn needs CUDA devices: torch's SyncBatchNorm only runs on GPU "
                          "tensors (on CPU it raises during the forward pass). On CPU, train "
@@ -431,6 +441,8 @@ class _Trainer:
         self.resume = resume
         self.device = context.device
         self.log = options.log if context.is_main else (lambda message: None)
+        self.created_out = False          # --out did not exist before this run
+        self.checkpointed = False         # this run has written a checkpoint
 
     # -- set-up ----------------------------------------------------------------------------
 
@@ -467,8 +479,8 @@ class _Trainer:
                                  f"or train from scratch with --no-pretrained-backbone") from None
             raise
 
-    def _prepare_out(self) -> None:
-        os.makedirs(self.out, exist_ok=True)
+    def _check_out(self) -> None:
+        """A new run needs an --out that holds no run yet."""
         if self.resume:
             return
         taken = [n for n in (STATE, LATEST) if os.path.exists(os.path.join(self.out, n))]
@@ -476,17 +488,36 @@ class _Trainer:
             raise TrainError(f"{self.out!r} already holds a run ({taken[0]}): pass --resume to "
                              f"continue it, or choose another --out")
 
+    def _create_out(self) -> None:
+        """Create --out and, for a new run, write run.json (main process, once everything the run
+        needs has been read)."""
+        self.created_out = not os.path.isdir(self.out)
+        os.makedirs(self.out, exist_ok=True)
+        if not self.resume:
+            _replace_atomically(os.path.join(self.out, RUN),
+                                lambda p: _write_json(p, self.config.to_dict()))
+
+    def _remove_unfinished_run(self) -> None:
+        """After a new run failed before its first checkpoint: remove its run.json (which
+        --resume would otherwise take for a run) and --out if the run created it and nothing
+        else is in it."""
+        try:
+            os.remove(os.path.join(self.out, RUN))
+        except FileNotFoundError:
+            pass
+        if self.created_out:
+            try:
+                os.rmdir(self.out)
+            except OSError:                    # not empty: something else was put there
+                pass
+
     # -- the loop --------------------------------------------------------------------------
 
     def run(self) -> HyperSeg:
-        from .evaluate import evaluation_dataset
-
+        """Read everything the run needs (datasets, weights, training state) before creating
+        anything; a new run that fails before its first checkpoint leaves nothing behind."""
         config, ctx, device = self.config, self.ctx, self.device
-        recipe = config.recipe
-        micro = micro_batch_size(config, ctx.world_size)
-        if ctx.is_main:
-            self._prepare_out()
-        distributed.barrier()
+        self._check_out()
         spec, train_set, val_set = self._datasets()
         num_classes = config.num_classes or train_set.num_classes
         if train_set.num_classes > num_classes:
@@ -494,10 +525,23 @@ class _Trainer:
                              f"model would have {num_classes} (--num-classes)")
         model = self._model(num_classes).to(device)
         state = read_state(os.path.join(self.out, STATE), device) if self.resume else None
-        if ctx.is_main and not self.resume:
-            _replace_atomically(os.path.join(self.out, RUN),
-                                lambda p: _write_json(p, config.to_dict()))
+        try:
+            if ctx.is_main:
+                self._create_out()
+            distributed.barrier()
+            return self._run(spec, train_set, val_set, num_classes, model, state)
+        except BaseException:
+            if ctx.is_main and not self.resume and not self.checkpointed:
+                self._remove_unfinished_run()
+            raise
 
+    def _run(self, spec, train_set, val_set, num_classes: int, model: HyperSeg,
+             state: Optional[dict]) -> HyperSeg:
+        from .evaluate import evaluation_dataset
+
+        config, ctx, device = self.config, self.ctx, self.device
+        recipe = config.recipe
+        micro = micro_batch_size(config, ctx.world_size)
         net: torch.nn.Module = model
         if config.sync_bn:
             net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -526,7 +570,7 @@ class _Trainer:
                                    config.accumulate, ctx.rank, ctx.world_size, config.seed)
         workers = self.options.workers
         if workers is None:
-            workers = min(8, max(0, (os.cpu_count() or 1) // ctx.world_size - 1))
+            workers = default_workers(ctx.world_size)
 
         per_epoch, total = config.steps_per_epoch, config.total_steps
         stop = total if self.options.steps is None else min(total, self.options.steps)
@@ -555,8 +599,9 @@ class _Trainer:
                       "lr": scheduler.get_last_lr()[0]}
             distributed.broadcast_buffers(model)
             improved = False
-            if finished_epoch and val_data is not None and (
-                    (epoch + 1) % config.val_every == 0 or step == total):
+            # validate every val_every epochs, and whenever the run stops (at --steps or the end)
+            if val_data is not None and (step == stop or (
+                    finished_epoch and (epoch + 1) % config.val_every == 0)):
                 from .evaluate import evaluate
                 matrix = evaluate(model, val_data, batch_size=max(1, micro), device=device,
                                   workers=workers, quiet=True)
@@ -566,10 +611,29 @@ class _Trainer:
                 model.train()
             if ctx.is_main:
                 self._checkpoint(model, optimizer, scheduler, scaler, step, best, improved, record)
+                self.checkpointed = True
             distributed.barrier()
             self.log(_epoch_line(record, recipe.epochs, best))
+        self.log(self._outputs_line(step, total, best, val_data is not None))
         model.eval()
         return model
+
+    def _outputs_line(self, step: int, total: int, best, validated: bool) -> str:
+        """What the run wrote and which model file to use."""
+        out = self.out
+        line = (f"wrote {os.path.join(out, LATEST)} (the model at step {step}), "
+                f"{os.path.join(out, STATE)} and {os.path.join(out, METRICS)}; ")
+        if best is not None and os.path.exists(os.path.join(out, BEST)):
+            line += (f"{os.path.join(out, BEST)} is the model of the best validation "
+                     f"(mIoU {100 * best:.2f}%)")
+        elif validated:
+            line += f"no best model yet: evaluate or predict with {os.path.join(out, LATEST)}"
+        else:
+            line += (f"no validation (--val-split none), so no {BEST}: evaluate or predict with "
+                     f"{os.path.join(out, LATEST)}")
+        if step < total:
+            line += f". Continue with: hyperseg train --out {out} --resume"
+        return line
 
     def _train_epoch(self, net, loader, optimizer, scheduler, scaler, criterion, step: int,
                      epoch_stop: int, epoch: int):
@@ -578,9 +642,13 @@ class _Trainer:
         config, ctx = self.config, self.ctx
         per_epoch, accumulate = config.steps_per_epoch, config.accumulate
         net.train()
+        show = ctx.is_main and not self.options.quiet
         bar = tqdm(total=per_epoch, initial=step % per_epoch, unit="step", file=sys.stderr,
                    desc=f"epoch {epoch + 1}/{config.recipe.epochs}", dynamic_ncols=True,
-                   disable=True if (self.options.quiet or not ctx.is_main) else None)
+                   disable=True if not show else None)
+        # stderr is not a terminal (tqdm then shows nothing): a progress line every tenth of an
+        # epoch instead
+        every = max(1, per_epoch // 10) if show and bar.disable else 0
         batches = iter(loader)
         loss_sum, loss_steps = torch.zeros((), device=self.device), 0
         started, images_done = time.perf_counter(), 0
@@ -614,6 +682,13 @@ class _Trainer:
                                      "lr": f"{scheduler.get_last_lr()[0]:.2e}",
                                      "img/s": f"{rate:.1f}"}, refresh=False)
                     bar.update(1)
+                elif every and (step % every == 0 or step == epoch_stop):
+                    rate = images_done / max(time.perf_counter() - started, 1e-9)
+                    self.options.progress(
+                        f"epoch {epoch + 1}/{config.recipe.epochs}, step "
+                        f"{(step - 1) % per_epoch + 1}/{per_epoch}: loss "
+                        f"{float(loss_sum) / loss_steps:.4f}, lr {scheduler.get_last_lr()[0]:.2e}, "
+                        f"{rate:.1f} img/s")
         return step, loss_sum, loss_steps
 
     def _mean_over_ranks(self, loss_sum: torch.Tensor, steps: int) -> float:

@@ -290,3 +290,28 @@ def test_missing_unexpected_and_misshapen_tensors(camvid, tmp_path):
     torch.save({"state_dict": not_tensor, "arch": arch}, tmp_path / "str.pth")
     with pytest.raises(CheckpointError, match="decoder.note"):
         hyperseg.load(tmp_path / "str.pth")
+
+
+def test_files_that_are_no_checkpoint_say_what_they_are(tmp_path):
+    """A text file renamed .pth used to fail with "KeyError: 101" from the unpickler."""
+    cases = {
+        "notes.pth": (b"hello world\n", "it is a text file (starting with 'hello world')"),
+        "lfs.pth": (b"version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 9\n",
+                    "it is a Git LFS pointer"),
+        "page.pth": (b"<!DOCTYPE html>\n<html><body>Sign in</body></html>\n", "it is a web page"),
+        "empty.pth": (b"", "the file is empty"),
+        "binary.pth": (b"\x01\x02\x03\xff" * 8, "neither a PyTorch file"),
+    }
+    for name, (data, message) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(CheckpointError, match="not a readable checkpoint") as info:
+            hyperseg.load(tmp_path / name)
+        assert message in str(info.value), (name, str(info.value))
+
+
+def test_saved_models_get_the_usual_file_permissions(tmp_path):
+    """safetensors' save_file makes its files 0600; every other output is 0666 minus the umask."""
+    hyperseg.save(hyperseg.build("hyperseg-m", num_classes=2), tmp_path / "m.safetensors")
+    (tmp_path / "plain.txt").write_text("")
+    mode = (tmp_path / "m.safetensors").stat().st_mode & 0o777
+    assert mode == (tmp_path / "plain.txt").stat().st_mode & 0o777

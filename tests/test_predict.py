@@ -157,6 +157,29 @@ def test_tta_passes_a_pyramid_to_the_model(model):
     assert (labels == logits.argmax(1)[0]).float().mean() > 0.999
 
 
+def test_tta_flip_is_the_image_and_its_mirror_image(model, images):
+    """tta="flip" as eval's: the image and its mirror image (merged as the model merges flips),
+    whatever the model's own tta_hflip; tta=True is "ms" (the pyramid)."""
+    expected = hyperseg.predict(model, images / "street.png", size=SIZE, tta="flip")
+    x = to_tensor(images / "street.png")
+    net = torch.nn.functional.interpolate(x[None], size=SIZE, mode="bilinear",
+                                          align_corners=False, antialias=True)
+    mean = torch.tensor(model.config.mean).view(1, 3, 1, 1)
+    std = torch.tensor(model.config.std).view(1, 3, 1, 1)
+    net = (net - mean) / std
+    with torch.no_grad():
+        both = torch.max(model(net), model(net.flip(-1)).flip(-1))
+    both = torch.nn.functional.interpolate(both, size=(70, 90), mode="bilinear",
+                                           align_corners=False)
+    assert (expected == both.argmax(1)[0]).float().mean() > 0.999
+    with pytest.raises(ValueError, match="tta must be one of"):
+        hyperseg.predict(model, images / "street.png", tta="mirror")
+    pyramid = hyperseg.predict(model, images / "street.png", size=SIZE, tta="ms",
+                               tta_scales=(1.0, 0.5))
+    assert torch.equal(pyramid, hyperseg.predict(model, images / "street.png", size=SIZE,
+                                                 tta=True, tta_scales=(1.0, 0.5)))
+
+
 def test_predict_errors(model, tmp_path):
     with pytest.raises(ImageError, match="unsupported image type"):
         hyperseg.predict(model, tmp_path / "a.gif")
@@ -291,6 +314,16 @@ def test_predict_command_native_size_and_tta(images, tmp_path, capsys):
     assert read_png(out / "street_labels.png").shape == (70, 90)
 
 
+def test_predict_command_tta_flip_as_in_eval(model, images, tmp_path):
+    weights = tmp_path / "model.safetensors"
+    hyperseg.save(model, weights)
+    out = tmp_path / "out"
+    assert main(["predict", str(images / "street.png"), "--weights", str(weights), "--out",
+                 str(out), "--size", "64x64", "--tta", "flip", "--quiet"]) == 0
+    expected = hyperseg.predict(model, images / "street.png", size=SIZE, tta="flip")
+    assert (read_png(out / "street_labels.png") == expected.numpy()).mean() > 0.999
+
+
 def test_module_predict_help():
     result = subprocess.run([sys.executable, "-m", "hyperseg", "predict", "--help"],
                             capture_output=True, text=True)
@@ -317,3 +350,61 @@ def test_export_help_says_the_triton_kernels_are_not_exported(capsys):
         main(["export", "--help"])
     assert exit_info.value.code == 0
     assert "Triton kernels cannot be exported" in " ".join(capsys.readouterr().out.split())
+
+
+# -- 16-bit images ------------------------------------------------------------------------------
+
+def test_16_bit_pngs_are_scaled_not_clipped(tmp_path):
+    """Pillow reads a 16-bit grayscale PNG as mode I;16, whose convert("RGB") clips every value
+    above 255 to white; it is scaled to 8 bits instead, as Pillow reads 16-bit colour PNGs."""
+    values = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(values).save(tmp_path / "gray16.png")
+    with Image.open(tmp_path / "gray16.png") as raw:
+        assert raw.mode.startswith("I")                   # what Pillow makes of it
+    image = np.asarray(read_image(tmp_path / "gray16.png"))
+    assert image.shape == (64, 64, 3) and image.dtype == np.uint8
+    np.testing.assert_array_equal(image[..., 0], values >> 8)
+    np.testing.assert_array_equal(image[..., 0], image[..., 2])
+    tensor = to_tensor(Image.open(tmp_path / "gray16.png"))
+    assert 0.45 < tensor.mean() < 0.55
+
+
+# -- failing before any work, leaving nothing behind ---------------------------------------------
+
+def _no_model(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr("hyperseg.__main__._load_model", fail)
+
+
+def test_predict_checks_inputs_and_output_before_loading_the_model(images, tmp_path, capsys,
+                                                                   monkeypatch):
+    _no_model(monkeypatch)
+    out = tmp_path / "out"
+    assert main(["predict", str(tmp_path / "missing.png"), "--model", NAME, "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "missing.png: no such file" in err and "nothing was done" in err
+    assert main(["predict", str(images / "notes.txt"), "--model", NAME, "--out", str(out)]) == 1
+    assert "unsupported image type (.txt)" in capsys.readouterr().err
+    assert not out.exists()
+    # --backend triton on a CPU without the Triton interpreter
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert main(["predict", str(images), "--model", NAME, "--out", str(out), "--device", "cpu",
+                 "--backend", "triton"]) == 2
+    assert "TRITON_INTERPRET=1" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_predict_that_segments_nothing_leaves_no_output_folder(images, tmp_path, capsys):
+    out = tmp_path / "out"
+    bad = tmp_path / "bad.pth"
+    bad.write_text("not a checkpoint\n")
+    assert main(["predict", str(images), "--weights", str(bad), "--out", str(out)]) == 2
+    assert "it is a text file (starting with 'not a checkpoint')" in capsys.readouterr().err
+    assert not out.exists()
+    # every image unreadable: the model runs on nothing and the folder is not left behind
+    assert main(["predict", str(images / "broken.png"), "--model", NAME, "--out", str(out / "x"),
+                 "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "no image was segmented" in err and "segmented 0" not in err
+    assert not out.exists()

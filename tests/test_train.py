@@ -253,3 +253,76 @@ def test_eval_on_a_camvid_folder_scores_full_resolution_labels(tmp_path, capsys)
     assert result["labelled_pixels"] == 2 * 47 * 72
     assert "Void" in result["per_class_iou"] and result["miou_without_void"] is not None
     assert "mIoU without Void" in capsys.readouterr().out
+
+
+# -- a new user's first runs ----------------------------------------------------------------------
+
+def test_a_short_run_validates_when_it_stops_and_says_what_it_wrote(tmp_path, capsys):
+    """--steps stops inside the first epoch: the run still validates, so best.safetensors exists
+    for `hyperseg eval`, and its last line names the files. With stderr not a terminal (as
+    here) progress lines replace the bar; --quiet drops them, not the header and epoch lines."""
+    out = tmp_path / "run"
+    common = ["--workers", "0"]
+    assert main(["train", "--model", "hyperseg-m", "--data", TINY_DATA, "--out", str(out),
+                 "--batch-size", "4", "--steps", "1", *common]) == 0
+    captured = capsys.readouterr()
+    assert "training hyperseg-m-cityscapes" in captured.out and "val mIoU" in captured.out
+    assert f"{out / 'best.safetensors'} is the model of the best validation" in captured.out
+    assert "Continue with: hyperseg train --out" in captured.out
+    assert "epoch 1/10, step 1/4: loss" in captured.err
+    assert (out / "best.safetensors").is_file()
+    assert [m["step"] for m in _read_metrics(out)] == [1]
+    assert "miou" in _read_metrics(out)[0]
+    # without validation there is no best model, and the last line says which file to use
+    assert main(["train", "--model", "hyperseg-m", "--data", TINY_DATA, "--out",
+                 str(tmp_path / "noval"), "--batch-size", "4", "--steps", "1",
+                 "--val-split", "none", "--quiet", *common]) == 0
+    captured = capsys.readouterr()
+    assert "training hyperseg-m-cityscapes" in captured.out
+    assert "stopped in epoch 1/10 (step 1)" in captured.out
+    assert "no validation (--val-split none), so no best.safetensors" in captured.out
+    assert "step 1/4: loss" not in captured.err
+    assert not (tmp_path / "noval/best.safetensors").exists()
+
+
+def test_failed_runs_leave_nothing_behind(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+
+    def fails(args, message, code=2):
+        assert main(["train", "--out", str(out), "--quiet", "--workers", "0"] + args) == code
+        err = capsys.readouterr().err
+        assert message in err, err
+        assert not out.exists()
+
+    fails(["--model", "hyperseg-m", "--data", f"cityscapes:{tmp_path / 'missing'}"],
+          "does not exist")
+    fails(["--model", "hyperseg-m", "--data", TINY_DATA, "--weights", str(tmp_path / "w.pth")],
+          "no checkpoint file at")
+    (tmp_path / "w.pth").write_text("weights\n")
+    fails(["--model", "hyperseg-m", "--data", TINY_DATA, "--weights", str(tmp_path / "w.pth")],
+          "it is a text file")
+    # --backend triton on CPU needs the Triton interpreter (the tests run with it set)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    fails(["--model", "hyperseg-m", "--data", TINY_DATA, "--backend", "triton"],
+          "backend triton on cpu: the Triton kernels need a CUDA device")
+    with pytest.raises(TrainError, match="TRITON_INTERPRET=1"):
+        train(make_config("hyperseg-m", TINY_DATA), str(out),
+              options=RunOptions(backend="triton", device="cpu"))
+    # a failure during the first epoch: run.json and the folder go (--resume would take them for
+    # a run)
+    from hyperseg.train import _Trainer
+
+    def crash(self, *args, **kwargs):
+        assert (out / "run.json").is_file()
+        raise RuntimeError("out of memory (simulated)")
+    monkeypatch.setattr(_Trainer, "_train_epoch", crash)
+    with pytest.raises(RuntimeError, match="simulated"):
+        main(["train", "--model", "hyperseg-m", "--data", TINY_DATA, "--out", str(out),
+              "--quiet", "--workers", "0"])
+    assert not out.exists()
+    # a folder that holds only run.json is no run to resume
+    out.mkdir()
+    (out / "run.json").write_text("{}")
+    fails_resume = main(["train", "--out", str(out), "--resume"])
+    assert fails_resume == 2
+    assert "holds no checkpoint to resume from (no latest_state.pt)" in capsys.readouterr().err

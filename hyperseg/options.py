@@ -1,0 +1,117 @@
+"""Names, limits and argument checks shared by the package and the command line.
+
+Plain Python (no torch, torchvision or timm), so that ``hyperseg --help``, ``hyperseg list`` and
+every argument check run in milliseconds: the command line imports the heavy modules only once
+its arguments have been checked.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple, Union
+
+BACKENDS = ("auto", "torch", "triton")            # decoder implementations (hyperseg.model)
+MIN_SIDE = 32                                     # the smallest input side the network takes
+LOSSES = ("bootstrapped_ce", "ce")                # training losses (hyperseg.losses)
+AMP_MODES = ("off", "fp16", "bf16")               # mixed precision in training
+TTA_MODES = ("flip", "ms")                        # test-time augmentation (predict and eval)
+DEFAULT_TTA_SCALES = (1.0, 0.75, 1.25)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+DATA_SPEC_HELP = ("cityscapes:PATH, camvid:PATH, voc:PATH, or synthetic[:N][,size=HxW][,classes=C]"
+                  "[,seed=S] (N training images, default 512 of 128x128 with 4 classes)")
+
+
+def parse_size(text: str) -> Union[str, Tuple[int, int]]:
+    """``"HxW"`` -> (H, W); ``"native"`` -> "native" (keep each image's size)."""
+    text = text.strip().lower()
+    if text == "native":
+        return "native"
+    parts = text.replace("*", "x").split("x")
+    try:
+        h, w = (int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"size must be HxW (e.g. 512x1024) or 'native', got {text!r}") from None
+    return check_size((h, w))
+
+
+def check_size(size) -> Tuple[int, int]:
+    """(H, W) as ints, or ValueError when a side is below ``MIN_SIDE``."""
+    h, w = size
+    if h < MIN_SIDE or w < MIN_SIDE:
+        raise ValueError(f"the network input must be at least {MIN_SIDE} x {MIN_SIDE}, got {h} x {w}")
+    return int(h), int(w)
+
+
+def is_image_file(path) -> bool:
+    """True when ``path`` has a JPEG or PNG extension (case-insensitive)."""
+    return os.path.splitext(os.fspath(path))[1].lower() in IMAGE_EXTENSIONS
+
+
+def image_path_problem(path) -> Optional[str]:
+    """Why ``path`` cannot be an input image (another extension, missing, a directory), or None.
+    Whether the file really is a readable image is only known once it is read."""
+    path = os.fspath(path)
+    if not is_image_file(path):
+        ext = os.path.splitext(path)[1] or "no extension"
+        return f"unsupported image type ({ext}); expected one of {', '.join(IMAGE_EXTENSIONS)}"
+    if not os.path.exists(path):
+        return "no such file"
+    if os.path.isdir(path):
+        return "is a directory"
+    return None
+
+
+def default_workers(world_size: int = 1) -> int:
+    """Data-loading processes per rank when none are asked for: one less than this rank's share
+    of the CPU cores, at most 8 (0: load in the main process)."""
+    return min(8, max(0, (os.cpu_count() or 1) // max(1, world_size) - 1))
+
+
+def interpreting_triton() -> bool:
+    """True when the Triton kernels run through the interpreter (``TRITON_INTERPRET`` set to
+    anything but 0), the only way they run on CPU tensors (as ``hyperseg.kernels`` decides)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_device_problem(device_type: str) -> Optional[str]:
+    """Why backend "triton" cannot run on a device of type ``device_type``, or None."""
+    if device_type == "cuda" or (device_type == "cpu" and interpreting_triton()):
+        return None
+    if device_type == "cpu":
+        return ("the Triton kernels need a CUDA device; on CPU they run only through the Triton "
+                "interpreter (set TRITON_INTERPRET=1 in the environment: slow, for testing). "
+                "Use --backend torch (or auto, which picks the torch reference on CPU)")
+    return f"the Triton kernels run on CUDA devices only, not on {device_type}"
+
+
+def output_file_problem(path) -> Optional[str]:
+    """Why the file ``path`` cannot be written (its folder is missing or not writable, or it is a
+    folder), or None. Nothing is created."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return f"{path!r} is a folder, not a file name"
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return f"the folder {os.path.dirname(path) or '.'!r} of {path!r} does not exist"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"the folder {os.path.dirname(path) or '.'!r} of {path!r} is not writable"
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        return f"{path!r} exists and is not writable"
+    return None
+
+
+def output_dir_problem(path) -> Optional[str]:
+    """Why the folder ``path`` could not be created or written into, or None. Nothing is created:
+    the nearest existing ancestor must be a writable folder."""
+    path = os.path.abspath(os.fspath(path))
+    probe = path
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        return f"{probe!r} is a file, so the folder {path!r} cannot be created in it"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        what = "folder" if probe == path else "folder in which it would be created,"
+        return f"the {what} {probe!r} is not writable"
+    return None
