@@ -123,6 +123,25 @@ def generate_params(dst_ptr, n_rows, row0, sig_base, gen_ptr, sig_offset, rpg, G
 
 
 @triton.jit
+def patch_params_to_scratch(pid, wscr_ptr, count, sig_ptr, SIG_C, GH, GW, gen_ptr, sig_offset,
+                            rpg, row_start, SPG: tl.constexpr, GEN_STRIDE: tl.constexpr,
+                            BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+    """The prologue of the one-program-per-patch kernels: program ``pid`` is patch (gi, gj) of
+    image b; it generates the patch's ``count`` parameters (``generate_params``) into its slot of
+    the float32 scratch buffer, then waits at a barrier until every thread's stores are visible.
+    Returns (b, gi, gj, slot pointer)."""
+    gj = pid % GW
+    gi = (pid // GW) % GH
+    b = pid // (GH * GW)
+    sig_base = sig_ptr + b.to(tl.int64) * SIG_C * GH * GW + gi * GW + gj
+    wscr = wscr_ptr + pid.to(tl.int64) * count
+    generate_params(wscr, count, row_start, sig_base, gen_ptr, sig_offset, rpg, GH * GW,
+                    SPG, GEN_STRIDE, BLOCK_R, BLOCK_S)
+    tl.debug_barrier()
+    return b, gi, gj, wscr
+
+
+@triton.jit
 def activate(t, ACT: tl.constexpr):
     if ACT == 1:
         t = tl.maximum(t, 0.0)

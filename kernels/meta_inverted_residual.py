@@ -13,8 +13,8 @@ import triton
 import triton.language as tl
 
 from ._common import (PADDING_CODES, autotuned, border_index, check_device, check_generated_common,
-                      dot_acc, fused_dot_mode, generate_params, generator_layout, launch_options,
-                      output_like, signal_block)
+                      dot_acc, fused_dot_mode, generator_layout, launch_options, output_like,
+                      patch_params_to_scratch, signal_block)
 
 
 @triton.jit
@@ -40,9 +40,6 @@ def _meta_inverted_residual_kernel(
     # Barriers order the scratch writes and reads of the CTA's threads. Output tiles are BAND rows
     # x BLOCK_W columns, so stores of a tile row are contiguous.
     pid = tl.program_id(0)
-    gj = pid % GW
-    gi = (pid // GW) % GH
-    b = pid // (GH * GW)
     HW = H * W
     KK: tl.constexpr = K * K
     R: tl.constexpr = K // 2
@@ -53,15 +50,12 @@ def _meta_inverted_residual_kernel(
     PR0: tl.constexpr = DW0 + HIDDEN * KK
     COUNT: tl.constexpr = PR0 + COUT * HIDDEN
     BLOCK_P: tl.constexpr = BAND * BLOCK_W
+    b, gi, gj, wscr = patch_params_to_scratch(pid, wscr_ptr, COUNT, sig_ptr, SIG_C, GH, GW, gen_ptr,
+                                              sig_offset, rpg, row_start, SPG, GEN_STRIDE,
+                                              BLOCK_R, BLOCK_S)
     x_base = x_ptr + b.to(tl.int64) * CIN * HW
     out_base = out_ptr + b.to(tl.int64) * COUT * HW
-    sig_base = sig_ptr + b.to(tl.int64) * SIG_C * GH * GW + gi * GW + gj
-    wscr = wscr_ptr + pid.to(tl.int64) * COUNT
     yscr = yscr_ptr + pid.to(tl.int64) * (BLOCK_H * HALO_CAP)
-
-    generate_params(wscr, COUNT, row_start, sig_base, gen_ptr, sig_offset, rpg, GH * GW,
-                    SPG, GEN_STRIDE, BLOCK_R, BLOCK_S)
-    tl.debug_barrier()
 
     h_loc = tl.arange(0, BLOCK_H)
     k_loc = tl.arange(0, BLOCK_K)

@@ -23,7 +23,8 @@ import triton.language as tl
 
 from ._common import (ACTIVATION_CODES, PADDING_CODES, activate, autotuned, border_index,
                       check_device, check_generated_common, dot_acc, fused_dot_mode,
-                      generate_params, generator_layout, launch_options, output_like, signal_block)
+                      generator_layout, launch_options, output_like, patch_params_to_scratch,
+                      signal_block)
 
 
 @triton.jit
@@ -118,10 +119,6 @@ def _meta_conv_patch_kernel(
     # in bands of BAND rows x BLOCK_W columns (a tile row is contiguous in x and out) and, per
     # block of BLOCK_CO output channels, accumulates one dot per (input block, tap) (dense) or a
     # per-channel multiply-add per tap (depthwise) with the taps' pixels mapped through the border.
-    pid = tl.program_id(0)
-    gj = pid % GW
-    gi = (pid // GW) % GH
-    b = pid // (GH * GW)
     HW = H * W
     KK: tl.constexpr = K * K
     R: tl.constexpr = K // 2
@@ -129,14 +126,11 @@ def _meta_conv_patch_kernel(
     COUT_G: tl.constexpr = COUT // GROUPS
     COUNT: tl.constexpr = COUT * CIN_G * KK
     BLOCK_P: tl.constexpr = BAND * BLOCK_W
+    b, gi, gj, wscr = patch_params_to_scratch(tl.program_id(0), wscr_ptr, COUNT, sig_ptr, SIG_C, GH,
+                                              GW, gen_ptr, sig_offset, rpg, row_start, SPG,
+                                              GEN_STRIDE, BLOCK_R, BLOCK_S)
     x_base = x_ptr + b.to(tl.int64) * CIN * HW
     out_base = out_ptr + b.to(tl.int64) * COUT * HW
-    sig_base = sig_ptr + b.to(tl.int64) * SIG_C * GH * GW + gi * GW + gj
-    wscr = wscr_ptr + pid.to(tl.int64) * COUNT
-
-    generate_params(wscr, COUNT, row_start, sig_base, gen_ptr, sig_offset, rpg, GH * GW,
-                    SPG, GEN_STRIDE, BLOCK_R, BLOCK_S)
-    tl.debug_barrier()
 
     p = tl.arange(0, BLOCK_P)
     pr = p // BLOCK_W
