@@ -1146,6 +1146,12 @@ def main(argv=None) -> int:
         else:
             notes.append(f"Warning: the machine is busy (1-min load average {load_start:.1f} on "
                          f"{os.cpu_count()} cores): CPU timings are unreliable.")
+    if device == "cpu":
+        notes.append(f"CPU timings use {torch.get_num_threads()} torch thread(s) on "
+                     f"{os.cpu_count()} cores (--threads N to choose).")
+    if small or args.size is not None:
+        notes.append("The targets are set for each model's official resolution (hyperseg-m: "
+                     "512x1024); at other sizes they are indicative only.")
     progress(f"device {device}; measuring peak bandwidth")
     peak_bw = peak_bandwidth(device)
     meter = MemoryMeter(device)

@@ -43,6 +43,8 @@ def _check_context(rec, dtype="fp32"):
 
 def test_quick_cpu_run_reports_every_block(tmp_path):
     data, stdout = _run([], tmp_path)
+    assert "CPU timings use 1 torch thread(s)" in stdout
+    assert "at other sizes they are indicative only" in stdout      # --quick is 128x256
     name = "hyperseg-m-cityscapes"
     levels = hyperseg.get_config(name).levels
     blocks = [r for r in data["blocks"] if r["model"] == name]
