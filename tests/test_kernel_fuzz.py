@@ -38,7 +38,7 @@ settings.register_profile("hyperseg-fuzz-ci", derandomize=True, deadline=None, d
 settings.register_profile("hyperseg-fuzz-long", max_examples=1000, deadline=None, database=None,
                           print_blob=True, suppress_health_check=_SLOW_IS_FINE)
 # examples per op in the ci profile, sized to each op's cost in the interpreter
-CI_EXAMPLES = {"meta_patch_conv": 15, "meta_inverted_residual": 10, "patch_conv2d": 10,
+CI_EXAMPLES = {"meta_patch_conv": 18, "meta_inverted_residual": 14, "patch_conv2d": 20,
                "generate_weights": 30, "generated_patch_conv2d": 12}
 
 
@@ -287,7 +287,7 @@ def draw_generated(data, rng, b, grid, g, dtype, grad_signal=False, grad_generat
 def test_fuzz_meta_patch_conv(path, data):
     k, groups, cin, cout, ph, pw = data.draw(convolutions(path), label="k, groups, cin, cout, ph, pw")
     many = path == "many"
-    b, gh, gw = data.draw(grids(ph, pw, 48 if many else patch_budget(k, groups, cin, cout, scale=24),
+    b, gh, gw = data.draw(grids(ph, pw, 48 if many else patch_budget(k, groups, cin, cout, scale=16),
                                 256 if many else 1024, 6 if many else 4), label="b, gh, gw")
     mode = data.draw(padding_modes(k, gh * ph, gw * pw), label="padding")
     g = data.draw(generators(cout * cin // groups * k * k, cin), label="generator")
@@ -313,7 +313,7 @@ def test_fuzz_meta_patch_conv(path, data):
 def test_fuzz_meta_inverted_residual(data):
     ph, pw, k = data.draw(st.integers(1, 20), label="ph"), data.draw(st.integers(1, 16), label="pw"), \
         data.draw(kernel_sizes, label="k")
-    b, gh, gw = data.draw(grids(ph, pw, 8 if k < 5 else 4, 384), label="b, gh, gw")
+    b, gh, gw = data.draw(grids(ph, pw, 6 if k < 5 else 3, 320), label="b, gh, gw")
     cin, hidden = data.draw(st.integers(1, 20), label="cin"), data.draw(st.integers(1, 40), label="hidden")
     residual = data.draw(st.booleans(), label="residual")
     cout = cin if residual else data.draw(st.integers(1, 40), label="cout")
@@ -340,10 +340,10 @@ def test_fuzz_meta_inverted_residual(data):
 @given(data=st.data())
 def test_fuzz_patch_conv2d(data):
     kind = data.draw(st.sampled_from(["dense", "depthwise", "multiplier"]), label="kind")
-    k, groups, cin, cout, ph, pw = data.draw(convolutions(kind, 10), label="k, groups, cin, cout, ph, pw")
+    k, groups, cin, cout, ph, pw = data.draw(convolutions(kind, 8), label="k, groups, cin, cout, ph, pw")
     small = data.draw(st.booleans(), label="small tiles")
-    patches = patch_budget(k, groups, cin, cout, ph * pw if small else 0)
-    b, gh, gw = data.draw(grids(ph, pw, patches, 512), label="b, gh, gw")
+    patches = patch_budget(k, groups, cin, cout, ph * pw if small else 0, scale=6)
+    b, gh, gw = data.draw(grids(ph, pw, patches, 384), label="b, gh, gw")
     mode = data.draw(padding_modes(k, gh * ph, gw * pw), label="padding")
     dtype = data.draw(any_dtype, label="dtype")
     w_dtype = data.draw(st.sampled_from([dtype, torch.float32]), label="weight dtype")
@@ -391,10 +391,10 @@ def test_fuzz_generate_weights(data):
 @given(data=st.data())
 def test_fuzz_generated_patch_conv2d(data):
     kind = data.draw(st.sampled_from(["dense", "depthwise", "multiplier"]), label="kind")
-    k, groups, cin, cout, ph, pw = data.draw(convolutions(kind, 8), label="k, groups, cin, cout, ph, pw")
+    k, groups, cin, cout, ph, pw = data.draw(convolutions(kind, 6), label="k, groups, cin, cout, ph, pw")
     small = data.draw(st.booleans(), label="small tiles")
-    patches = patch_budget(k, groups, cin, cout, ph * pw if small else 0, scale=8)
-    b, gh, gw = data.draw(grids(ph, pw, patches, 384), label="b, gh, gw")
+    patches = patch_budget(k, groups, cin, cout, ph * pw if small else 0, scale=4)
+    b, gh, gw = data.draw(grids(ph, pw, patches, 256), label="b, gh, gw")
     mode = data.draw(padding_modes(k, gh * ph, gw * pw), label="padding")
     g = data.draw(generators(cout * cin // groups * k * k, cin), label="generator")
     dtype = data.draw(any_dtype, label="dtype")
