@@ -210,17 +210,14 @@ def autocast(*tensors):
 
 
 def dot_mode(dtype: torch.dtype) -> int:
-    """The DOT_MODE of ``dot_acc`` for inputs of ``dtype``."""
+    """The DOT_MODE of ``dot_acc`` for inputs of ``dtype``, in every kernel (fused inference and
+    training alike), following PyTorch's policy for convolutions: float32 on tf32 tensor cores
+    when ``torch.backends.cudnn.allow_tf32`` is on (PyTorch's default), exact IEEE float32 when it
+    is off; half precision on tensor cores with float32 accumulation; float64 exactly. The
+    interpreter computes every non-float64 dot in float32 (its bfloat16 dot is wrong), so there
+    tf32 and IEEE give the same, exact result."""
     if dtype == torch.float64:
         return 2
-    return 1 if dot_in_fp32(dtype) else 0
-
-
-def fused_dot_mode(dtype: torch.dtype) -> int:
-    """The DOT_MODE of the fused inference kernels: half inputs on tensor cores; float32 inputs on
-    tf32 tensor cores when ``torch.backends.cudnn.allow_tf32`` is on (PyTorch's default for
-    convolutions), exact IEEE float32 when it is off. The interpreter computes every dot in float32
-    (its bfloat16 dot is wrong), so there tf32 and IEEE give the same, exact result."""
     if interpreting():
         return 1
     if dtype == torch.float32:
@@ -249,12 +246,6 @@ def signal_block(spg: int) -> int:
 def accumulator(dtype: torch.dtype):
     """The Triton dtype in which kernels accumulate: float64 for float64 inputs, else float32."""
     return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def dot_in_fp32(dtype: torch.dtype) -> bool:
-    """Dots run in float32 (IEEE) for float32 inputs, and always in the interpreter, whose bf16
-    dot is wrong; on a GPU half-precision inputs use tensor cores with float32 accumulation."""
-    return dtype == torch.float32 or interpreting()
 
 
 def block(n: int, low: int = 16, high: int = 128) -> int:

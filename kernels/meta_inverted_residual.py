@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ._common import (PADDING_CODES, autotuned, border_index, check_device, check_generated_common,
-                      dot_acc, fused_dot_mode, generator_layout, launch_options, output_like,
+                      dot_acc, dot_mode, generator_layout, launch_options, output_like,
                       patch_params_to_scratch, signal_block)
 
 
@@ -209,7 +209,7 @@ def _meta_inverted_residual_op(
     patch = (h // gh, w // gw)
     gen, spg, stride = generator_layout(generator_weight)
     out = output_like(x, out_channels)
-    mode = fused_dot_mode(x.dtype)
+    mode = dot_mode(x.dtype)
     cfg = plan(cin, hidden, out_channels, patch, kernel_size, mode)
     cfg["BLOCK_S"] = signal_block(spg)
     count = hidden * cin + hidden * kernel_size ** 2 + out_channels * hidden

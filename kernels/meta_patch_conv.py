@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ._common import (ACTIVATION_CODES, PADDING_CODES, activate, autotuned, border_index,
-                      check_device, check_generated_common, dot_acc, fused_dot_mode,
+                      check_device, check_generated_common, dot_acc, dot_mode,
                       generator_layout, launch_options, output_like, patch_params_to_scratch,
                       signal_block)
 
@@ -297,7 +297,7 @@ def _meta_patch_conv_op(x: torch.Tensor, signal: torch.Tensor, generator_weight:
     scale = scale.float().contiguous() if affine else gen        # gen: a placeholder, not read
     shift = shift.float().contiguous() if affine else gen
     common = dict(SPG=spg, GEN_STRIDE=stride, HAS_AFFINE=affine,
-                  ACT=ACTIVATION_CODES[activation], DOT_MODE=fused_dot_mode(x.dtype))
+                  ACT=ACTIVATION_CODES[activation], DOT_MODE=dot_mode(x.dtype))
     if patch[0] * patch[1] <= MANY_PATCHES_MAX_PIXELS and kernel_size == 1 and groups == 1:
         cfg = many_patches_plan(cin, out_channels, rpg, spg, patch)
         grid = (triton.cdiv(b * gh * gw, cfg["BLOCK_N"]), triton.cdiv(out_channels, cfg["BLOCK_O"]))

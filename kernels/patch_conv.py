@@ -92,7 +92,10 @@ def _launch(x, out, weight, bias, groups, padding_mode):
     cout_g = cout // groups
     depthwise = cin_g == 1 and cout_g == 1
     block_p = pixel_block(ph * pw)
-    block_co = block(cout if depthwise else cout_g, high=64)
+    # a GPU tile holds at most 2048 (depthwise: elementwise taps) or 64 x BLOCK_P (dense: a dot
+    # per input-channel block) accumulators: 16 or 32 per thread at 4 warps, no spills
+    block_co = (channel_block(cout, max(16, 2048 // block_p)) if depthwise
+                else channel_block(cout_g, 64))
     block_ci = block(cin_g, high=32)
     n_co = triton.cdiv(cout, block_co) if depthwise else groups * triton.cdiv(cout_g, block_co)
     grid = (b * gh * gw, n_co, triton.cdiv(ph * pw, block_p))
@@ -305,14 +308,17 @@ def _launch_backward(dout, x, weight, *, dx, dw, db, groups, padding_mode):
                   DOT_MODE=dot_mode(x.dtype), ACC=accumulator(x.dtype))
     block_p = pixel_block(ph * pw)
     if dx is not None:
-        block_ci = channel_block(cin if depthwise else cin_g, 64)
+        # depthwise gathers a weight and a gradient per (channel, pixel) and tap: 16 channels;
+        # dense holds a (BLOCK_CI x BLOCK_P) accumulator and a (BLOCK_CO x BLOCK_P) operand: 32
+        block_ci = channel_block(cin if depthwise else cin_g, 16 if depthwise else 32)
         n_ci = triton.cdiv(cin, block_ci) if depthwise else groups * triton.cdiv(cin_g, block_ci)
         _patch_conv_input_grad_kernel[(b * gh * gw, n_ci, triton.cdiv(ph * pw, block_p))](
             dout, weight, dx, h, w, gh, gw, cin, cout, cin_g, cout_g,
             SLOTS=mirror_slots(padding_mode, k // 2), BLOCK_CI=block_ci,
-            BLOCK_CO=channel_block(cout_g, 32), BLOCK_P=block_p, num_warps=4, **common)
+            BLOCK_CO=channel_block(cout_g, 32 if block_p > 16 else 16), BLOCK_P=block_p,
+            num_warps=4, **common)
     if dw is not None:
-        block_co = channel_block(cout if depthwise else cout_g, 64 if depthwise else 32)
+        block_co = channel_block(cout if depthwise else cout_g, 32)
         block_ci = channel_block(cin_g, 32)
         n_c = (triton.cdiv(cout, block_co) if depthwise
                else groups * triton.cdiv(cout_g, block_co) * triton.cdiv(cin_g, block_ci))
