@@ -97,9 +97,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=DTYPES + ("all",), action="append",
                    help="repeatable; default fp32 and fp16; 'all': fp32, fp16, bf16")
     p.add_argument("--train", action="store_true", help="also record one training step")
-    p.add_argument("--train-batch", type=int, default=2)
-    p.add_argument("--train-size", type=_size, help="HxW (default: half the size, rounded down to "
-                                                    "the model's size divisor)")
+    p.add_argument("--train-batch", type=int, default=2,
+                   help="batch of the recorded training step (default 2; the tiles the launchers "
+                        "pick do not depend on the batch, only the grids do)")
+    p.add_argument("--train-size", type=_size, help="HxW (default: the model's official recipe crop; "
+                                                    "with --size, half of it)")
     p.add_argument("--gpu", choices=sorted(GPUS), default="h100", help="GPU of the printed floors "
                                                                         "(the JSON holds all)")
     p.add_argument("--cache-dir", help="Triton cache to use (default: a fresh temporary one, so that "
@@ -128,7 +130,13 @@ def _model_sizes(args, name):
     config = hyperseg.get_config(name)
     divisor = config.size_divisor
     size = args.size or config.input_size
-    train = args.train_size or tuple(max(divisor, s // 2 // divisor * divisor) for s in size)
+    if args.train_size:
+        train = args.train_size
+    elif args.size:
+        train = tuple(max(divisor, s // 2 // divisor * divisor) for s in size)
+    else:
+        from hyperseg.train import RECIPES
+        train = RECIPES[config.name].crop
     for what, (h, w) in (("size", size), ("train size", train)):
         if h % divisor or w % divisor:
             raise SystemExit(f"{name}: {what} {h}x{w} must be a multiple of {divisor}")
