@@ -1,6 +1,13 @@
 """Time one training step (forward, loss, backward) of a zoo model with backend "torch" and
 backend "triton" in the same run, and check that both give the same gradients first.
 
+Also per decoder block: forward + backward time of each backend beside the block's static floor
+(three times the inference roofline floor of bench/kernel_roofline.py: the forward, the input
+gradient and the weight gradient each move and compute about what the forward does), and the
+memory the decoder keeps for the backward pass (bytes of the distinct tensors autograd saves
+during the decoder's forward, measured with torch.autograd.graph.saved_tensors_hooks: exact on
+any device, CPU included), beside CUDA's peak allocation on a GPU.
+
     python bench/train_step.py                              # hyperseg-m, 512x1024, batch 2, CUDA
     python bench/train_step.py --amp fp16 --json step.json
     python bench/train_step.py --quick --interpret          # CPU, Triton interpreter: checks only
@@ -42,6 +49,102 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def _gpu_key(device_name: str) -> str:
+    return "h200" if "H200" in device_name else "h100"
+
+
+class SavedBytes:
+    """Bytes of the distinct tensor storages autograd saves for backward inside ``module``'s
+    forward (a context manager around one step)."""
+
+    def __init__(self, module):
+        import torch
+        self.module, self.torch, self.storages = module, torch, {}
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t):
+        storage = t.untyped_storage()
+        self.storages[(storage.data_ptr(), t.device)] = storage.nbytes()
+        return t
+
+    def __enter__(self):
+        self.handles = [self.module.register_forward_pre_hook(lambda *a: self.hooks.__enter__()),
+                        self.module.register_forward_hook(lambda *a: self.hooks.__exit__(None, None, None))]
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+    @property
+    def mib(self) -> float:
+        return sum(self.storages.values()) / 2 ** 20
+
+
+def level_inputs(model, x):
+    """(signal, [input of each decoder level]) of ``model`` on ``x``, without autograd."""
+    import torch
+    decoder = model.decoder
+    with torch.no_grad():
+        feats, head = model.backbone(x)
+        signal = model.context_head(head)
+        inputs, p, per_level = [x] + feats, None, []
+        for level, block in enumerate(decoder.blocks):
+            per_level.append(decoder.level_input(level, inputs, p))
+            p = block(per_level[-1], decoder.block_weights(level, signal))
+    return signal, per_level
+
+
+def time_blocks(nets, x, args, device, autocast_dtype, sync):
+    """{level: {backend: median forward+backward ms}} of every decoder block."""
+    import torch
+    signal, per_level = level_inputs(nets["torch"], x)
+    times = {}
+    for level in range(len(per_level)):
+        times[level] = {}
+        for name, net in nets.items():
+            decoder = net.decoder
+            block, (index, start) = decoder.blocks[level], decoder.sources[level]
+            xin = per_level[level].detach().requires_grad_()
+            sig = signal.detach().requires_grad_()
+
+            def run():
+                with torch.autocast(device, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    if name == "torch":
+                        y = block(xin, decoder.block_weights(level, sig))
+                    else:
+                        y = block.forward_generated(xin, sig, decoder.generators[index], start)
+                y.float().square().mean().backward()
+            samples = []
+            for i in range(args.warmup + args.repeats):
+                sync()
+                begin = time.perf_counter()
+                run()
+                sync()
+                if i >= args.warmup:
+                    samples.append(1e3 * (time.perf_counter() - begin))
+            times[level][name] = statistics.median(samples)
+    return times
+
+
+def report_blocks(models, x, args, device, autocast_dtype, sync, results) -> None:
+    """Per-block forward+backward times beside the static floor, into ``results``."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from kernel_roofline import block_floors
+    dtype = {"off": "fp32"}.get(args.amp, args.amp)
+    gpu = _gpu_key(results["device"])
+    floors = block_floors(models["torch"], args.size, args.batch, dtype, gpu)
+    times = time_blocks(models, x, args, device, autocast_dtype, sync)
+    results["blocks"] = []
+    print(f"  per block, forward + backward (floor: 3x the inference roofline on {gpu}, {dtype}):")
+    for level, per_backend in times.items():
+        row = dict(level=level, floor_us=3 * floors[level],
+                   **{f"{name}_ms": ms for name, ms in per_backend.items()})
+        results["blocks"].append(row)
+        print(f"    L{level}: torch {per_backend['torch']:.2f} ms, triton {per_backend['triton']:.2f} ms, "
+              f"floor {row['floor_us']:.1f} us")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.interpret:
@@ -75,9 +178,13 @@ def main(argv=None) -> int:
 
     models = {"torch": model, "triton": copy.deepcopy(model)}
     models["triton"].backend = "triton"
-    # the same gradients first (decoder generators: the parameters the kernels differentiate)
-    for net in models.values():
-        step(net)
+    # the same gradients first (decoder generators: the parameters the kernels differentiate),
+    # and the memory each decoder keeps for the backward pass
+    saved = {}
+    for name, net in models.items():
+        with SavedBytes(net.decoder) as meter:
+            step(net)
+        saved[name] = meter.mib
     # errors relative to each gradient's largest value, or to 1e-3 of the decoder's largest
     # gradient for gradients that are (nearly) zero and hold rounding noise only
     pairs = [(p.grad, q.grad) for p, q in zip(models["torch"].decoder.parameters(),
@@ -91,6 +198,9 @@ def main(argv=None) -> int:
                "worst_decoder_grad_rel_err": worst, "backends": {}}
     print(f"{args.model} {args.size[0]}x{args.size[1]} batch {args.batch} amp {args.amp} on {results['device']}")
     print(f"decoder gradients, triton vs torch: worst relative error {worst:.2e} (tolerance {tolerance:g})")
+    results["decoder_saved_mib"] = saved
+    print("decoder memory kept for backward: " + ", ".join(f"{k} {v:.1f} MiB" for k, v in saved.items()))
+    report_blocks(models, x, args, device, autocast_dtype, sync, results)
 
     for name, net in models.items():
         for _ in range(args.warmup):

@@ -11,10 +11,21 @@ from torch import Tensor
 from .backbone import Backbone
 from .context_head import ContextHead, ContextHeadV01
 from .decoder import Decoder, MetaInvertedResidual, records_gradients
+from . import options
 from .options import BACKENDS, MIN_SIDE
 from .zoo import ModelConfig, get_config
 
 GATHER_MODES = ("mean", "max")
+
+
+def training_kernels_proven(device: torch.device) -> bool:
+    """Whether ``backend="auto"`` trains on the Triton kernels on ``device``: only on a CUDA GPU
+    whose class is in ``options.TRAINING_KERNELS_FASTER_ON`` (a committed GPU run measured the
+    kernels' training step faster than the reference there)."""
+    if device.type != "cuda":
+        return False
+    name = torch.cuda.get_device_name(device)
+    return any(gpu_class in name for gpu_class in options.TRAINING_KERNELS_FASTER_ON)
 
 
 def triton_available() -> bool:
@@ -88,8 +99,10 @@ class HyperSeg(nn.Module):
         kernels in eval mode without autograd; in training, or when autograd records the pass,
         the differentiable Triton ops (weight generation and patch-wise convolution, with Triton
         backward kernels) composed with torch's BatchNorm. "auto": triton for CUDA inputs in eval
-        mode without autograd, the reference otherwise (the backward kernels are not yet tuned
-        or measured on a GPU, so training stays on the cuDNN-backed reference unless asked).
+        mode without autograd; for training (or a pass autograd records) on CUDA, the kernels
+        only on a GPU class where a committed GPU run measured them faster than the reference
+        (``training_kernels_proven``; none yet), the cuDNN-backed reference elsewhere; the
+        reference for CPU tensors.
         """
         if self._backend == "torch":
             return "torch"
@@ -102,7 +115,7 @@ class HyperSeg(nn.Module):
         if not (x.is_cuda and triton_available()):
             return "torch"
         if self.training or records_gradients(self, [x]):
-            return "torch"
+            return "triton" if training_kernels_proven(x.device) else "torch"
         return "triton"
 
     # -- forward -----------------------------------------------------------------------------

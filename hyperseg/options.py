@@ -11,6 +11,11 @@ from typing import Optional, Tuple, Union
 
 BACKENDS = ("auto", "torch", "triton")            # decoder implementations (hyperseg.model)
 MIN_SIDE = 32                                     # the smallest input side the network takes
+# GPU classes (substrings of torch.cuda.get_device_name) on which a committed GPU run of
+# bench/train_step.py (bench/results/train-step-*.json) measured the Triton training step faster
+# than the torch reference: backend="auto" trains on the kernels there and only there. Empty
+# until a GPU has run it; tests/test_auto_backend.py keeps this list and the results in step.
+TRAINING_KERNELS_FASTER_ON: Tuple[str, ...] = ()
 LOSSES = ("bootstrapped_ce", "ce")                # training losses (hyperseg.losses)
 AMP_MODES = ("off", "fp16", "bf16")               # mixed precision in training
 TTA_MODES = ("flip", "ms")                        # test-time augmentation (predict and eval)

@@ -118,3 +118,28 @@ def test_train_step_refuses_cpu_without_the_interpreter():
                            "--quick"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "--interpret" in proc.stderr
+
+
+def _train_step_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("train_step", ROOT / "bench" / "train_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_step_counts_the_memory_a_module_keeps_for_backward():
+    """SavedBytes counts each distinct storage autograd saves inside the module's forward once,
+    and nothing saved outside it."""
+    import torch
+    train_step = _train_step_module()
+    inner = torch.nn.Linear(64, 32)
+    outer = torch.nn.Sequential(inner, torch.nn.Tanh())
+    x = torch.randn(16, 64, requires_grad=True)
+    with train_step.SavedBytes(inner) as meter:
+        y = outer(x)                       # Linear saves x and its weight; Tanh (outside) its output
+        (x * 2).sum()
+    expected = (x.numel() + inner.weight.numel()) * 4
+    assert meter.mib * 2 ** 20 == expected
+    y.sum().backward()                     # the hooks leave autograd working
+    assert x.grad is not None and inner.weight.grad is not None
