@@ -3,7 +3,7 @@
 #   run: bash bench/gpu_check.sh            (writes everything under $OUT, or ./gpu-out)
 # 1. install without touching the machine's torch / triton (no package registry there);
 # 2. the kernel (forward and backward), triton-backend and training tests on the GPU, without the
-#    interpreter;
+#    interpreter, and the > 2**31-element cases (64-bit indexing);
 # 3. the benchmark: hyperseg-m at 512x1024 (fp32 + fp16, then fp32 on tf32), then every zoo model
 #    at its official size; each block beside its roofline floor;
 # 4. one training step of hyperseg-m, backend torch vs triton, fp32.
@@ -24,7 +24,7 @@ day=$(date -u +%Y-%m-%d)
 timeout 150 python -m pytest -q -p no:cacheprovider tests/test_kernel_patch_conv.py \
   tests/test_kernel_meta_inverted_residual.py tests/test_kernel_tf32.py tests/test_kernel_autotune.py \
   tests/test_kernel_patch_conv_backward.py tests/test_kernel_generate_weights.py \
-  tests/test_triton_backend.py tests/test_triton_training.py \
+  tests/test_triton_backend.py tests/test_triton_training.py tests/test_kernel_large_index.py \
   2>&1 | tee "$out/gpu-tests.txt" | tail -25
 timeout 90 python bench/profile_kernels.py --json "$out/bench-$gpu-$day-hyperseg-m.json" 2>&1 \
   | tee "$out/bench-hyperseg-m.txt" | tail -40
