@@ -35,11 +35,14 @@ CHECKS = [
     ("warps_per_sm", ">=", 16),
 ]
 # Properties every kernel of the training step must meet (``--train --check``): no spills, no
-# stack frame. Occupancy is not required there: the backward gathers keep larger tiles live.
+# stack frame, executed multiply-adds within 2x of the useful ones (over all its launches; the
+# kernel module's ``executed_work`` gives both). Occupancy is not required there: the backward
+# gathers keep larger tiles live.
 TRAIN_CHECKS = [
     ("compiled", "==", True),
     ("spill_bytes", "==", 0),
     ("stack", "==", 0),
+    ("redundancy", "<=", 2.0),
 ]
 # Properties every decoder block must meet: executed work within 2x of the minimal (which counts
 # the v1 expand over each patch's halo as minimal).
@@ -196,6 +199,10 @@ def _compile_groups(groups: list) -> list:
             entry.update(compiled=False, error=f"{type(error).__name__}: {str(error)[-2000:]}")
         work = [_executed(launch) for launch in launches]
         entry["executed_macs"] = None if None in work else sum(w["macs"] for w in work)
+        useful = None if None in work else [w.get("useful_macs") for w in work]
+        if useful and None not in useful and sum(useful) > 0:
+            entry["useful_macs"] = sum(useful)
+            entry["redundancy"] = entry["executed_macs"] / entry["useful_macs"]
         kernels.append(entry)
     return kernels
 
@@ -292,7 +299,7 @@ def _users(used_by: list) -> str:
 def kernel_table(entry: dict) -> list:
     lines = [f"{'#':>2} {'kernel':<34} {'used by':<22} {'grid':<13} {'w':>1} {'regs':>4} "
              f"{'spill st/ld':>11} {'stack':>5} {'smem KB':>7} {'warps/SM':>8} {'HGMMA':>5} "
-             f"{'HMMA':>4} {'FFMA':>5} {'LDG max':>7} {'LDL+STL':>7} {'comp s':>6}"]
+             f"{'HMMA':>4} {'FFMA':>5} {'LDG max':>7} {'LDL+STL':>7} {'comp s':>6} {'redund.':>7}"]
     for k in entry["kernels"]:
         grid = "x".join(map(str, k["grids"][0])) + ("+" if len(k["grids"]) > 1 else "")
         name = _short(k["kernel"]) + (" (tuned)" if k["variant"] else "")   # w: the config's warps
@@ -306,7 +313,8 @@ def kernel_table(entry: dict) -> list:
             f"{str(k['spill_stores']) + '/' + str(k['spill_loads']):>11} {k['stack']:>5} "
             f"{k['shared'] / 1024:>7.1f} {k['warps_per_sm']:>8} {s['HGMMA']:>5} {s['HMMA']:>4} "
             f"{s['FFMA']:>5} {str(s['widest_load']) + 'B':>7} {s['LDL'] + s['STL']:>7} "
-            f"{k['compile_s']:>6.1f}")
+            f"{k['compile_s']:>6.1f} "
+            + (f"{k['redundancy']:>6.2f}x" if k.get("redundancy") is not None else f"{'':>7}"))
     return lines
 
 

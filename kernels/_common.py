@@ -259,10 +259,23 @@ def block(n: int, low: int = 16, high: int = 128) -> int:
 MAX_CHANNEL_BLOCK = None
 
 
-def channel_block(n: int, gpu_high: int) -> int:
-    """Channels per tile in the backward kernels: ``block(n)`` capped at ``gpu_high`` on a GPU."""
-    high = MAX_CHANNEL_BLOCK or (128 if interpreting() else gpu_high)
-    return block(n, high=high)
+def tight_block(n: int, high: int) -> int:
+    """The power-of-two block in [16, high] that pads ``n`` least (the larger on a tie): 34
+    channels in blocks of 16 (48 computed, not 64), 68 in 16 (80, not 128), 82 in 32 (96)."""
+    candidates = [b for b in (16, 32, 64, 128) if b <= max(16, high)]
+    return min(candidates, key=lambda b: (triton.cdiv(n, b) * b, -b))
+
+
+def channel_block(n: int, gpu_high: int, tight: bool = True) -> int:
+    """Channels per tile in the training kernels: on a GPU the power of two up to ``gpu_high``
+    that pads ``n`` least (``tight_block``), or with ``tight=False`` the one covering ``n``; in the
+    interpreter, which pays per program, up to 128 (``MAX_CHANNEL_BLOCK``, which tests lower,
+    overrides both)."""
+    if MAX_CHANNEL_BLOCK:
+        return block(n, high=MAX_CHANNEL_BLOCK)
+    if interpreting():
+        return block(n, high=128)
+    return tight_block(n, gpu_high) if tight else block(n, high=gpu_high)
 
 
 # Upper bound of the pixels one program handles; None: the default below. Tests lower it to run

@@ -105,14 +105,37 @@ def _generate_weights_weight_grad_kernel(
 
 
 def executed_work(name: str, launch) -> Optional[dict]:
-    """Multiply-accumulates that a recorded launch of ``_generate_weights_kernel`` executes, padded
-    tiles included: BLOCK_N x BLOCK_R x SPG FMAs per program (the interface of
-    ``bench/kernel_report.py``, see bench/README.md). None for the backward kernels."""
-    if name != "_generate_weights_kernel":
-        return None
+    """Multiply-accumulates a recorded launch executes, padded tiles included, and the useful ones
+    (the interface of ``bench/kernel_report.py``, see bench/README.md): the forward, BLOCK_N x
+    BLOCK_R x SPG per program; the signal gradient, BLOCK_N x BLOCK_S per generator row its
+    channel block reads; the weight gradient, a BLOCK_R x BLOCK_S x BLOCK_N dot per patch block in
+    the programs whose rows were generated (the others only write zeros). Useful: patches x
+    generated rows x SPG, for each of the three."""
     a = launch.args
-    macs = launch.grid[0] * launch.grid[1] * launch.grid[2] * a["BLOCK_N"] * a["BLOCK_R"] * a["SPG"]
-    return {"macs": macs, "tensor_core_macs": 0, "parts": {"generation": macs}}
+    programs = launch.grid[0] * launch.grid[1] * launch.grid[2]
+    useful = a["N"] * a["count"] * a["SPG"]
+    if name == "_generate_weights_kernel":
+        macs = programs * a["BLOCK_N"] * a["BLOCK_R"] * a["SPG"]
+        return {"macs": macs, "tensor_core_macs": 0, "useful_macs": useful, "parts": {"generation": macs}}
+    start, end, rpg, spg = a["start"], a["start"] + a["count"], a["RPG"], a["SPG"]
+    if name == "_generate_weights_signal_grad_kernel":
+        rows = 0
+        for block in range(launch.grid[1]):
+            first = block * a["BLOCK_S"] // spg
+            last = min(block * a["BLOCK_S"] + a["BLOCK_S"] - 1, a["S"] - 1) // spg
+            rows += max(0, min(start + a["count"] - first * rpg, rpg) - max(start - last * rpg, 0))
+        macs = launch.grid[0] * rows * a["BLOCK_N"] * a["BLOCK_S"]
+        return {"macs": macs, "tensor_core_macs": 0, "useful_macs": useful, "parts": {"signal_grad": macs}}
+    if name == "_generate_weights_weight_grad_kernel":
+        row_blocks = -(-rpg // a["BLOCK_R"])
+        active = sum(1 for p in range(launch.grid[0])
+                     if max((p // row_blocks) * rpg + (p % row_blocks) * a["BLOCK_R"], start)
+                     < min((p // row_blocks) * rpg + min((p % row_blocks + 1) * a["BLOCK_R"], rpg), end))
+        macs = active * launch.grid[1] * -(-a["N"] // a["BLOCK_N"]) * a["BLOCK_N"] * a["BLOCK_R"] * a["BLOCK_S"]
+        tensor = macs if a["DOT_MODE"] in (0, 3) else 0
+        return {"macs": macs, "tensor_core_macs": tensor, "useful_macs": useful,
+                "parts": {"weight_grad": macs}}
+    return None
 
 
 def _shapes(signal: torch.Tensor, weight: torch.Tensor, groups: int):

@@ -96,7 +96,7 @@ def _launch(x, out, weight, bias, groups, padding_mode):
     # per input-channel block) accumulators: 16 or 32 per thread at 4 warps, no spills
     block_co = (channel_block(cout, max(16, 2048 // block_p)) if depthwise
                 else channel_block(cout_g, 64))
-    block_ci = block(cin_g, high=32)
+    block_ci = channel_block(cin_g, 32)
     n_co = triton.cdiv(cout, block_co) if depthwise else groups * triton.cdiv(cout_g, block_co)
     grid = (b * gh * gw, n_co, triton.cdiv(ph * pw, block_p))
     _patch_conv_kernel[grid](
@@ -107,22 +107,59 @@ def _launch(x, out, weight, bias, groups, padding_mode):
     return out
 
 
+def _input_grad_neighbours(a, block_p: int, pixel_blocks: int) -> int:
+    """Sum over a patch's pixel blocks and the taps of the neighbouring patches whose kernels the
+    dense input-gradient program visits (one dot each): the patches the tap's source pixels
+    fall in (clipping at the image border ignored: an upper bound)."""
+    ph, pw = a["H"] // a["GH"], a["W"] // a["GW"]
+    k, r = a["K"], a["K"] // 2
+    visits = 0
+    for block in range(pixel_blocks):
+        y_first = (block * block_p) // pw
+        y_last = min(ph - 1, (block * block_p + block_p - 1) // pw)
+        for t in range(k * k):
+            dy, dx = t // k - r, t % k - r
+            rows = (y_last - dy) // ph - (y_first - dy) // ph + 1
+            cols = (pw - 1 - dx) // pw - (0 - dx) // pw + 1
+            visits += rows * cols
+    return visits
+
+
 def executed_work(name: str, launch) -> Optional[dict]:
-    """Multiply-adds a recorded launch of ``_patch_conv_kernel`` executes, padded tiles included
-    (the interface of ``bench/kernel_report.py``): dense, a BLOCK_CO x BLOCK_CI x BLOCK_P dot per
-    input-channel block and tap; depthwise, K*K multiply-adds on the (BLOCK_CO x BLOCK_P) tile.
-    None for the other kernels of this module."""
-    if name != "_patch_conv_kernel":
-        return None
+    """Multiply-adds a recorded launch executes, padded tiles included, and the useful ones (the
+    interface of ``bench/kernel_report.py``). Forward: dense, a BLOCK_CO x BLOCK_CI x BLOCK_P dot
+    per input-channel block and tap; depthwise, K*K multiply-adds on the (BLOCK_CO x BLOCK_P)
+    tile. Input gradient: per tap, a BLOCK_CI x BLOCK_CO x BLOCK_P dot per output-channel block and
+    neighbouring patch visited (the image-border mirror slots left out); depthwise BLOCK_CI x
+    BLOCK_P. Weight gradient: per tap and pixel block, a BLOCK_CO x BLOCK_CI x BLOCK_P dot
+    (depthwise BLOCK_CO x BLOCK_P). Useful, for all three: B x H x W x COUT x CIN_G x K*K."""
     a = launch.args
     programs = launch.grid[0] * launch.grid[1] * launch.grid[2]
     kk = a["K"] * a["K"]
-    if a["DEPTHWISE"]:
-        conv, dot = kk * a["BLOCK_CO"] * a["BLOCK_P"], 0
+    useful = launch.grid[0] // (a["GH"] * a["GW"]) * a["H"] * a["W"] * a["COUT"] * a["CIN_G"] * kk
+    tensor_cores = a["DOT_MODE"] in (0, 3) and not a["DEPTHWISE"]
+    if name == "_patch_conv_kernel":
+        if a["DEPTHWISE"]:
+            conv = kk * a["BLOCK_CO"] * a["BLOCK_P"]
+        else:
+            conv = triton.cdiv(a["CIN_G"], a["BLOCK_CI"]) * kk * a["BLOCK_CO"] * a["BLOCK_CI"] * a["BLOCK_P"]
+        macs, part = programs * conv, "conv"
+    elif name == "_patch_conv_input_grad_kernel":
+        if a["DEPTHWISE"]:
+            macs = programs * kk * a["BLOCK_CI"] * a["BLOCK_P"]
+        else:
+            visits = _input_grad_neighbours(a, a["BLOCK_P"], launch.grid[2])
+            macs = (launch.grid[0] * launch.grid[1] * visits * triton.cdiv(a["COUT_G"], a["BLOCK_CO"])
+                    * a["BLOCK_CI"] * a["BLOCK_CO"] * a["BLOCK_P"])
+        part = "input_grad"
+    elif name == "_patch_conv_weight_grad_kernel":
+        pixel_blocks = triton.cdiv((a["H"] // a["GH"]) * (a["W"] // a["GW"]), a["BLOCK_P"])
+        tile = a["BLOCK_CO"] * a["BLOCK_P"] * (1 if a["DEPTHWISE"] else a["BLOCK_CI"])
+        macs, part = programs * kk * pixel_blocks * tile, "weight_grad"
     else:
-        conv = dot = triton.cdiv(a["CIN_G"], a["BLOCK_CI"]) * kk * a["BLOCK_CO"] * a["BLOCK_CI"] * a["BLOCK_P"]
-    return {"macs": programs * conv, "tensor_core_macs": programs * dot if a["DOT_MODE"] == 0 else 0,
-            "parts": {"conv": programs * conv}}
+        return None
+    return {"macs": macs, "tensor_core_macs": macs if tensor_cores else 0, "useful_macs": useful,
+            "parts": {part: macs}}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -310,12 +347,13 @@ def _launch_backward(dout, x, weight, *, dx, dw, db, groups, padding_mode):
     if dx is not None:
         # depthwise gathers a weight and a gradient per (channel, pixel) and tap: 16 channels;
         # dense holds a (BLOCK_CI x BLOCK_P) accumulator and a (BLOCK_CO x BLOCK_P) operand: 32
-        block_ci = channel_block(cin if depthwise else cin_g, 16 if depthwise else 32)
+        # (channel blocks not tight here: smaller dense tiles in this gather make ptxas spill)
+        block_ci = channel_block(cin if depthwise else cin_g, 16 if depthwise else 32, tight=False)
         n_ci = triton.cdiv(cin, block_ci) if depthwise else groups * triton.cdiv(cin_g, block_ci)
         _patch_conv_input_grad_kernel[(b * gh * gw, n_ci, triton.cdiv(ph * pw, block_p))](
             dout, weight, dx, h, w, gh, gw, cin, cout, cin_g, cout_g,
             SLOTS=mirror_slots(padding_mode, k // 2), BLOCK_CI=block_ci,
-            BLOCK_CO=channel_block(cout_g, 32 if block_p > 16 else 16), BLOCK_P=block_p,
+            BLOCK_CO=channel_block(cout_g, 32 if block_p > 16 else 16, tight=False), BLOCK_P=block_p,
             num_warps=4, **common)
     if dw is not None:
         block_co = channel_block(cout if depthwise else cout_g, 32)

@@ -88,9 +88,11 @@ def test_block_roofline_covers_every_level(small_report):
     assert blocks[4]["redundancy_by_part"]["generation"] < 1.1          # once per patch
 
 
-def _fake_report(spill_stores: int, train_spill: int = 0, train_warps: int = 8) -> dict:
+def _fake_report(spill_stores: int, train_spill: int = 0, train_warps: int = 8,
+                 redundancy: float = 1.5) -> dict:
     """A saved report with one inference kernel (spilling ``spill_stores`` bytes) and one
-    train-only kernel (spilling ``train_spill`` bytes, at ``train_warps`` warps per SM)."""
+    train-only kernel (spilling ``train_spill`` bytes, at ``train_warps`` warps per SM, executing
+    ``redundancy`` times its useful work)."""
     sass = dict(HGMMA=0, HMMA=0, FFMA=10, widest_load=4, LDL=0, STL=0)
     kernel = dict(id=1, kernel="_fake_kernel", variant="", phases=["inference"], used_by=["L4"],
                   grids=[[1, 1, 1]], compiled=True, num_warps=4, registers=255, stack=0,
@@ -98,7 +100,7 @@ def _fake_report(spill_stores: int, train_spill: int = 0, train_warps: int = 8) 
                   warps_per_sm=16, sass=sass, compile_s=0.0)
     train_only = dict(copy.deepcopy(kernel), id=2, kernel="_fake_backward_kernel", phases=["train"],
                       used_by=["train:L4"], spill_stores=train_spill, spill_bytes=train_spill,
-                      stack=train_spill, warps_per_sm=train_warps)
+                      stack=train_spill, warps_per_sm=train_warps, redundancy=redundancy)
     entry = dict(model="fake", dtype="fp32", size=[64, 64], batch=1, train=None, launches=2,
                  kernels=[kernel, train_only], blocks=[])
     return dict(reports=[entry], wall_s=0.0)
@@ -115,6 +117,8 @@ def test_check_flags_a_spill_or_stack_in_a_training_kernel():
     failures = property_failures(_fake_report(0, train_spill=64))
     assert len(failures) == 2 and all("_fake_backward_kernel" in f for f in failures)
     assert any("spill_bytes == 0" in f for f in failures) and any("stack == 0" in f for f in failures)
+    failures = property_failures(_fake_report(0, redundancy=2.5))
+    assert len(failures) == 1 and "redundancy <= 2.0" in failures[0]
 
 
 def test_check_option_exit_status(tmp_path):
