@@ -20,6 +20,7 @@ _EXPORTS = {
     "BACKENDS": "model", "HyperSeg": "model", "build": "model", "triton_available": "model",
     "colorize": "palettes", "palette": "palettes",
     "predict": "predict", "predict_batch": "predict",
+    "VideoError": "video", "predict_video": "video",
     "ModelConfig": "zoo", "get_config": "zoo", "list_models": "zoo",
 }
 

@@ -178,21 +178,24 @@ def _scales_arg(text: str) -> Tuple[float, ...]:
 
 @dataclass
 class _Job:
-    source: str           # the image file
+    source: str           # the image or video file
     out_dir: str          # where its outputs go
     stem: str             # output names: <stem>_labels.png, <stem>_color.png, <stem>_overlay.png
+    video: bool = False   # a video: <stem>_color.mp4, <stem>_overlay.mp4, <stem>_labels.mkv
 
 
 def _plan_jobs(inputs: Sequence[str], out: str) -> Tuple[List[_Job], List[str]]:
-    """One job per image: files as given (a missing file or one of another type is that input's
-    error), directories searched recursively for JPEG/PNG files, whose outputs mirror their
-    sub-directories under ``out``. Output names that would collide get the source extension, then
-    a counter. Returns the jobs and the errors of inputs that yield no image."""
-    from .options import image_path_problem, is_image_file
+    """One job per image or video: files as given (a missing file, one of another type, or a
+    video without PyAV installed is that input's error), directories searched recursively for
+    JPEG/PNG files, whose outputs mirror their sub-directories under ``out``. Output names that
+    would collide get the source extension, then a counter. Returns the jobs and the errors of
+    inputs that yield nothing to segment."""
+    from .options import (VIDEO_EXTENSIONS, image_path_problem, is_image_file, is_video_file,
+                          video_path_problem)
 
     jobs, errors, taken = [], [], set()
 
-    def add(source: str, rel_dir: str, name: str) -> None:
+    def add(source: str, rel_dir: str, name: str, video: bool = False) -> None:
         base, ext = os.path.splitext(name)
         stem = base or name
         candidates = [stem, f"{stem}_{ext.lstrip('.')}" if ext else stem]
@@ -207,7 +210,7 @@ def _plan_jobs(inputs: Sequence[str], out: str) -> Tuple[List[_Job], List[str]]:
                 key = f"{candidates[-1]}~{n}"
             n += 1
         taken.add((rel_dir, key))
-        jobs.append(_Job(source, os.path.join(out, rel_dir) if rel_dir else out, key))
+        jobs.append(_Job(source, os.path.join(out, rel_dir) if rel_dir else out, key, video))
 
     for item in inputs:
         if os.path.isdir(item):
@@ -221,9 +224,17 @@ def _plan_jobs(inputs: Sequence[str], out: str) -> Tuple[List[_Job], List[str]]:
                         found += 1
             if not found:
                 errors.append(f"{item}: no JPEG/PNG images in this directory")
+        elif is_video_file(item):
+            problem = video_path_problem(item)
+            if problem:
+                errors.append(f"{item}: {problem}")
+            else:
+                add(item, "", os.path.basename(os.path.normpath(item)), video=True)
         else:
             problem = image_path_problem(item)
             if problem:
+                if problem.startswith("unsupported"):
+                    problem += f", or a video ({', '.join(VIDEO_EXTENSIONS)})"
                 errors.append(f"{item}: {problem}")
             else:
                 add(item, "", os.path.basename(os.path.normpath(item)))
@@ -241,7 +252,7 @@ def _predict(args: argparse.Namespace) -> int:
     for message in errors:
         report(message)
     if not jobs:
-        report("no input image to segment; nothing was done")
+        report("no input image or video to segment; nothing was done")
         return 1
     problem = output_dir_problem(args.out)
     if problem:
@@ -251,21 +262,41 @@ def _predict(args: argparse.Namespace) -> int:
     device = _device(args.device)
     _check_backend(args.backend, device)
 
+    model = _load_model(args, args.backend, "predictions are").to(device)
+    out_existed = os.path.exists(args.out)
+    images = [job for job in jobs if not job.video]
+    videos = [job for job in jobs if job.video]
+    done = _predict_images(args, model, images) + _predict_videos(args, model, videos)
+    failed = len(errors) + len(jobs) - done
+    total = len(jobs) + len(errors)
+    if not done:
+        if not out_existed:
+            _remove_empty_dirs(args.out)
+        what = "image or video was segmented to its end" if videos else "image was segmented"
+        report(f"no {what} ({failed} of {total} input(s) failed; see above)")
+        return 1
+    print(f"segmented {done} of {total} {'input(s)' if videos else 'image(s)'} with "
+          f"{model.config.name}; outputs in {args.out}")
+    return 1 if failed else 0
+
+
+def _report_in_progress(message: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(f"hyperseg predict: error: {message}", file=sys.stderr)
+
+
+def _predict_images(args: argparse.Namespace, model, jobs: List[_Job]) -> int:
+    """Segment the image jobs, ``--batch-size`` at a time; returns how many were written."""
     import torch
     from tqdm import tqdm
 
     from .predict import (ImageError, model_palette, network_size, read_image, save_prediction,
                           segment, to_tensor)
 
-    def report_in_progress(message: str) -> None:
-        tqdm.write(f"hyperseg predict: error: {message}", file=sys.stderr)
-
-    model = _load_model(args, args.backend, "predictions are").to(device)
-    config = model.config
+    if not jobs:
+        return 0
     colors = model_palette(model)
-    out_existed = os.path.exists(args.out)
-    failed = len(errors)
-    done = 0
 
     def run(batch: List[Tuple[_Job, "torch.Tensor"]]) -> int:
         try:
@@ -273,7 +304,7 @@ def _predict(args: argparse.Namespace) -> int:
                              batch_size=args.batch_size, tta=args.tta, tta_scales=args.tta_scales)
         except (RuntimeError, ValueError) as err:
             for job, _ in batch:
-                report_in_progress(f"{job.source}: segmentation failed: {err}")
+                _report_in_progress(f"{job.source}: segmentation failed: {err}")
             return 0
         ok = 0
         for (job, image), label in zip(batch, labels):
@@ -282,10 +313,11 @@ def _predict(args: argparse.Namespace) -> int:
                 ok += 1
             except OSError as err:
                 where = err.filename or job.out_dir
-                report_in_progress(f"{job.source}: cannot write its outputs to {where!r}: "
-                                   f"{err.strerror or err}")
+                _report_in_progress(f"{job.source}: cannot write its outputs to {where!r}: "
+                                    f"{err.strerror or err}")
         return ok
 
+    done = 0
     progress = tqdm(total=len(jobs), unit="image", file=sys.stderr,
                     disable=True if args.quiet else None)
     batch: List[Tuple[_Job, torch.Tensor]] = []
@@ -293,9 +325,9 @@ def _predict(args: argparse.Namespace) -> int:
         for job in jobs:
             try:
                 image = to_tensor(read_image(job.source))
-                network_size(config, args.size, tuple(image.shape[-2:]))
+                network_size(model.config, args.size, tuple(image.shape[-2:]))
             except ImageError as err:
-                report_in_progress(f"{job.source}: {err}")
+                _report_in_progress(f"{job.source}: {err}")
                 progress.update(1)
                 continue
             batch.append((job, image))
@@ -306,15 +338,40 @@ def _predict(args: argparse.Namespace) -> int:
         if batch:
             done += run(batch)
             progress.update(len(batch))
-    failed += len(jobs) - done
-    total = len(jobs) + len(errors)
-    if not done:
-        if not out_existed:
-            _remove_empty_dirs(args.out)
-        report(f"no image was segmented ({failed} of {total} input(s) failed; see above)")
-        return 1
-    print(f"segmented {done} of {total} image(s) with {config.name}; outputs in {args.out}")
-    return 1 if failed else 0
+    return done
+
+
+def _predict_videos(args: argparse.Namespace, model, jobs: List[_Job]) -> int:
+    """Segment the video jobs one after the other, each streamed through ``predict_video`` with
+    a progress bar of its frames; returns how many were segmented to their end."""
+    from tqdm import tqdm
+
+    from .video import DEFAULT_MAX_IN_FLIGHT, VideoError, predict_video
+
+    done = 0
+    for job in jobs:
+        progress = tqdm(unit="frame", desc=os.path.basename(job.source), file=sys.stderr,
+                        disable=True if args.quiet else None)
+        try:
+            with progress:
+                result = predict_video(
+                    model, job.source, job.out_dir, job.stem, size=args.size,
+                    batch_size=args.batch_size, tta=args.tta, tta_scales=args.tta_scales,
+                    alpha=args.alpha, max_in_flight=max(DEFAULT_MAX_IN_FLIGHT, args.batch_size),
+                    progress=progress)
+        except VideoError as err:
+            _report_in_progress(f"{job.source}: {err}")
+            continue
+        written = ", ".join(result.paths)
+        if result.error:
+            kept = (f"the {result.frames} frame(s) segmented before it are in {written}"
+                    if result.frames else "no frame was written")
+            _report_in_progress(f"{job.source}: {result.error}; {kept}")
+            continue
+        print(f"{job.source}: {result.frames} frames in {result.seconds:.1f} s "
+              f"({result.fps:.2f} frames/s) -> {written}")
+        done += 1
+    return done
 
 
 # ------------------------------------------------------------------------------------------------
@@ -470,15 +527,22 @@ nothing in it runs; its architecture comes from its 'arch' string, parsed, never
 hyperseg .safetensors file. TARGET's folder must exist."""
 
 PREDICT_DESCRIPTION = """\
-Segment JPEG/PNG images. Each image is resized to the network input size (--size; by default the
-model's official resolution), normalised with the model's dataset mean/std, segmented, and the
+Segment JPEG/PNG images and videos. Each image is resized to the network input size (--size; by
+default the model's official resolution), normalised with the model's dataset mean/std, segmented, and the
 logits are resized back to the image's own size. For every image three PNGs are written to
 --out: <name>_labels.png (class ids, 8-bit), <name>_color.png (the dataset's palette:
 Cityscapes, CamVid or PASCAL VOC) and <name>_overlay.png (the image blended with the colours).
 Directories are searched recursively and their sub-directories mirrored under --out. Missing
 inputs are reported before the model is loaded; an image that cannot be read or written is
 reported on stderr and the others are still processed; the exit status is 1 if any image
-failed. --out is created when the first image is written."""
+failed. --out is created when the first image is written.
+
+Videos (.mp4, .m4v, .mov, .mkv, .webm, .avi; needs PyAV: pip install "hyperseg[video]") are
+segmented frame by frame (decoding, preprocessing, the model and encoding overlap in threads,
+with a bounded number of frames in memory) into <name>_color.mp4 and <name>_overlay.mp4 (H.264)
+and <name>_labels.mkv (class ids, lossless FFV1), at the input's frame size and frame rate (audio
+is dropped). A video that cannot be decoded to its end is reported, the frames segmented before
+the failure are written (playable files), and the exit status is 1."""
 
 EXPORT_DESCRIPTION = """\
 Export a model to ONNX with the torch exporter (torch.onnx.export(..., dynamo=True)). The graph
@@ -584,10 +648,11 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(run=_convert)
 
     predict = commands.add_parser(
-        "predict", help="segment JPEG/PNG images and write label, colour and overlay PNGs",
+        "predict", help="segment JPEG/PNG images or videos: label, colour and overlay outputs",
         description=PREDICT_DESCRIPTION)
-    predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR",
-                         help="JPEG/PNG files, or directories searched recursively for them")
+    predict.add_argument("inputs", nargs="+", metavar="INPUT",
+                         help="JPEG/PNG files, directories searched recursively for them, or "
+                              "video files (.mp4, .mkv, ...; needs PyAV)")
     _add_model_args(predict)
     predict.add_argument("--out", "-o", required=True, metavar="DIR",
                          help="output directory (created when the first image is written)")

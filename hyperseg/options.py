@@ -21,6 +21,8 @@ AMP_MODES = ("off", "fp16", "bf16")               # mixed precision in training
 TTA_MODES = ("flip", "ms")                        # test-time augmentation (predict and eval)
 DEFAULT_TTA_SCALES = (1.0, 0.75, 1.25)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi")   # read with PyAV
+VIDEO_INSTALL = 'pip install "hyperseg[video]"'  # the optional extra that installs PyAV (av)
 DATA_SPEC_HELP = ("cityscapes:PATH, camvid:PATH, voc:PATH, or synthetic[:N][,size=HxW][,classes=C]"
                   "[,seed=S] (N training images, default 512 of 128x128 with 4 classes)")
 
@@ -62,6 +64,31 @@ def image_path_problem(path) -> Optional[str]:
         return "no such file"
     if os.path.isdir(path):
         return "is a directory"
+    return None
+
+
+def is_video_file(path) -> bool:
+    """True when ``path`` has a video extension (``VIDEO_EXTENSIONS``, case-insensitive)."""
+    return os.path.splitext(os.fspath(path))[1].lower() in VIDEO_EXTENSIONS
+
+
+def video_path_problem(path) -> Optional[str]:
+    """Why ``path`` cannot be an input video (missing, a directory, PyAV not installed), or None.
+    Whether the file really is a readable video is only known once it is opened."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        return "no such file"
+    if os.path.isdir(path):
+        return "is a directory"
+    return pyav_problem()
+
+
+def pyav_problem() -> Optional[str]:
+    """Why videos cannot be read or written here (PyAV, the ``av`` package, is missing), or None."""
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        return f"reading and writing videos needs PyAV (the av package): {VIDEO_INSTALL}"
     return None
 
 

@@ -257,21 +257,37 @@ def predict(model, image: ImageLike, *, size: Size = None, tta: TTA = None,
 def _segment_batch(model, config, images: Sequence[Tensor], target: Tuple[int, int], tta,
                    tta_scales: Sequence[float]) -> List[Tensor]:
     """Label maps of images segmented at one network input size ``target``."""
+    batch = prepare_batch(model, images, target)
+    return label_batch(model, batch, [tuple(image.shape[-2:]) for image in images], tta,
+                       tta_scales)
+
+
+def prepare_batch(model, images: Sequence[Tensor], target: Tuple[int, int]) -> Tensor:
+    """The network input of (3, H, W) [0, 1] images: each resized to ``target``, stacked,
+    normalised with the model's statistics, on the model's device and in its dtype."""
     module = _model_of(model)
     param = next(module.parameters())
     batch = torch.stack([resize(image, target) for image in images])
-    batch = normalize(batch.to(param.device), config).to(param.dtype)
+    return normalize(batch.to(param.device), module.config).to(param.dtype)
+
+
+def label_batch(model, batch: Tensor, sizes: Sequence[Tuple[int, int]], tta: TTA = None,
+                tta_scales: Sequence[float] = DEFAULT_TTA_SCALES) -> List[Tensor]:
+    """The label maps of a prepared batch (``prepare_batch``): the model's logits (in eval mode,
+    under ``torch.inference_mode``, with test-time augmentation ``tta``) resized back to each
+    image's (H, W) in ``sizes``, arg-maxed, as int64 CPU tensors."""
+    module = _model_of(model)
     was_training = module.training
     module.eval()
     try:
         with torch.inference_mode():
             logits = tta_forward(model, batch, tta, tta_scales)
             out = []
-            for image, scores in zip(images, logits):
+            for size, scores in zip(sizes, logits):
                 scores = scores[None].float()
-                if tuple(scores.shape[-2:]) != tuple(image.shape[-2:]):
+                if tuple(scores.shape[-2:]) != tuple(size):
                     # logits back to the image's size: plain bilinear, as the official evaluation
-                    scores = F.interpolate(scores, size=tuple(image.shape[-2:]), mode="bilinear",
+                    scores = F.interpolate(scores, size=tuple(size), mode="bilinear",
                                            align_corners=False)
                 out.append(scores.argmax(1)[0].cpu())
     finally:

@@ -19,6 +19,7 @@ from PIL import Image
 import hyperseg
 from hyperseg.__main__ import main
 from test_checkpoint import OFFICIAL_ARCH, write_official
+from video_utils import two_colour_frames, write_video
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 DATA = "synthetic:8,size=64,classes=3"
@@ -86,7 +87,7 @@ def small(argv):
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    """What the README's commands expect to find: an official checkpoint, photos."""
+    """What the README's commands expect to find: an official checkpoint, photos, a video."""
     root = tmp_path_factory.mktemp("readme")
     torch.manual_seed(0)
     model = hyperseg.build("hyperseg-m", backend="torch")
@@ -96,6 +97,7 @@ def folder(tmp_path_factory):
     image = Image.radial_gradient("L").convert("RGB").resize((96, 64))
     image.save(root / "photos" / "day" / "a.png")
     image.save(root / "street.jpg")
+    write_video(root / "street.mp4", two_colour_frames(3, 64, 96))
     return root
 
 
@@ -121,6 +123,8 @@ def test_the_readme_commands_run_in_order(folder, monkeypatch, capsys):
     # the README's train -> eval: a short run has its best model
     assert (folder / "runs/m/best.safetensors").is_file() and (folder / "m.json").is_file()
     assert (folder / "seg/day/a_labels.png").is_file() and (folder / "seg/street_labels.png").is_file()
+    assert all((folder / f"seg/street_{kind}").is_file()
+               for kind in ("color.mp4", "overlay.mp4", "labels.mkv"))
     assert (folder / "hyperseg-m.onnx").is_file()
     assert (folder / "runs/demo/best.safetensors").is_file()
 
