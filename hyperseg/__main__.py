@@ -162,6 +162,17 @@ _positive_float = _number("number", 0, low_inclusive=False)
 _alpha_arg = _number("number", 0.0, 1.0)
 
 
+def _fraction_arg(text: str) -> float:
+    value = _number("number", 0.0, 1.0)(text)
+    if value == 1.0:
+        raise argparse.ArgumentTypeError("must be below 1 (some images must remain for training)")
+    return value
+
+
+VAL_FRACTION_HELP = ("folder data without split folders: the share of the images held out as "
+                     "the val split, chosen deterministically from their names (default 0.1)")
+
+
 def _scales_arg(text: str) -> Tuple[float, ...]:
     try:
         scales = tuple(float(s) for s in text.split(",") if s.strip())
@@ -357,7 +368,8 @@ def _export(args: argparse.Namespace) -> int:
 # --flag destinations that override a training recipe or run setting (see hyperseg.train).
 TRAIN_OVERRIDES = ("epochs", "epoch_size", "batch_size", "accumulate", "lr", "poly_power", "crop",
                    "scale_range", "loss", "pretrained_backbone", "num_classes", "seed", "amp",
-                   "sync_bn", "weights", "train_split", "val_split", "val_every")
+                   "sync_bn", "weights", "train_split", "val_split", "val_every", "backbone",
+                   "val_fraction")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -403,7 +415,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     spec = parse_data_spec(args.data)
     split = args.split or DEFAULT_SPLITS[spec.kind][1]
-    dataset = open_dataset(spec, split)
+    dataset = open_dataset(spec, split, args.val_fraction)
     context = distributed.setup(device)
     try:
         model = _load_model(args, args.backend, "scores are").to(context.device)
@@ -501,7 +513,8 @@ EVAL_DESCRIPTION = """\
 Evaluate a model on a dataset split: per-class IoU, mIoU, pixel accuracy and mean class accuracy,
 printed as a table (and written with --json). Preprocessing follows the official evaluation
 (Cityscapes and CamVid resized to the model's resolution, logits resized back to the labels;
-VOC padded to 512x512). Under torchrun the split is sharded over the processes."""
+VOC padded to 512x512; folder and synthetic data at their own size). Under torchrun the split is
+sharded over the processes."""
 
 BACKEND_HELP = ("decoder implementation: torch (the pure-PyTorch reference), triton (the Triton "
                 "kernels: CUDA, or CPU through the interpreter with TRITON_INTERPRET=1) or auto "
@@ -650,8 +663,16 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--num-classes", type=_positive_int, metavar="N",
                         help="output classes (default: the dataset's)")
     recipe.add_argument("--weights", "-w", metavar="FILE",
-                        help="start from these weights (a .pth or .safetensors checkpoint of "
-                             "the model)")
+                        help="start from these weights (a .pth or .safetensors checkpoint): "
+                             "every tensor whose name and shape match is loaded, the others "
+                             "(e.g. the classifier, for another --num-classes) are "
+                             "re-initialised and listed")
+    recipe.add_argument("--backbone", metavar="TIMM_NAME",
+                        help="a timm model with features at strides 2..32 (e.g. "
+                             "mobilenetv3_large_100, resnet50, efficientnet_b0) instead of the "
+                             "model's official EfficientNet")
+    recipe.add_argument("--val-fraction", type=_fraction_arg, metavar="F",
+                        help=VAL_FRACTION_HELP)
     recipe.add_argument("--seed", type=_non_negative_int, metavar="N",
                         help="seed of the initialisation, sampling and augmentation (default 0)")
     recipe.add_argument("--amp", choices=AMP_MODES, help="mixed precision (default off)")
@@ -677,6 +698,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", "-d", required=True, metavar="SPEC", help=DATA_SPEC_HELP)
     evaluate.add_argument("--split", metavar="SPLIT",
                           help="default: the official evaluation split (val; test for CamVid)")
+    evaluate.add_argument("--val-fraction", type=_fraction_arg, metavar="F",
+                          help=VAL_FRACTION_HELP + "; give the training run's")
     _add_inference_args(evaluate)
     _add_workers_arg(evaluate)
     evaluate.add_argument("--json", metavar="FILE",

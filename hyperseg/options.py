@@ -16,7 +16,8 @@ AMP_MODES = ("off", "fp16", "bf16")               # mixed precision in training
 TTA_MODES = ("flip", "ms")                        # test-time augmentation (predict and eval)
 DEFAULT_TTA_SCALES = (1.0, 0.75, 1.25)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-DATA_SPEC_HELP = ("cityscapes:PATH, camvid:PATH, voc:PATH, or synthetic[:N][,size=HxW][,classes=C]"
+DATA_SPEC_HELP = ("cityscapes:PATH, camvid:PATH, voc:PATH, folder:PATH (your images/ and masks/, "
+                  "see README), or synthetic[:N][,size=HxW][,classes=C]"
                   "[,seed=S] (N training images, default 512 of 128x128 with 4 classes)")
 
 
