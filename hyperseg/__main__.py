@@ -372,13 +372,31 @@ TRAIN_OVERRIDES = ("epochs", "epoch_size", "batch_size", "accumulate", "lr", "po
                    "val_fraction")
 
 
+def _model_of_weights(path: str) -> Tuple[str, Optional[str]]:
+    """The zoo name and timm backbone (None: the official one) of the model in a checkpoint, for
+    ``train --weights FILE`` without ``--model``."""
+    from .checkpoint import read_checkpoint
+    from .zoo import get_config
+
+    config = read_checkpoint(path).config
+    if config is None:
+        raise UsageError(f"--weights {path!r} does not say which model it holds: give --model NAME")
+    base, _, backbone = config.name.partition("+")
+    try:
+        get_config(base)
+    except ValueError:
+        raise UsageError(f"--weights {path!r} holds a {config.name} model, which is no zoo model "
+                         f"(so it has no training recipe): give --model NAME") from None
+    return base, backbone or None
+
+
 def _train(args: argparse.Namespace) -> int:
     from .options import output_dir_problem
 
     if not args.resume:
-        if not args.model or not args.data:
-            raise UsageError("give --model NAME and --data SPEC (or --resume to continue the run "
-                             "in --out)")
+        if not args.data or not (args.model or args.weights):
+            raise UsageError("give --model NAME (or --weights FILE) and --data SPEC (or --resume "
+                             "to continue the run in --out)")
         problem = output_dir_problem(args.out)
         if problem:
             raise UsageError(f"--out {args.out!r}: {problem}")
@@ -386,6 +404,9 @@ def _train(args: argparse.Namespace) -> int:
         _check_checkpoint_file(args.weights)
     device = _device(args.device)
     _check_backend(args.backend, device)
+    if args.weights and not args.model and not args.resume:
+        args.model, backbone = _model_of_weights(args.weights)
+        args.backbone = args.backbone or backbone
 
     from .train import RunOptions, make_config, resume_config, train
 
@@ -629,7 +650,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a model (official recipes; torchrun for DDP)",
                                 description=TRAIN_DESCRIPTION)
-    train.add_argument("--model", "-m", metavar="NAME", help="zoo model name (see 'hyperseg list')")
+    train.add_argument("--model", "-m", metavar="NAME",
+                       help="zoo model name (see 'hyperseg list'; default with --weights: the "
+                            "file's model)")
     train.add_argument("--data", "-d", metavar="SPEC", help=DATA_SPEC_HELP)
     train.add_argument("--out", "-o", required=True, metavar="DIR",
                        help="run folder (created when the run starts)")

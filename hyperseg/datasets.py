@@ -509,7 +509,8 @@ class FolderDataset(SegmentationDataset):
                 path = os.path.join(folder, name)
                 ids = self._decode_ids(path)
                 ids = ids[ids != IGNORE_INDEX]
-                largest = max(largest, int(ids.max(initial=-1)))
+                if ids.size:
+                    largest = max(largest, int(ids.max()))
         if largest < 0:
             raise DatasetError(f"folder: every mask under {mask_root!r} is all ignore ({IGNORE_INDEX}); "
                                f"name the classes in {os.path.join(self.root, CLASSES_FILE)}")
