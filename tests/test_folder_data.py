@@ -210,3 +210,73 @@ def test_a_models_palette_and_class_names_travel_in_its_config():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert get_config("hyperseg-m").palette == ()
+
+
+NAMES = ("background", "red", "blue", "green", "grey")
+COLOURS = [[0, 0, 0], [250, 10, 10], [10, 10, 250], [10, 250, 10], [128, 128, 128]]
+
+
+def test_fine_tune_an_official_checkpoint_on_a_folder_then_evaluate_and_predict(tmp_path, capsys):
+    """The issue's three commands: train --weights official.pth --data folder:... --num-classes 5
+    (no --model: the file's), then eval and predict with the folder's class names and palette."""
+    import torch
+
+    import hyperseg
+    from hyperseg.__main__ import main
+    from test_checkpoint import OFFICIAL_ARCH, write_official
+
+    root = tmp_path / "data"
+    for split, n in (("train", 2), ("val", 1)):
+        for i in range(n):
+            _image(root / "images" / split / f"{i}.png", seed=i, size=(64, 64))
+            _mask(root / "masks" / split / f"{i}.png",
+                  np.random.default_rng(i).integers(0, 5, (64, 64)), COLOURS)
+    _classes(root, NAMES, COLOURS)
+    torch.manual_seed(0)
+    write_official(tmp_path / "official.pth", hyperseg.build("hyperseg-m", backend="torch"),
+                   OFFICIAL_ARCH["hyperseg-m-cityscapes"])
+
+    run = tmp_path / "run"
+    assert main(["train", "--weights", str(tmp_path / "official.pth"), "--data", f"folder:{root}",
+                 "--num-classes", "5", "--out", str(run), "--steps", "1", "--epoch-size", "2",
+                 "--batch-size", "2", "--crop", "64x64", "--no-pretrained-backbone",
+                 "--workers", "0", "--quiet", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "training hyperseg-m-cityscapes (5 classes)" in out
+    assert "re-initialised 7 tensor(s) whose shape differs" in out
+    assert "decoder.blocks.4.bn3.weight" in out and "backbone.body" not in out.split("re-init")[1]
+    model = hyperseg.load(run / "latest.safetensors")
+    assert model.config.class_names == NAMES and model.config.palette == tuple(map(tuple, COLOURS))
+
+    assert main(["eval", "--weights", str(run / "latest.safetensors"), "--data", f"folder:{root}",
+                 "--workers", "0", "--quiet"]) == 0
+    table = capsys.readouterr().out
+    assert "(val, 1 images)" in table and all(name in table for name in NAMES)
+    assert main(["predict", str(root / "images/val/0.png"), "--weights",
+                 str(run / "latest.safetensors"), "--out", str(tmp_path / "seg"), "--size",
+                 "64x64", "--quiet"]) == 0
+    labels = np.asarray(Image.open(tmp_path / "seg/0_labels.png"))
+    colours = np.asarray(Image.open(tmp_path / "seg/0_color.png").convert("RGB"))
+    assert np.array_equal(colours, np.asarray(COLOURS, np.uint8)[labels])
+
+
+def test_train_options_for_folders_and_backbones_are_checked_first(tmp_path, capsys):
+    from hyperseg.__main__ import main
+
+    def fails(args, message):
+        assert main(["train", "--out", str(tmp_path / "run"), "--quiet"] + args) == 2
+        err = capsys.readouterr().err
+        assert message in err, err
+        assert not (tmp_path / "run").exists()
+
+    data = ["--model", "hyperseg-m", "--data", "synthetic:8,size=64"]
+    fails(data + ["--backbone", "resnet_9000"], "unknown backbone 'resnet_9000': timm has no model")
+    fails(data + ["--val-fraction", "0.2"], "--val-fraction applies to folder datasets only")
+    with pytest.raises(SystemExit):
+        main(["train", "--out", str(tmp_path / "run")] + data + ["--val-fraction", "1"])
+    assert "--val-fraction: must be below 1" in capsys.readouterr().err
+    fails(["--model", "hyperseg-m", "--data", f"folder:{tmp_path / 'none'}"],
+          "the dataset folder")
+    (tmp_path / "w.safetensors").write_bytes(b"")
+    fails(["--weights", str(tmp_path / "w.safetensors"), "--data", "synthetic:8,size=64"],
+          "the file is empty")
