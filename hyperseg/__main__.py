@@ -506,12 +506,13 @@ PREDICT_DESCRIPTION = """\
 Segment JPEG/PNG images. Each image is resized to the network input size (--size; by default the
 model's official resolution), normalised with the model's dataset mean/std, segmented, and the
 logits are resized back to the image's own size. For every image three PNGs are written to
---out: <name>_labels.png (class ids, 8-bit), <name>_color.png (the dataset's palette:
-Cityscapes, CamVid or PASCAL VOC) and <name>_overlay.png (the image blended with the colours).
-Directories are searched recursively and their sub-directories mirrored under --out. Missing
-inputs are reported before the model is loaded; an image that cannot be read or written is
-reported on stderr and the others are still processed; the exit status is 1 if any image
-failed. --out is created when the first image is written."""
+--out: <name>_labels.png (class ids, 8-bit), <name>_color.png (the palette of the classes.json
+of the folder the model was trained on, else the dataset's: Cityscapes, CamVid or PASCAL VOC)
+and <name>_overlay.png (the image blended with the colours). Directories are searched
+recursively and their sub-directories mirrored under --out. Missing inputs are reported before
+the model is loaded; an image that cannot be read or written is reported on stderr and the
+others are still processed; the exit status is 1 if any image failed. --out is created when the
+first image is written."""
 
 EXPORT_DESCRIPTION = """\
 Export a model to ONNX with the torch exporter (torch.onnx.export(..., dynamo=True)). The graph

@@ -512,7 +512,8 @@ class FolderDataset(SegmentationDataset):
                 if ids.size:
                     largest = max(largest, int(ids.max()))
         if largest < 0:
-            raise DatasetError(f"folder: every mask under {mask_root!r} is all ignore ({IGNORE_INDEX}); "
+            raise DatasetError(f"folder: every mask under {mask_root!r} is all ignore "
+                               f"({IGNORE_INDEX}); "
                                f"name the classes in {os.path.join(self.root, CLASSES_FILE)}")
         warnings.warn(f"{self.root}: no {CLASSES_FILE}, so the classes are 0..{largest} (the "
                       f"largest id in the masks); write {CLASSES_FILE} to name them and fix "
@@ -530,7 +531,8 @@ class FolderDataset(SegmentationDataset):
         if not colour:
             return _read_label(path)
         if not self.palette:
-            raise DatasetError(f"{path}: an RGB colour mask, but {os.path.join(self.root, CLASSES_FILE)} "
+            raise DatasetError(f"{path}: an RGB colour mask, but "
+                               f"{os.path.join(self.root, CLASSES_FILE)} "
                                f"gives no \"palette\" to map its colours to classes")
         rgb = _read_label(path, colour=True).astype(np.int32)
         packed = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]

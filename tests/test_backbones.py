@@ -85,6 +85,17 @@ def test_fine_tuning_keeps_every_tensor_whose_shape_matches(tmp_path):
     with pytest.raises(CheckpointError, match="official checkpoint can only start a model with "
                                               "the official EfficientNet backbone"):
         load_matching(custom, checkpoint)
-    foreign = Checkpoint({"backbone.body.conv_stem.weight": torch.zeros(2, 2)}, "hyperseg", None, {})
+    foreign = Checkpoint({"backbone.body.conv_stem.weight": torch.zeros(2, 2)}, "hyperseg", None,
+                         {})
     with pytest.raises(CheckpointError, match="shares no tensor"):
         load_matching(target, foreign)
+
+
+def test_a_model_timm_cannot_cut_into_features_is_refused(monkeypatch):
+    def no_features(name, **kwargs):
+        raise RuntimeError(f"features_only not implemented for {name}")
+
+    monkeypatch.setattr(timm, "create_model", no_features)
+    with pytest.raises(BackboneError, match="backbone 'resnet18' cannot give timm features_only "
+                                            "feature maps: features_only not implemented"):
+        hyperseg.build("hyperseg-m", backbone="resnet18")

@@ -125,7 +125,8 @@ def test_without_split_folders_the_val_fraction_splits_deterministically(tmp_pat
     # the assignment follows the names, not the listing order, and a larger fraction only adds
     parts = split_by_fraction([f"img{i:02d}" for i in reversed(range(10))], 0.3)
     assert set(parts["val"]) == stems(val) and len(parts["train"]) == 7
-    assert set(split_by_fraction([f"img{i:02d}" for i in range(10)], 0.5)["val"]) > set(parts["val"])
+    half = split_by_fraction([f"img{i:02d}" for i in range(10)], 0.5)
+    assert set(half["val"]) > set(parts["val"])
     assert len(split_by_fraction(["a", "b"], 0.01)["val"]) == 1
     with pytest.raises(DatasetError, match="no split folders, so its splits are train and val"):
         FolderDataset(tmp_path, "test")
@@ -158,6 +159,19 @@ def test_stems_sizes_and_class_ids_are_checked_on_opening(tmp_path):
         FolderDataset(tmp_path, "val")
     _image(tmp_path / "images/train/train1.png")
     with pytest.raises(DatasetError, match="two files share the stem 'train1'"):
+        FolderDataset(tmp_path, "train")
+
+
+def test_unreadable_images_and_masks_without_classes(tmp_path):
+    _split_tree(tmp_path, counts=(("train", 2),))
+    for i in range(2):
+        _mask(tmp_path / f"masks/train/train{i}.png", np.full((H, W), 255))
+    with pytest.raises(DatasetError, match=r"every mask under .* is all ignore \(255\); name the "
+                                           r"classes in .*classes.json"):
+        FolderDataset(tmp_path, "train")
+    _classes(tmp_path)
+    (tmp_path / "images/train/train0.png").write_bytes(b"not a png")
+    with pytest.raises(DatasetError, match=r"train0.png: not a readable image"):
         FolderDataset(tmp_path, "train")
 
 
@@ -280,3 +294,26 @@ def test_train_options_for_folders_and_backbones_are_checked_first(tmp_path, cap
     (tmp_path / "w.safetensors").write_bytes(b"")
     fails(["--weights", str(tmp_path / "w.safetensors"), "--data", "synthetic:8,size=64"],
           "the file is empty")
+
+
+def test_train_weights_without_model_need_a_zoo_model(tmp_path, capsys):
+    import torch
+
+    import hyperseg
+    from hyperseg.__main__ import main
+    from test_checkpoint import write_official
+
+    torch.manual_seed(0)
+    model = hyperseg.build("hyperseg-s-camvid", backend="torch")
+    write_official(tmp_path / "no_arch.pth", model)
+    custom_arch = ("hyperseg.models.hyperseg_v1_0.hyperseg_efficientnet('efficientnet-b1', "
+                   "levels=2, level_channels=[64, 32, 16, 16, 8], kernel_sizes=[1, 1, 1, 3, 3], "
+                   "expand_ratio=2, weight_groups=[64, 32, 32, 16, 8], out_feat_scale=0.25, "
+                   "num_classes=12)")
+    write_official(tmp_path / "custom.pth", model, custom_arch)
+    for name, message in (("no_arch.pth", "does not say which model it holds: give --model NAME"),
+                          ("custom.pth", "holds a custom-v1_0 model, which is no zoo model")):
+        assert main(["train", "--weights", str(tmp_path / name), "--data", "synthetic:8,size=64",
+                     "--out", str(tmp_path / "run"), "--quiet"]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
