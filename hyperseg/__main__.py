@@ -162,6 +162,17 @@ _positive_float = _number("number", 0, low_inclusive=False)
 _alpha_arg = _number("number", 0.0, 1.0)
 
 
+def _fraction_arg(text: str) -> float:
+    value = _number("number", 0.0, 1.0)(text)
+    if value == 1.0:
+        raise argparse.ArgumentTypeError("must be below 1 (some images must remain for training)")
+    return value
+
+
+VAL_FRACTION_HELP = ("folder data without split folders: the share of the images held out as "
+                     "the val split, chosen deterministically from their names (default 0.1)")
+
+
 def _scales_arg(text: str) -> Tuple[float, ...]:
     try:
         scales = tuple(float(s) for s in text.split(",") if s.strip())
@@ -414,16 +425,35 @@ def _export(args: argparse.Namespace) -> int:
 # --flag destinations that override a training recipe or run setting (see hyperseg.train).
 TRAIN_OVERRIDES = ("epochs", "epoch_size", "batch_size", "accumulate", "lr", "poly_power", "crop",
                    "scale_range", "loss", "pretrained_backbone", "num_classes", "seed", "amp",
-                   "sync_bn", "weights", "train_split", "val_split", "val_every")
+                   "sync_bn", "weights", "train_split", "val_split", "val_every", "backbone",
+                   "val_fraction")
+
+
+def _model_of_weights(path: str) -> Tuple[str, Optional[str]]:
+    """The zoo name and timm backbone (None: the official one) of the model in a checkpoint, for
+    ``train --weights FILE`` without ``--model``."""
+    from .checkpoint import read_checkpoint
+    from .zoo import get_config
+
+    config = read_checkpoint(path).config
+    if config is None:
+        raise UsageError(f"--weights {path!r} does not say which model it holds: give --model NAME")
+    base, _, backbone = config.name.partition("+")
+    try:
+        get_config(base)
+    except ValueError:
+        raise UsageError(f"--weights {path!r} holds a {config.name} model, which is no zoo model "
+                         f"(so it has no training recipe): give --model NAME") from None
+    return base, backbone or None
 
 
 def _train(args: argparse.Namespace) -> int:
     from .options import output_dir_problem
 
     if not args.resume:
-        if not args.model or not args.data:
-            raise UsageError("give --model NAME and --data SPEC (or --resume to continue the run "
-                             "in --out)")
+        if not args.data or not (args.model or args.weights):
+            raise UsageError("give --model NAME (or --weights FILE) and --data SPEC (or --resume "
+                             "to continue the run in --out)")
         problem = output_dir_problem(args.out)
         if problem:
             raise UsageError(f"--out {args.out!r}: {problem}")
@@ -431,6 +461,9 @@ def _train(args: argparse.Namespace) -> int:
         _check_checkpoint_file(args.weights)
     device = _device(args.device)
     _check_backend(args.backend, device)
+    if args.weights and not args.model and not args.resume:
+        args.model, backbone = _model_of_weights(args.weights)
+        args.backbone = args.backbone or backbone
 
     from .train import RunOptions, make_config, resume_config, train
 
@@ -460,7 +493,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     spec = parse_data_spec(args.data)
     split = args.split or DEFAULT_SPLITS[spec.kind][1]
-    dataset = open_dataset(spec, split)
+    dataset = open_dataset(spec, split, args.val_fraction)
     context = distributed.setup(device)
     try:
         model = _load_model(args, args.backend, "scores are").to(context.device)
@@ -530,12 +563,13 @@ PREDICT_DESCRIPTION = """\
 Segment JPEG/PNG images and videos. Each image is resized to the network input size (--size; by
 default the model's official resolution), normalised with the model's dataset mean/std, segmented, and the
 logits are resized back to the image's own size. For every image three PNGs are written to
---out: <name>_labels.png (class ids, 8-bit), <name>_color.png (the dataset's palette:
-Cityscapes, CamVid or PASCAL VOC) and <name>_overlay.png (the image blended with the colours).
-Directories are searched recursively and their sub-directories mirrored under --out. Missing
-inputs are reported before the model is loaded; an image that cannot be read or written is
-reported on stderr and the others are still processed; the exit status is 1 if any image
-failed. --out is created when the first image is written.
+--out: <name>_labels.png (class ids, 8-bit), <name>_color.png (the palette of the classes.json
+of the folder the model was trained on, else the dataset's: Cityscapes, CamVid or PASCAL VOC)
+and <name>_overlay.png (the image blended with the colours). Directories are searched
+recursively and their sub-directories mirrored under --out. Missing inputs are reported before
+the model is loaded; an image that cannot be read or written is reported on stderr and the
+others are still processed; the exit status is 1 if any image failed. --out is created when the
+first image is written.
 
 Videos (.mp4, .m4v, .mov, .mkv, .webm, .avi; needs PyAV: pip install "hyperseg[video]") are
 segmented frame by frame (decoding, preprocessing, the model and encoding overlap in threads,
@@ -565,7 +599,8 @@ EVAL_DESCRIPTION = """\
 Evaluate a model on a dataset split: per-class IoU, mIoU, pixel accuracy and mean class accuracy,
 printed as a table (and written with --json). Preprocessing follows the official evaluation
 (Cityscapes and CamVid resized to the model's resolution, logits resized back to the labels;
-VOC padded to 512x512). Under torchrun the split is sharded over the processes."""
+VOC padded to 512x512; folder and synthetic data at their own size). Under torchrun the split is
+sharded over the processes."""
 
 BACKEND_HELP = ("decoder implementation: torch (the pure-PyTorch reference), triton (the Triton "
                 "kernels: CUDA, or CPU through the interpreter with TRITON_INTERPRET=1) or auto "
@@ -681,7 +716,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a model (official recipes; torchrun for DDP)",
                                 description=TRAIN_DESCRIPTION)
-    train.add_argument("--model", "-m", metavar="NAME", help="zoo model name (see 'hyperseg list')")
+    train.add_argument("--model", "-m", metavar="NAME",
+                       help="zoo model name (see 'hyperseg list'; default with --weights: the "
+                            "file's model)")
     train.add_argument("--data", "-d", metavar="SPEC", help=DATA_SPEC_HELP)
     train.add_argument("--out", "-o", required=True, metavar="DIR",
                        help="run folder (created when the run starts)")
@@ -715,8 +752,16 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--num-classes", type=_positive_int, metavar="N",
                         help="output classes (default: the dataset's)")
     recipe.add_argument("--weights", "-w", metavar="FILE",
-                        help="start from these weights (a .pth or .safetensors checkpoint of "
-                             "the model)")
+                        help="start from these weights (a .pth or .safetensors checkpoint): "
+                             "every tensor whose name and shape match is loaded, the others "
+                             "(e.g. the classifier, for another --num-classes) are "
+                             "re-initialised and listed")
+    recipe.add_argument("--backbone", metavar="TIMM_NAME",
+                        help="a timm model with features at strides 2..32 (e.g. "
+                             "mobilenetv3_large_100, resnet50, efficientnet_b0) instead of the "
+                             "model's official EfficientNet")
+    recipe.add_argument("--val-fraction", type=_fraction_arg, metavar="F",
+                        help=VAL_FRACTION_HELP)
     recipe.add_argument("--seed", type=_non_negative_int, metavar="N",
                         help="seed of the initialisation, sampling and augmentation (default 0)")
     recipe.add_argument("--amp", choices=AMP_MODES, help="mixed precision (default off)")
@@ -742,6 +787,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", "-d", required=True, metavar="SPEC", help=DATA_SPEC_HELP)
     evaluate.add_argument("--split", metavar="SPLIT",
                           help="default: the official evaluation split (val; test for CamVid)")
+    evaluate.add_argument("--val-fraction", type=_fraction_arg, metavar="F",
+                          help=VAL_FRACTION_HELP + "; give the training run's")
     _add_inference_args(evaluate)
     _add_workers_arg(evaluate)
     evaluate.add_argument("--json", metavar="FILE",

@@ -1,4 +1,6 @@
-"""The EfficientNet backbone: timm's ``tf_efficientnet_*`` plus the official feature reducers."""
+"""Backbones: the official EfficientNet (timm's ``tf_efficientnet_*`` with the official static
+padding) and any timm ``features_only`` model with features at strides 2..32, each followed by the
+official feature reducers."""
 from __future__ import annotations
 
 import math
@@ -11,6 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .zoo import BACKBONE_NOMINAL_SIZE
+
+BACKBONE_STRIDES = (2, 4, 8, 16, 32)
 
 # The official backbone's BatchNorm settings (TensorFlow's momentum 0.99 -> PyTorch 0.01).
 BN_EPS = 1e-3
@@ -83,22 +87,92 @@ class Backbone(nn.Module):
             if isinstance(m, nn.BatchNorm2d):
                 m.momentum = BN_MOMENTUM
         stage_channels = [info["num_chs"] for info in self.body.feature_info]
-        if len(stage_channels) != len(out_feat_scale):
-            raise ValueError(f"{name} has {len(stage_channels)} stages, "
-                             f"got {len(out_feat_scale)} out_feat_scale entries")
-        self.reducers = nn.ModuleList()
-        self.feat_channels: List[int] = []
-        for channels, scale in zip(stage_channels, out_feat_scale):
-            out = int(round(channels * scale))
-            if scale == 1:
-                self.reducers.append(nn.Identity())
-            else:
-                self.reducers.append(nn.Sequential(
-                    nn.Conv2d(channels, out, 1, bias=False),
-                    nn.BatchNorm2d(out, eps=BN_EPS, momentum=BN_MOMENTUM)))
-            self.feat_channels.append(out)
+        self.reducers, self.feat_channels = _reducers(name, stage_channels, out_feat_scale)
         self.head_channels = self.body.num_features
 
     def forward(self, x: Tensor) -> Tuple[List[Tensor], Tensor]:
         head, stages = self.body.forward_intermediates(x, indices=len(self.reducers))
         return [reduce(f) for reduce, f in zip(self.reducers, stages)], head
+
+
+def _reducers(name: str, stage_channels: Sequence[int], out_feat_scale: Sequence[float]
+              ) -> Tuple[nn.ModuleList, List[int]]:
+    """One reducer per stage (identity for scale 1, else 1x1 conv + BN to ``round(channels *
+    scale)`` channels) and the reduced channel counts."""
+    if len(stage_channels) != len(out_feat_scale):
+        raise ValueError(f"{name} has {len(stage_channels)} stages, "
+                         f"got {len(out_feat_scale)} out_feat_scale entries")
+    reducers, channels_out = nn.ModuleList(), []
+    for channels, scale in zip(stage_channels, out_feat_scale):
+        out = max(1, int(round(channels * scale)))
+        if scale == 1:
+            reducers.append(nn.Identity())
+        else:
+            reducers.append(nn.Sequential(
+                nn.Conv2d(channels, out, 1, bias=False),
+                nn.BatchNorm2d(out, eps=BN_EPS, momentum=BN_MOMENTUM)))
+        channels_out.append(out)
+    return reducers, channels_out
+
+
+class BackboneError(ValueError):
+    """A backbone name that timm does not know, or a model without features at strides 2..32."""
+
+
+def _stage_indices(name: str, strides: Sequence[int]) -> List[int]:
+    """For each stride of ``BACKBONE_STRIDES``, the index of the deepest feature at that stride."""
+    indices = []
+    for stride in BACKBONE_STRIDES:
+        found = [i for i, s in enumerate(strides) if s == stride]
+        if not found:
+            raise BackboneError(
+                f"backbone {name!r} has features at strides {list(strides)}; HyperSeg needs one at "
+                f"each of the strides {list(BACKBONE_STRIDES)} (e.g. EfficientNet, MobileNetV3, "
+                f"ResNet, RegNet families)")
+        indices.append(found[-1])
+    return indices
+
+
+def create_features_model(name: str, pretrained: bool = False) -> nn.Module:
+    """timm's ``features_only`` model ``name``, or ``BackboneError`` saying why there is none."""
+    if not isinstance(name, str) or not name:
+        raise BackboneError(f"a backbone must be a timm model name, got {name!r}")
+    if not timm.is_model(name):
+        raise BackboneError(f"unknown backbone {name!r}: timm has no model of that name "
+                            f"(see timm.list_models())")
+    try:
+        model = timm.create_model(name, pretrained=False, features_only=True)
+    except (RuntimeError, ValueError, TypeError, KeyError, AttributeError, AssertionError) as err:
+        raise BackboneError(f"backbone {name!r} cannot give timm features_only feature maps: "
+                            f"{err}") from None
+    if pretrained:       # a download: its errors (network, cache) are the caller's to report
+        model = timm.create_model(name, pretrained=True, features_only=True)
+    return model
+
+
+class TimmBackbone(nn.Module):
+    """Any timm ``features_only`` model with features at strides 2, 4, 8, 16 and 32, as a HyperSeg
+    encoder: the five stage features (reduced as in ``Backbone``) and, for the context head, the
+    raw stride-32 feature. Channels come from timm's ``feature_info``."""
+
+    def __init__(self, name: str, out_feat_scale: Sequence[float], pretrained: bool = False):
+        super().__init__()
+        self.body = create_features_model(name, pretrained)
+        info = self.body.feature_info
+        self.stage_indices = _stage_indices(name, info.reduction())
+        stage_channels = [info.channels()[i] for i in self.stage_indices]
+        self.reducers, self.feat_channels = _reducers(name, stage_channels, out_feat_scale)
+        self.head_channels = stage_channels[-1]
+
+    def forward(self, x: Tensor) -> Tuple[List[Tensor], Tensor]:
+        features = self.body(x)
+        stages = [features[i] for i in self.stage_indices]
+        return [reduce(f) for reduce, f in zip(self.reducers, stages)], stages[-1]
+
+
+def make_backbone(name: str, out_feat_scale: Sequence[float], pretrained: bool = False
+                  ) -> nn.Module:
+    """The official EfficientNet for the zoo's backbones, else a ``TimmBackbone``."""
+    if name in BACKBONE_NOMINAL_SIZE:
+        return Backbone(name, out_feat_scale, pretrained)
+    return TimmBackbone(name, out_feat_scale, pretrained)

@@ -392,6 +392,50 @@ def load_into(model: HyperSeg, checkpoint: Checkpoint) -> HyperSeg:
     return model
 
 
+@dataclass
+class PartialLoad:
+    """What ``load_matching`` did: our tensors it re-initialised (no tensor of that name and
+    shape in the checkpoint) and the checkpoint's tensors it did not use (by their names)."""
+    reinitialised: List[str]
+    unused: List[str]
+
+
+def load_matching(model: HyperSeg, checkpoint: Checkpoint) -> PartialLoad:
+    """Fine-tuning: copy into ``model`` every tensor of ``checkpoint`` whose name (mapped from the
+    official names for an official file) and shape match one of the model's, and keep the rest
+    as initialised (e.g. the layers that depend on the class count). A checkpoint that shares no
+    tensor with the model is refused."""
+    if checkpoint.layout == "official":
+        tensors = {}
+        for key, value in checkpoint.tensors.items():
+            key = key[len("module."):] if key.startswith("module.") else key
+            if not _COORD_BUFFER.match(key):
+                tensors[key] = value
+        try:
+            rename = official_names(model)
+        except KeyError:
+            raise CheckpointError(
+                f"an official checkpoint can only start a model with the official EfficientNet "
+                f"backbone, not {model.config.backbone!r}") from None
+    else:
+        tensors = checkpoint.tensors
+        rename = {key: key for key in model.state_dict()}
+    own = model.state_dict()
+    state, reinitialised = {}, []
+    for ours, theirs in rename.items():
+        value = tensors.get(theirs)
+        if isinstance(value, torch.Tensor) and tuple(value.shape) == tuple(own[ours].shape):
+            state[ours] = value
+        else:
+            reinitialised.append(ours)
+    if not state:
+        raise CheckpointError("the checkpoint shares no tensor (by name and shape) with "
+                              f"{model.config.name}: it cannot start its training")
+    model.load_state_dict(state, strict=False)
+    used = {rename[key] for key in state}
+    return PartialLoad(reinitialised, sorted(set(tensors) - used))
+
+
 def load(path, *, backend: str = "auto", map_location="cpu") -> HyperSeg:
     """Build the model a checkpoint describes and load its weights, in eval mode.
 

@@ -333,6 +333,236 @@ class VOCSBD(SegmentationDataset):
 
 
 # ------------------------------------------------------------------------------------------------
+# Your own data: a folder of images and masks
+# ------------------------------------------------------------------------------------------------
+
+CLASSES_FILE = "classes.json"
+DEFAULT_VAL_FRACTION = 0.1
+
+
+def read_classes_file(path: str) -> Tuple[Tuple[str, ...], Tuple[Tuple[int, int, int], ...]]:
+    """The class names and palette of a ``classes.json``: ``{"classes": ["background", "cat"],
+    "palette": [[0, 0, 0], [255, 0, 0]]}`` (the palette is optional: one colour per class)."""
+    import json
+
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as err:
+        raise DatasetError(f"{path}: not valid JSON ({err})") from None
+    except OSError as err:
+        raise DatasetError(f"{path}: cannot read it ({err.strerror or err})") from None
+    example = '{"classes": ["background", "cat"], "palette": [[0, 0, 0], [255, 0, 0]]}'
+    if not isinstance(data, dict) or "classes" not in data:
+        raise DatasetError(f"{path}: expected an object with a \"classes\" list, e.g. {example}")
+    unknown = sorted(set(data) - {"classes", "palette"})
+    if unknown:
+        raise DatasetError(f"{path}: unknown entries {unknown}; expected \"classes\" and "
+                           f"optionally \"palette\", e.g. {example}")
+    names = data["classes"]
+    if not isinstance(names, list) or not names or \
+            not all(isinstance(n, str) and n.strip() for n in names):
+        raise DatasetError(f"{path}: \"classes\" must be a non-empty list of names, got {names!r}")
+    if len(names) > IGNORE_INDEX:
+        raise DatasetError(f"{path}: at most {IGNORE_INDEX} classes (8-bit masks, 255 ignored), "
+                           f"got {len(names)}")
+    if len(set(names)) != len(names):
+        raise DatasetError(f"{path}: class names must be distinct, got {names!r}")
+    colours = data.get("palette", [])
+    if not isinstance(colours, list) or (colours and len(colours) != len(names)) or not all(
+            isinstance(c, list) and len(c) == 3 and all(
+                isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in c)
+            for c in colours):
+        raise DatasetError(f"{path}: \"palette\" must give one [R, G, B] colour (0..255) per "
+                           f"class ({len(names)}), got {colours!r}")
+    if len({tuple(c) for c in colours}) != len(colours):
+        raise DatasetError(f"{path}: the palette's colours must be distinct")
+    return tuple(names), tuple(tuple(c) for c in colours)
+
+
+def _upright_size(path: str) -> Tuple[int, int]:
+    """(H, W) of an image file as ``_read_image`` returns it (EXIF orientation applied), from its
+    header alone."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            w, h = image.size
+            turned = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise DatasetError(f"{path}: not a readable image ({err})") from None
+    return (w, h) if turned else (h, w)
+
+
+def _files_by_stem(folder: str, extensions: Sequence[str]) -> Dict[str, str]:
+    found: Dict[str, str] = {}
+    for name in sorted(os.listdir(folder)):
+        stem, ext = os.path.splitext(name)
+        if ext.lower() not in extensions or not os.path.isfile(os.path.join(folder, name)):
+            continue
+        if stem in found:
+            raise DatasetError(f"{folder}: two files share the stem {stem!r} "
+                               f"({os.path.basename(found[stem])} and {name})")
+        found[stem] = os.path.join(folder, name)
+    return found
+
+
+def _pair_files(image_dir: str, mask_dir: str) -> List[Tuple[str, str, str]]:
+    """(stem, image, mask) of the images and masks of two folders that share stems; an image
+    without a mask, or a mask without an image, is an error."""
+    for folder in (image_dir, mask_dir):
+        if not os.path.isdir(folder):
+            raise DatasetError(f"folder: no folder {folder!r} (expected {FolderDataset.layout()})")
+    images = _files_by_stem(image_dir, IMAGE_EXTENSIONS)
+    masks = _files_by_stem(mask_dir, (".png",))
+    lonely_masks = sorted(set(masks) - set(images))
+    if lonely_masks:
+        raise DatasetError(f"folder: {len(lonely_masks)} mask(s) have no image, e.g. "
+                           f"{masks[lonely_masks[0]]} (expected {lonely_masks[0]}.png or .jpg in "
+                           f"{image_dir})")
+    lonely_images = sorted(set(images) - set(masks))
+    if lonely_images:
+        raise DatasetError(f"folder: {len(lonely_images)} image(s) have no mask, e.g. "
+                           f"{images[lonely_images[0]]} (expected {lonely_images[0]}.png in "
+                           f"{mask_dir})")
+    return [(stem, images[stem], masks[stem]) for stem in sorted(images)]
+
+
+def split_by_fraction(stems: Sequence[str], val_fraction: float) -> Dict[str, List[str]]:
+    """A deterministic train / val split of ``stems``: ordered by a hash of each stem, the first
+    ``round(n * val_fraction)`` (at least one when the fraction is positive and n >= 2) go to val.
+    A stem keeps its split when other files are added, unless the count at its place changes."""
+    import hashlib
+
+    if not 0 <= val_fraction < 1:
+        raise DatasetError(f"the validation fraction must be in [0, 1), got {val_fraction}")
+    order = sorted(stems, key=lambda stem: hashlib.sha256(stem.encode()).hexdigest())
+    count = round(len(order) * val_fraction)
+    if val_fraction > 0 and len(order) >= 2:
+        count = max(1, count)
+    return {"val": sorted(order[:count]), "train": sorted(order[count:])}
+
+
+class FolderDataset(SegmentationDataset):
+    """Your own data: ``<root>/images/<split>/*.{jpg,png}`` with ``<root>/masks/<split>/*.png``
+    sharing stems, or ``<root>/images/*`` with ``<root>/masks/*`` split into train and val by
+    ``val_fraction`` (``split_by_fraction``).
+
+    A mask holds 8-bit class ids (255 ignored), or RGB colours of the palette of
+    ``<root>/classes.json`` (``read_classes_file``), which also names the classes. Without that
+    file the classes are 0..max over all masks of the folder (a warning says so). On opening,
+    every pair is checked (stems, sizes, class ids), so a bad file stops the run before training.
+    """
+
+    name = "folder"
+
+    @classmethod
+    def layout(cls) -> str:
+        return ("<root>/images/<split>/*.jpg|png with <root>/masks/<split>/*.png of the same "
+                "names, or <root>/images/* with <root>/masks/* (split by --val-fraction), and "
+                "optionally <root>/classes.json")
+
+    def __init__(self, root: str, split: Union[str, Sequence[str]] = "train",
+                 val_fraction: float = DEFAULT_VAL_FRACTION):
+        super().__init__(root, split)
+        image_root, mask_root = os.path.join(self.root, "images"), os.path.join(self.root, "masks")
+        classes_path = os.path.join(self.root, CLASSES_FILE)
+        if os.path.isfile(classes_path):
+            self.classes, self.palette = read_classes_file(classes_path)
+        else:
+            self.classes, self.palette = (), ()
+        self.split_folders = os.path.isdir(image_root) and any(
+            os.path.isdir(os.path.join(image_root, d)) for d in os.listdir(image_root))
+        if self.split_folders:
+            for s in self.splits:
+                pairs = _pair_files(os.path.join(image_root, s), os.path.join(mask_root, s))
+                if not pairs:
+                    raise DatasetError(f"folder {s}: an empty split: no images in "
+                                       f"{os.path.join(image_root, s)!r}")
+                self.samples += [(image, mask) for _, image, mask in pairs]
+        else:
+            self.samples = self._fraction_samples(image_root, mask_root, val_fraction)
+        if not self.classes:
+            self.classes = self._classes_from_masks(mask_root)
+        self._check_samples()
+
+    def _fraction_samples(self, image_root: str, mask_root: str, val_fraction: float):
+        pairs = _pair_files(image_root, mask_root)
+        parts = split_by_fraction([stem for stem, _, _ in pairs], val_fraction)
+        unknown = [s for s in self.splits if s not in parts]
+        if unknown:
+            raise DatasetError(f"folder: {self.root!r} has no split folders, so its splits are "
+                               f"train and val (by --val-fraction), not {unknown[0]!r}")
+        chosen = {stem for s in self.splits for stem in parts[s]}
+        if not chosen:
+            raise DatasetError(f"folder {self.split}: an empty split: {len(pairs)} image(s) in "
+                               f"{image_root!r} with validation fraction {val_fraction:g}")
+        return [(image, mask) for stem, image, mask in pairs if stem in chosen]
+
+    def _classes_from_masks(self, mask_root: str) -> Tuple[str, ...]:
+        """Class names 0..max over every mask under ``mask_root`` (every split), with a warning."""
+        import warnings
+
+        largest = -1
+        for folder, _, files in os.walk(mask_root):
+            for name in sorted(f for f in files if f.lower().endswith(".png")):
+                path = os.path.join(folder, name)
+                ids = self._decode_ids(path)
+                ids = ids[ids != IGNORE_INDEX]
+                if ids.size:
+                    largest = max(largest, int(ids.max()))
+        if largest < 0:
+            raise DatasetError(f"folder: every mask under {mask_root!r} is all ignore "
+                               f"({IGNORE_INDEX}); "
+                               f"name the classes in {os.path.join(self.root, CLASSES_FILE)}")
+        warnings.warn(f"{self.root}: no {CLASSES_FILE}, so the classes are 0..{largest} (the "
+                      f"largest id in the masks); write {CLASSES_FILE} to name them and fix "
+                      f"their number", stacklevel=3)
+        return tuple(str(i) for i in range(largest + 1))
+
+    def _decode_ids(self, path: str) -> np.ndarray:
+        from PIL import Image
+
+        try:
+            with Image.open(path) as mask:
+                colour = mask.mode in ("RGB", "RGBA")
+        except OSError:
+            colour = False       # _read_label reports it
+        if not colour:
+            return _read_label(path)
+        if not self.palette:
+            raise DatasetError(f"{path}: an RGB colour mask, but "
+                               f"{os.path.join(self.root, CLASSES_FILE)} "
+                               f"gives no \"palette\" to map its colours to classes")
+        rgb = _read_label(path, colour=True).astype(np.int32)
+        packed = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+        ids = np.full(packed.shape, IGNORE_INDEX, dtype=np.uint8)
+        known = np.zeros(packed.shape, dtype=bool)
+        for class_id, (r, g, b) in enumerate(self.palette):
+            hit = packed == ((r << 16) | (g << 8) | b)
+            ids[hit], known = class_id, known | hit
+        if not known.all():
+            y, x = np.argwhere(~known)[0]
+            raise DatasetError(f"{path}: colour {tuple(int(v) for v in rgb[y, x])} at (x={x}, "
+                               f"y={y}) is not in the palette of {CLASSES_FILE}")
+        return ids
+
+    def decode_label(self, path: str) -> np.ndarray:
+        ids = self._decode_ids(path)
+        _check_ids(ids, self.num_classes, path)
+        return ids.astype(np.uint8)
+
+    def _check_samples(self) -> None:
+        """Each mask has its image's size and only declared class ids (or 255)."""
+        for image, mask in self.samples:
+            image_size, mask_size = _upright_size(image), _upright_size(mask)
+            if image_size != mask_size:
+                raise DatasetError(f"{mask}: the mask is {mask_size[0]}x{mask_size[1]} (HxW) but "
+                                   f"its image {image} is {image_size[0]}x{image_size[1]}")
+            self.decode_label(mask)
+
+
+# ------------------------------------------------------------------------------------------------
 # Synthetic shapes
 # ------------------------------------------------------------------------------------------------
 
@@ -427,11 +657,13 @@ def _draw_shape(draw, kind: str, box, fill) -> None:
 # --data specifications
 # ------------------------------------------------------------------------------------------------
 
-DATASETS = {"cityscapes": Cityscapes, "camvid": CamVid, "voc": VOCSBD, "synthetic": SyntheticShapes}
+DATASETS = {"cityscapes": Cityscapes, "camvid": CamVid, "voc": VOCSBD, "folder": FolderDataset,
+            "synthetic": SyntheticShapes}
 DATASET_ALIASES = {"vocsbd": "voc", "voc-sbd": "voc"}
 # The official splits: (training, validation) per dataset.
 DEFAULT_SPLITS = {"cityscapes": ("train", "val"), "camvid": ("train+val", "test"),
-                  "voc": ("train_aug", "val"), "synthetic": ("train", "val")}
+                  "voc": ("train_aug", "val"), "folder": ("train", "val"),
+                  "synthetic": ("train", "val")}
 SYNTHETIC_DEFAULTS = {"length": 512, "size": (128, 128), "classes": 4, "seed": 0}
 
 
@@ -498,13 +730,22 @@ def parse_data_spec(text: str) -> DataSpec:
     return DataSpec("synthetic", None, **values)
 
 
-def open_dataset(spec: Union[DataSpec, str], split: str):
-    """The dataset of a ``--data`` spec and split (``"train+val"`` joins splits)."""
+def open_dataset(spec: Union[DataSpec, str], split: str,
+                 val_fraction: Optional[float] = None):
+    """The dataset of a ``--data`` spec and split (``"train+val"`` joins splits).
+    ``val_fraction``: a folder dataset without split folders holds out this fraction of its
+    images as "val" (default ``DEFAULT_VAL_FRACTION``); other kinds take none."""
     if isinstance(spec, str):
         spec = parse_data_spec(spec)
+    if val_fraction is not None and spec.kind != "folder":
+        raise DatasetError(f"a validation fraction applies to folder datasets only, not to "
+                           f"{spec.kind}")
     if spec.kind == "synthetic":
         length = spec.length if split == "train" else max(32, spec.length // 8)
         return SyntheticShapes(length, spec.size, spec.classes, spec.seed, split)
+    if spec.kind == "folder":
+        fraction = DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction
+        return FolderDataset(spec.root, split, fraction)
     return DATASETS[spec.kind](spec.root, split)
 
 

@@ -31,6 +31,7 @@ EVAL_PREPROCESSING: Dict[str, Tuple[str, Optional[Tuple[int, int]]]] = {
     "cityscapes": ("resize", None),
     "camvid": ("resize", None),
     "voc": ("pad", (512, 512)),
+    "folder": ("native", None),
     "synthetic": ("native", None),
 }
 

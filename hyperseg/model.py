@@ -8,12 +8,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backbone import Backbone
+from .backbone import make_backbone
 from .context_head import ContextHead, ContextHeadV01
 from .decoder import Decoder, MetaInvertedResidual, records_gradients
 from . import options
 from .options import BACKENDS, MIN_SIDE
-from .zoo import ModelConfig, get_config
+from .zoo import ModelConfig, get_config, with_backbone
 
 GATHER_MODES = ("mean", "max")
 
@@ -62,7 +62,8 @@ class HyperSeg(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
-        self.backbone = Backbone(config.backbone, config.out_feat_scale, pretrained=pretrained_backbone)
+        self.backbone = make_backbone(config.backbone, config.out_feat_scale,
+                                      pretrained=pretrained_backbone)
         head = self.backbone.head_channels
         if config.arch == "v0_1":
             self.context_head = ContextHeadV01(head, config.context_levels,
@@ -234,13 +235,17 @@ def _gather(new: Tensor, acc: Tensor, mode: str) -> Tensor:
     return (new + acc) * 0.5 if mode == "mean" else torch.max(new, acc)
 
 
-def build(name: str, *, num_classes: Optional[int] = None, weights=None,
-          pretrained_backbone: bool = False, backend: str = "auto") -> HyperSeg:
+def build(name: str, *, num_classes: Optional[int] = None, backbone: Optional[str] = None,
+          weights=None, pretrained_backbone: bool = False, backend: str = "auto") -> HyperSeg:
     """Build a zoo model by name, in eval mode.
 
     Args:
         name: one of ``hyperseg.list_models()`` (a zoo name or an alias).
         num_classes: output classes (default: the dataset's: 19 Cityscapes, 12 CamVid, 21 VOC).
+        backbone: a timm model name to use instead of the official EfficientNet: any model with
+            ``features_only`` feature maps at strides 2, 4, 8, 16 and 32 (EfficientNet,
+            MobileNetV3, ResNet...), under the named model's context head and decoder
+            (``BackboneError`` otherwise). The model is called ``<zoo name>+<backbone>``.
         weights: path of a checkpoint to load (official ``.pth`` or our ``.safetensors``); its
             architecture must be the named model's (else ``CheckpointError``).
         pretrained_backbone: initialise the backbone with timm's ImageNet weights. This downloads
@@ -249,7 +254,7 @@ def build(name: str, *, num_classes: Optional[int] = None, weights=None,
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    config = get_config(name, num_classes)
+    config = with_backbone(get_config(name, num_classes), backbone)
     checkpoint = None
     if weights is not None:
         from .checkpoint import read_checkpoint

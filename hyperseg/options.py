@@ -23,7 +23,8 @@ DEFAULT_TTA_SCALES = (1.0, 0.75, 1.25)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi")   # read with PyAV
 VIDEO_INSTALL = 'pip install "hyperseg[video]"'  # the optional extra that installs PyAV (av)
-DATA_SPEC_HELP = ("cityscapes:PATH, camvid:PATH, voc:PATH, or synthetic[:N][,size=HxW][,classes=C]"
+DATA_SPEC_HELP = ("cityscapes:PATH, camvid:PATH, voc:PATH, folder:PATH (your images/ and masks/, "
+                  "see README), or synthetic[:N][,size=HxW][,classes=C]"
                   "[,seed=S] (N training images, default 512 of 128x128 with 4 classes)")
 
 

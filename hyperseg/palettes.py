@@ -79,11 +79,15 @@ PALETTES = {"cityscapes": CITYSCAPES_PALETTE, "camvid": CAMVID_PALETTE, "voc": V
 def palette(config_or_dataset, num_classes: int = None) -> np.ndarray:
     """The (num_classes, 3) uint8 palette of a model config (or a dataset name).
 
-    The dataset's standard colours when they cover ``num_classes`` classes; otherwise the VOC
+    A config's own ``palette`` (from a folder dataset's ``classes.json``) when it has one; else
+    the dataset's standard colours when they cover ``num_classes`` classes; otherwise the VOC
     colormap (colours repeat after 256 classes).
     """
     if isinstance(config_or_dataset, str):
         dataset = config_or_dataset
+    elif getattr(config_or_dataset, "palette", ()) and num_classes in (
+            None, len(config_or_dataset.palette)):
+        return np.array(config_or_dataset.palette, dtype=np.uint8)
     else:
         dataset = config_or_dataset.dataset
         if num_classes is None:

@@ -40,7 +40,7 @@ from .datasets import (DEFAULT_SPLITS, Augmentation, DataSpec, TransformedDatase
 from .losses import LOSSES, build_loss
 from .model import BACKENDS, HyperSeg
 from .options import AMP_MODES, default_workers, triton_device_problem
-from .zoo import get_config
+from .zoo import get_config, with_backbone
 
 SCHEDULES = ("step", "epoch")
 STATE_FORMAT = "hyperseg-train-state"
@@ -117,6 +117,8 @@ class TrainConfig:
     train_split: Optional[str] = None       # None: the dataset's official split
     val_split: Optional[str] = None         # None: the official one; "none": no validation
     val_every: int = 1                      # validate every N epochs (and after the last)
+    backbone: Optional[str] = None          # a timm backbone instead of the official one
+    val_fraction: Optional[float] = None    # folder data without split folders: held-out share
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -199,6 +201,17 @@ def check_config(config: TrainConfig) -> None:
         raise TrainError(f"scale range must satisfy 0 < low <= high, got {r.scale_range}")
     if config.num_classes is not None and config.num_classes < 1:
         raise TrainError(f"num_classes must be >= 1, got {config.num_classes}")
+    if config.val_fraction is not None:
+        if parse_data_spec(config.data).kind != "folder":
+            raise TrainError("--val-fraction applies to folder datasets only (--data folder:ROOT)")
+        if not 0 <= config.val_fraction < 1:
+            raise TrainError(f"val_fraction must be in [0, 1), got {config.val_fraction}")
+    if config.backbone is not None:
+        import timm
+
+        if not timm.is_model(config.backbone):
+            raise TrainError(f"unknown backbone {config.backbone!r}: timm has no model of that "
+                             f"name (see timm.list_models())")
 
 
 def micro_batch_size(config: TrainConfig, world_size: int) -> int:
@@ -451,33 +464,56 @@ class _Trainer:
         spec = parse_data_spec(config.data)
         train_split = config.train_split or DEFAULT_SPLITS[spec.kind][0]
         val_split = config.val_split or DEFAULT_SPLITS[spec.kind][1]
-        train_set = open_dataset(spec, train_split)
-        val_set = None if val_split == "none" else open_dataset(spec, val_split)
+        fraction = config.val_fraction if spec.kind == "folder" else None
+        train_set = open_dataset(spec, train_split, fraction)
+        val_set = None if val_split == "none" else open_dataset(spec, val_split, fraction)
         return spec, train_set, val_set
 
-    def _model(self, num_classes: int) -> HyperSeg:
+    def _model(self, num_classes: int, train_set) -> HyperSeg:
         from .checkpoint import load
         from .model import build
 
         config = self.config
         if self.resume:
             model = load(os.path.join(self.out, LATEST), backend=self.options.backend)
-            if model.config.name != config.model or model.num_classes != num_classes:
+            name = with_backbone(get_config(config.model), config.backbone).name
+            if model.config.name != name or model.num_classes != num_classes:
                 raise TrainError(f"{os.path.join(self.out, LATEST)!r} holds {model.config.name} "
-                                 f"with {model.num_classes} classes; the run trains {config.model} "
+                                 f"with {model.num_classes} classes; the run trains {name} "
                                  f"with {num_classes}")
             return model
         torch.manual_seed(config.seed)
         try:
             pretrained = config.recipe.pretrained_backbone and not config.weights
-            return build(config.model, num_classes=num_classes, weights=config.weights,
-                         pretrained_backbone=pretrained, backend=self.options.backend)
+            model = build(config.model, num_classes=num_classes, backbone=config.backbone,
+                          pretrained_backbone=pretrained, backend=self.options.backend)
         except (OSError, RuntimeError) as err:
             if config.recipe.pretrained_backbone and not config.weights:
                 raise TrainError(f"cannot get the ImageNet backbone weights ({err}); they are "
                                  f"downloaded from the Hugging Face hub: check the connection, "
                                  f"or train from scratch with --no-pretrained-backbone") from None
             raise
+        if config.weights:
+            self._start_from(model, config.weights)
+        return _with_dataset_classes(model, train_set)
+
+    def _start_from(self, model: HyperSeg, weights: str) -> None:
+        """Load ``weights``: every tensor whose name and shape match; say what was re-initialised
+        (fine-tuning onto another class count re-initialises the class-dependent layers)."""
+        from .checkpoint import load_matching, read_checkpoint
+
+        result = load_matching(model, read_checkpoint(weights))
+        if result.reinitialised:
+            shown = ", ".join(result.reinitialised[:12])
+            more = len(result.reinitialised) - 12
+            self.log(f"fine-tuning from {weights}: re-initialised {len(result.reinitialised)} "
+                     f"tensor(s) whose shape differs or that the file lacks: {shown}"
+                     + (f" and {more} more" if more > 0 else ""))
+        if result.unused:
+            self.log(f"fine-tuning from {weights}: {len(result.unused)} tensor(s) of the file "
+                     f"are not used, e.g. {result.unused[0]}")
+        if not result.reinitialised:
+            self.log(f"starting from {weights}: every tensor loaded")
 
     def _check_out(self) -> None:
         """A new run needs an --out that holds no run yet."""
@@ -523,7 +559,7 @@ class _Trainer:
         if train_set.num_classes > num_classes:
             raise TrainError(f"the {spec.kind} dataset has {train_set.num_classes} classes but the "
                              f"model would have {num_classes} (--num-classes)")
-        model = self._model(num_classes).to(device)
+        model = self._model(num_classes, train_set).to(device)
         state = read_state(os.path.join(self.out, STATE), device) if self.resume else None
         try:
             if ctx.is_main:
@@ -574,7 +610,7 @@ class _Trainer:
 
         per_epoch, total = config.steps_per_epoch, config.total_steps
         stop = total if self.options.steps is None else min(total, self.options.steps)
-        self.log(f"training {config.model} ({num_classes} classes) on {config.data}: "
+        self.log(f"training {model.config.name} ({num_classes} classes) on {config.data}: "
                  f"{len(train_set)} images, {recipe.epochs} epochs x {per_epoch} steps, batch "
                  f"{recipe.batch_size} = {ctx.world_size} process(es) x {config.accumulate} x "
                  f"{micro}, crop {recipe.crop[0]}x{recipe.crop[1]}, lr {recipe.lr:g}, "
@@ -716,6 +752,16 @@ class _Trainer:
             _replace_atomically(os.path.join(out, BEST), lambda p: save(model, p))
         with open(os.path.join(out, METRICS), "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def _with_dataset_classes(model: HyperSeg, dataset) -> HyperSeg:
+    """Give ``model`` the class names and palette of a folder dataset (``classes.json``), so that
+    its saved files predict and evaluate with them; other datasets leave it as it is."""
+    names, colours = tuple(getattr(dataset, "classes", ())), tuple(getattr(dataset, "palette", ()))
+    if getattr(dataset, "name", None) != "folder" or len(names) != model.num_classes:
+        return model
+    model.config = dataclasses.replace(model.config, class_names=names, palette=colours)
+    return model
 
 
 def _write_json(path: str, data: dict) -> None:

@@ -44,7 +44,9 @@ class ModelConfig:
     Attributes:
         name: the zoo name (``hyperseg-m-cityscapes``...).
         arch: the official architecture version, one of ``ARCHITECTURES``.
-        backbone: the timm model name of the EfficientNet backbone.
+        backbone: the timm model name of the backbone: the official EfficientNet (a key of
+            ``BACKBONE_NOMINAL_SIZE``, with the official static padding) or any timm model with
+            ``features_only`` feature maps at strides 2..32 (see ``with_backbone``).
         num_classes: number of output classes.
         input_size: the official inference resolution (H, W).
         context_levels: levels of the context head (``levels`` of the official config); the input
@@ -61,7 +63,10 @@ class ModelConfig:
             generator serves all remaining levels.
         decoder_groups: groups of the kernel-1 patch-wise convolutions.
         mean, std: input normalisation of the dataset the model was trained on.
-        class_names: names of the classes, when the class count is the dataset's.
+        class_names: names of the classes, when the class count is the dataset's (or those of the
+            folder dataset the model was trained on).
+        palette: one (R, G, B) colour per class, from a folder dataset's ``classes.json``;
+            empty: the dataset's standard palette (``hyperseg.palettes.palette``).
         tta_hflip: flip test-time augmentation for pyramid (list) inputs, as the official model.
         tta_gather: how pyramid levels are merged, "mean" or "max".
         context_global_pool: v0_1 only: replace the coarsest context map by its global mean.
@@ -86,6 +91,7 @@ class ModelConfig:
     mean: Tuple[float, float, float] = IMAGENET_MEAN
     std: Tuple[float, float, float] = IMAGENET_STD
     class_names: Tuple[str, ...] = field(default=(), repr=False)
+    palette: Tuple[Tuple[int, int, int], ...] = field(default=(), repr=False)
     tta_hflip: bool = True
     tta_gather: str = "mean"
     context_global_pool: bool = True
@@ -116,8 +122,9 @@ class ModelConfig:
                     "class_names", "weight_groups"):
             if isinstance(values.get(key), list):
                 values[key] = tuple(values[key])
-        if "coords_res" in values:
-            values["coords_res"] = tuple(tuple(r) for r in values["coords_res"])
+        for key in ("coords_res", "palette"):
+            if key in values:
+                values[key] = tuple(tuple(r) for r in values[key])
         config = cls(**values)
         config.validate()
         return config
@@ -126,9 +133,8 @@ class ModelConfig:
         """Raise ValueError if the configuration cannot describe a model."""
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {self.arch!r}; expected one of {ARCHITECTURES}")
-        if self.backbone not in BACKBONE_NOMINAL_SIZE:
-            raise ValueError(f"unsupported backbone {self.backbone!r}; "
-                             f"expected one of {sorted(BACKBONE_NOMINAL_SIZE)}")
+        if not isinstance(self.backbone, str) or not self.backbone:
+            raise ValueError(f"backbone must be a timm model name, got {self.backbone!r}")
         if not isinstance(self.num_classes, int) or isinstance(self.num_classes, bool) \
                 or self.num_classes < 1:
             raise ValueError(f"num_classes must be an integer >= 1, got {self.num_classes!r}")
@@ -155,6 +161,11 @@ class ModelConfig:
             raise ValueError("v0_1 inverted residuals without expansion (expand_ratio 1) are not supported")
         if self.arch == "v1_0_unify" and not (self.unify_level and 1 <= self.unify_level <= self.levels):
             raise ValueError("v1_0_unify needs 1 <= unify_level <= number of decoder levels")
+        if self.palette and (len(self.palette) != self.num_classes or any(
+                len(c) != 3 or any(not isinstance(v, int) or not 0 <= v <= 255 for v in c)
+                for c in self.palette)):
+            raise ValueError(f"palette must hold one (R, G, B) colour of 0..255 integers per "
+                             f"class ({self.num_classes}), got {self.palette!r}")
 
 
 _ZOO = {
@@ -222,3 +233,17 @@ def get_config(name: str, num_classes: Optional[int] = None) -> ModelConfig:
         if num_classes != config.num_classes:
             config = dataclasses.replace(config, num_classes=num_classes, class_names=())
     return config
+
+
+def with_backbone(config: ModelConfig, backbone: Optional[str]) -> ModelConfig:
+    """``config`` over another timm backbone (None or the config's own: ``config`` itself).
+
+    The HyperSeg context head and decoder are kept; the backbone's stage channels come from timm
+    when the model is built. The result is named ``<zoo name>+<backbone>``.
+    """
+    if backbone is None or backbone == config.backbone:
+        return config
+    if not isinstance(backbone, str) or not backbone.strip():
+        raise ValueError(f"backbone must be a timm model name, got {backbone!r}")
+    base = config.name.split("+", 1)[0]
+    return dataclasses.replace(config, backbone=backbone, name=f"{base}+{backbone}")

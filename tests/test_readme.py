@@ -7,6 +7,7 @@ real datasets become a small synthetic one, sizes become small, and training sto
 step. Lines that cannot run here are listed in ``NOT_RUN`` with the reason, and a README line
 that is neither run nor listed fails the test.
 """
+import os
 import re
 import shlex
 import textwrap
@@ -98,7 +99,21 @@ def folder(tmp_path_factory):
     image.save(root / "photos" / "day" / "a.png")
     image.save(root / "street.jpg")
     write_video(root / "street.mp4", two_colour_frames(3, 64, 96))
+    run_snippet("Make a tiny dataset", root)        # shapes/, for the folder:shapes commands
     return root
+
+
+def run_snippet(heading, folder, namespace=None):
+    """Run the README's Python block under ``heading`` in ``folder``; returns its namespace."""
+    (code,) = [code for h, code in code_blocks("python") if h == heading]
+    namespace = {} if namespace is None else namespace
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        exec(compile(code, f"README.md ({heading})", "exec"), namespace)
+    finally:
+        os.chdir(cwd)
+    return namespace
 
 
 def test_every_command_line_is_run_or_listed():
@@ -127,6 +142,28 @@ def test_the_readme_commands_run_in_order(folder, monkeypatch, capsys):
                for kind in ("color.mp4", "overlay.mp4", "labels.mkv"))
     assert (folder / "hyperseg-m.onnx").is_file()
     assert (folder / "runs/demo/best.safetensors").is_file()
+    # your data: the MobileNetV3 run keeps the folder's classes, and predict uses its palette
+    shapes = hyperseg.load(folder / "runs/shapes/best.safetensors")
+    assert shapes.config.backbone == "mobilenetv3_large_100"
+    assert shapes.config.class_names == ("background", "dim", "bright")
+    colours = Image.open(folder / "shapes-seg/0_color.png").convert("RGB").getcolors()
+    assert {c for _, c in colours} <= {(0, 0, 0), (200, 40, 40), (40, 40, 200)}
+    assert hyperseg.load(folder / "runs/shapes-ft/latest.safetensors").num_classes == 3
+
+
+def test_the_tiny_dataset_snippet_makes_a_valid_folder_dataset(folder):
+    from hyperseg.datasets import FolderDataset
+
+    train, val = FolderDataset(folder / "shapes", "train"), FolderDataset(folder / "shapes", "val")
+    assert (len(train), len(val), train.num_classes) == (16, 4, 3)
+    image, mask = train[0]
+    assert image.shape == (3, 64, 128) and set(mask.unique().tolist()) <= {0, 1, 2}
+
+
+def test_the_backbone_snippet_runs(folder):
+    namespace = run_snippet("Any timm backbone", folder)
+    assert namespace["model"].config.name == "hyperseg-m-cityscapes+mobilenetv3_large_100"
+    assert namespace["model"].num_classes == 3
 
 
 def test_the_quick_start_snippet_runs_in_bounded_memory(folder, monkeypatch):

@@ -185,7 +185,7 @@ def test_train_errors_are_reported_clearly(tmp_path, capsys):
     fails(["--model", "hyperseg-s-camvid", "--data", f"camvid:{tmp_path / 'camvid'}"],
           "has no label folder: expected")
     fails(["--model", "hyperseg-m", "--data", "kitti:/data"], "unknown dataset 'kitti'")
-    fails(["--data", TINY_DATA], "give --model NAME and --data SPEC")
+    fails(["--data", TINY_DATA], "give --model NAME (or --weights FILE) and --data SPEC")
     fails(["--model", "hyperseg-x", "--data", TINY_DATA], "unknown model name 'hyperseg-x'")
     fails(["--model", "hyperseg-m", "--data", TINY_DATA, "--sync-bn"], "--sync-bn needs CUDA")
     fails(["--model", "hyperseg-m", "--data", TINY_DATA, "--num-classes", "2"],
