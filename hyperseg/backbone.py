@@ -98,7 +98,21 @@ class Backbone(nn.Module):
                     nn.BatchNorm2d(out, eps=BN_EPS, momentum=BN_MOMENTUM)))
             self.feat_channels.append(out)
         self.head_channels = self.body.num_features
+        self.channels_last = False
+
+    def set_channels_last(self, enabled: bool) -> None:
+        """Run the backbone in channels-last memory format (its weights are converted, its input
+        converted on the way in and its outputs converted back to the contiguous format that the
+        context head and the decoder's patch views expect). The results are the same up to the
+        convolution algorithms' rounding."""
+        self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
+        self.channels_last = bool(enabled)
 
     def forward(self, x: Tensor) -> Tuple[List[Tensor], Tensor]:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         head, stages = self.body.forward_intermediates(x, indices=len(self.reducers))
-        return [reduce(f) for reduce, f in zip(self.reducers, stages)], head
+        feats = [reduce(f) for reduce, f in zip(self.reducers, stages)]
+        if self.channels_last:
+            feats, head = [f.contiguous() for f in feats], head.contiguous()
+        return feats, head

@@ -13,6 +13,7 @@ BACKENDS = ("auto", "torch", "triton")            # decoder implementations (hyp
 MIN_SIDE = 32                                     # the smallest input side the network takes
 LOSSES = ("bootstrapped_ce", "ce")                # training losses (hyperseg.losses)
 AMP_MODES = ("off", "fp16", "bf16")               # mixed precision in training
+PRECISIONS = ("fp32", "fp16", "bf16")             # inference precision (HyperSeg.precision)
 TTA_MODES = ("flip", "ms")                        # test-time augmentation (predict and eval)
 DEFAULT_TTA_SCALES = (1.0, 0.75, 1.25)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
