@@ -484,6 +484,9 @@ def _benchmark(args: argparse.Namespace) -> int:
 
     from .benchmark import format_report, run_benchmark
 
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     compile_mode = {None: False, "default": True}.get(args.compile, args.compile)
     result = run_benchmark(args.model, size=args.size, device=device, backend=args.backend,
                            precision=args.precision, channels_last=args.channels_last,
@@ -806,6 +809,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default=None,
                        help="torch device, e.g. cuda, cuda:1, cpu (default: cuda if available)")
     bench.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
+    bench.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                       help="torch CPU threads (default: torch's; 1 is steadier on a busy CPU)")
     bench.set_defaults(run=_benchmark)
     return parser
 

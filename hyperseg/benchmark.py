@@ -168,7 +168,8 @@ def format_report(result: dict) -> str:
              f"compile {compiled}",
              f"device: {result['device_name']}",
              f"torch {v['torch']}, triton {v['triton'] or 'none'}, timm {v['timm']}, "
-             f"hyperseg {v['hyperseg']}" + (f", torch built for CUDA {v['cuda']}" if v.get("cuda") else ""),
+             f"hyperseg {v['hyperseg']}"
+             + (f", torch built for CUDA {v['cuda']}" if v.get("cuda") else ""),
              f"{'':26s}{'FPS':>8s}{'p50 ms':>9s}{'p90 ms':>9s}{'p99 ms':>9s}{'peak MiB':>10s}"
              f"{'first s':>9s}"]
     rows = [("hyperseg", result["hyperseg"])]

@@ -4,8 +4,17 @@ import json
 import math
 
 import pytest
+import torch
 
 from hyperseg.__main__ import main
+
+
+@pytest.fixture
+def restore_threads():
+    """--threads sets torch's thread count for the whole process: give the next tests theirs."""
+    saved = torch.get_num_threads()
+    yield
+    torch.set_num_threads(saved)
 
 
 def _positive(value):
@@ -20,10 +29,10 @@ def check_timing(rec, frames, warmup):
     assert rec["peak_memory_mib"] >= 0 and rec["memory_measure"].startswith("peak RSS growth")
 
 
-def test_benchmark_writes_json_and_prints_the_table(tmp_path, capsys):
+def test_benchmark_writes_json_and_prints_the_table(tmp_path, capsys, restore_threads):
     path = tmp_path / "bench.json"
     code = main(["benchmark", "--model", "hyperseg-m", "--size", "64x128", "--frames", "3",
-                 "--warmup", "1", "--device", "cpu", "--json", str(path)])
+                 "--warmup", "1", "--device", "cpu", "--threads", "1", "--json", str(path)])
     out = capsys.readouterr().out
     assert code == 0
     result = json.loads(path.read_text())
@@ -38,7 +47,7 @@ def test_benchmark_writes_json_and_prints_the_table(tmp_path, capsys):
     assert "hyperseg-m-cityscapes at 64x128, batch 1, fp32" in out
     assert f"speed-up over the official decoder algorithm: " \
            f"{result['speedup_vs_official_decoder']:.2f}x" in out
-    assert result["device_name"] in out
+    assert result["device_name"] in out and "1 torch threads" in result["device_name"]
 
 
 def test_benchmark_json_to_stdout_without_baseline(capsys):
