@@ -531,8 +531,9 @@ def _scale_range_arg(text: str) -> Tuple[float, float]:
 # ------------------------------------------------------------------------------------------------
 
 LIST_DESCRIPTION = """\
-List the zoo models: name, alias, dataset, class count, official input resolution (H x W) and
-the official architecture. Any name or alias is accepted by --model and hyperseg.build."""
+List the zoo models: name, alias, dataset, class count, official input resolution (H x W), the
+official architecture, and whether official weights exist (--pretrained). Any name or alias is
+accepted by --model and hyperseg.build."""
 
 CONVERT_DESCRIPTION = """\
 Convert a checkpoint to hyperseg's .safetensors format (the tensors, and the model configuration
