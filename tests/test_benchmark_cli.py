@@ -52,10 +52,10 @@ def test_benchmark_writes_json_and_prints_the_table(tmp_path, capsys, restore_th
 
 def test_benchmark_json_to_stdout_without_baseline(capsys):
     code = main(["benchmark", "--size", "64x64", "--frames", "2", "--warmup", "1", "--device",
-                 "cpu", "--precision", "bf16", "--no-channels-last", "--no-baseline", "--json"])
+                 "cpu", "--no-channels-last", "--no-baseline", "--json"])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["precision"] == "bf16" and result["channels_last"] is False
+    assert result["precision"] == "fp32" and result["channels_last"] is False
     assert "official_decoder" not in result and "speedup_vs_official_decoder" not in result
     check_timing(result["hyperseg"], 2, 1)
 

@@ -117,6 +117,9 @@ def test_every_command_line_is_run_or_listed():
 def cached_weights(folder, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(folder / "torch-home"))
     monkeypatch.setenv("HYPERSEG_WEIGHTS_URL", UNREACHABLE)
+    threads = torch.get_num_threads()          # hyperseg benchmark --threads sets the process's
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_the_readme_commands_run_in_order(folder, cached_weights, monkeypatch, capsys):
