@@ -5,9 +5,10 @@ Each meta block of a zoo model runs, on the real inputs the model gives it, in t
 
 * ``triton``:   the fused kernel path (``block.forward_fused``), weights generated in the kernel;
 * ``torch``:    this package's pure-PyTorch reference (``block(x, decoder.block_weights(...))``);
-* ``official``: the official HyperSeg algorithm, written out below as the baseline: a full
-  weight map from the generator's grouped 1x1 conv, then patches cut with view/permute, unfold or
-  F.unfold/F.fold and one grouped ``F.conv2d`` per layer with one group per patch.
+* ``official``: the official HyperSeg algorithm, written out as the baseline in
+  ``hyperseg/baseline.py``: a full weight map from the generator's grouped 1x1 conv, then patches
+  cut with view/permute, unfold or F.unfold/F.fold and one grouped ``F.conv2d`` per layer with one
+  group per patch.
 
 For each: median time, bytes that must move and the achieved GB/s (and % of the device's peak
 bandwidth), useful FLOPs and TFLOP/s, extra memory, and the max error against the reference.
@@ -51,7 +52,7 @@ MIB = float(1 << 20)
 
 # Filled in by _load_runtime(), after TRITON_INTERPRET has been decided: importing hyperseg imports
 # timm, which imports torch._dynamo, which imports triton.
-torch = F = hyperseg = None
+torch = F = hyperseg = baseline = None
 
 _T0 = time.perf_counter()
 
@@ -129,14 +130,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _load_runtime() -> None:
-    global torch, F, hyperseg
+    global torch, F, hyperseg, baseline
     import torch as torch_module
     import torch.nn.functional as functional
     try:
         import hyperseg as hyperseg_module
+        from hyperseg import baseline as baseline_module
     except ImportError as error:  # pragma: no cover - depends on the installation
         raise SystemExit(f"cannot import hyperseg ({error}); install the package first: pip install -e .")
-    torch, F, hyperseg = torch_module, functional, hyperseg_module
+    torch, F, hyperseg, baseline = torch_module, functional, hyperseg_module, baseline_module
 
 
 def _interpreting() -> bool:
@@ -414,148 +416,6 @@ class MemoryMeter:
         return max(0, top - _storage_bytes(out))
 
 
-# ------------------------------------------------------------------------------------------------
-# The official algorithm (the baseline)
-# ------------------------------------------------------------------------------------------------
-
-def official_weights(generator, signal, start: int, count: int):
-    """The generator's grouped 1x1 conv over its signal slice, as a full (B, P, GH, GW) map."""
-    s = signal[:, generator.signal_offset:generator.signal_offset + generator.signal_channels]
-    full = F.conv2d(s, generator.weight, groups=generator.groups)
-    return full[:, start:start + count]
-
-
-def _per_patch(params):
-    """(B, P, GH, GW) -> (B * GH * GW, P), patch-major as the grouped convs need."""
-    b, p, gh, gw = params.shape
-    return params.permute(0, 2, 3, 1).reshape(b * gh * gw, p)
-
-
-def _merge(y, b: int, gh: int, gw: int, c: int, ph: int, pw: int):
-    """(1, B * GH * GW * C, ph, pw) patches -> (B, C, GH * ph, GW * pw) image."""
-    return y.view(b, gh, gw, c, ph, pw).permute(0, 3, 1, 4, 2, 5).reshape(b, c, gh * ph, gw * pw)
-
-
-def _pad_mode(mode: str) -> str:
-    return "constant" if mode == "zeros" else mode
-
-
-def official_meta_conv(block, x, params):
-    """Kernel-1 block: non-overlapping patches by view/permute stacked in channels, one grouped
-    conv2d (a group per patch and conv group), back to the image, BN, ReLU."""
-    b, cin, h, w = x.shape
-    _, _, gh, gw = params.shape
-    ph, pw, n = h // gh, w // gw, b * gh * gw
-    cout, g = block.out_channels, block.groups
-    patches = x.reshape(b, cin, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5).reshape(1, n * cin, ph, pw)
-    weight = _per_patch(params).reshape(n * cout, cin // g, 1, 1)
-    y = F.conv2d(patches, weight, groups=n * g)
-    return F.relu(block.bn(_merge(y, b, gh, gw, cout, ph, pw)))
-
-
-def official_inverted_residual_v1(block, x, params):
-    """v1 inverted residual: border padding, overlapping (ph+2h) x (pw+2h) patches by
-    Tensor.unfold, grouped expand on the patches with their halo, BN, ReLU6, grouped depthwise
-    (valid), BN, ReLU6, grouped project, BN, patches back into the image (+ input)."""
-    b, cin, h, w = x.shape
-    _, _, gh, gw = params.shape
-    ph, pw, n = h // gh, w // gw, b * gh * gw
-    k, hidden, cout = block.kernel_size, block.hidden, block.out_channels
-    halo = k // 2
-    hh, hw = ph + 2 * halo, pw + 2 * halo
-    e, d, _ = block.sizes
-    vec = _per_patch(params)
-    w_expand = vec[:, :e].reshape(n * hidden, cin, 1, 1)
-    w_depthwise = vec[:, e:e + d].reshape(n * hidden, 1, k, k)
-    w_project = vec[:, e + d:].reshape(n * cout, hidden, 1, 1)
-    xp = F.pad(x, (halo, halo, halo, halo), mode=_pad_mode(block.padding_mode)) if halo else x
-    patches = xp.unfold(2, hh, ph).unfold(3, hw, pw)                   # (B, C, GH, GW, hh, hw)
-    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(1, n * cin, hh, hw)
-    y = F.conv2d(patches, w_expand, groups=n)
-    y = F.relu6(block.bn1(y.view(n, hidden, hh, hw)))
-    y = F.conv2d(y.view(1, n * hidden, hh, hw), w_depthwise, groups=n * hidden)
-    y = F.relu6(block.bn2(y.view(n, hidden, ph, pw)))
-    y = F.conv2d(y.view(1, n * hidden, ph, pw), w_project, groups=n)
-    y = block.bn3(y.view(n, cout, ph, pw))
-    y = _merge(y, b, gh, gw, cout, ph, pw)
-    return y + x if block.residual else y
-
-
-def _official_patch_conv(x, weight, grid, cout: int, groups: int, k: int, padding_mode: str):
-    """One patch-wise conv as the official MetaPatchConv2d: pad, F.unfold into (patch + halo)
-    windows at stride patch, grouped conv2d (a group per patch and conv group), F.fold back."""
-    b, cin, h, w = x.shape
-    gh, gw = grid
-    ph, pw, n = h // gh, w // gw, b * gh * gw
-    halo = k // 2
-    hh, hw = ph + 2 * halo, pw + 2 * halo
-    if halo:
-        x = F.pad(x, (halo, halo, halo, halo), mode=_pad_mode(padding_mode))
-    cols = F.unfold(x, (hh, hw), stride=(ph, pw))                        # (B, C * hh * hw, L)
-    cols = cols.view(b, cin, hh, hw, gh * gw).permute(0, 4, 1, 2, 3).reshape(1, n * cin, hh, hw)
-    y = F.conv2d(cols, weight.reshape(n * cout, cin // groups, k, k), groups=n * groups)
-    y = y.view(b, gh * gw, cout * ph * pw).permute(0, 2, 1)
-    return F.fold(y, (h, w), (ph, pw), stride=(ph, pw))
-
-
-def official_inverted_residual_v01(block, x, params):
-    """v0.1 inverted residual: three separate patch-wise convs with BN / ReLU6 between."""
-    grid = tuple(params.shape[-2:])
-    k, hidden, cout = block.kernel_size, block.hidden, block.out_channels
-    e, d, _ = block.sizes
-    vec = _per_patch(params)
-    y = _official_patch_conv(x, vec[:, :e], grid, hidden, 1, 1, block.padding_mode)
-    y = F.relu6(block.bn1(y))
-    y = _official_patch_conv(y, vec[:, e:e + d], grid, hidden, hidden, k, block.padding_mode)
-    y = F.relu6(block.bn2(y))
-    y = block.bn3(_official_patch_conv(y, vec[:, e + d:], grid, cout, 1, 1, block.padding_mode))
-    return y + x if block.residual else y
-
-
-def official_block(block, x, params):
-    if not hasattr(block, "hidden"):
-        return official_meta_conv(block, x, params)
-    if block.version == "v1":
-        return official_inverted_residual_v1(block, x, params)
-    return official_inverted_residual_v01(block, x, params)
-
-
-def official_decoder(model, inputs, signal):
-    d = model.decoder
-    p = None
-    for level, block in enumerate(d.blocks):
-        x = d.level_input(level, inputs, p)
-        index, start = d.sources[level]
-        p = official_block(block, x, official_weights(d.generators[index], signal, start,
-                                                      block.num_params))
-    if p.shape[-2:] != inputs[0].shape[-2:]:
-        p = F.interpolate(p, inputs[0].shape[-2:], mode="bilinear", align_corners=False)
-    return p
-
-
-def _pad_input(model, x):
-    div = model.config.size_divisor
-    pad_h, pad_w = (-x.shape[2]) % div, (-x.shape[3]) % div
-    return F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
-
-
-def decoder_inputs(model, x):
-    """The decoder's inputs (padded image and backbone features) and the context signal."""
-    xp = _pad_input(model, x)
-    feats, head = model.backbone(xp)
-    return [xp] + feats, model.context_head(head)
-
-
-def official_forward(model, x, clock=None):
-    """The whole model with the official-algorithm decoder (backbone and context head shared)."""
-    inputs, signal = decoder_inputs(model, x)
-    t0 = time.perf_counter()
-    out = official_decoder(model, inputs, signal)
-    if clock is not None:
-        clock.current["decoder"] = (time.perf_counter() - t0) * 1e3
-    return out[..., :x.shape[2], :x.shape[3]]
-
-
 class StageClock:
     """CPU wall time of the backbone, context head and decoder inside one whole forward pass,
     taken by forward hooks (no synchronisation needed on CPU)."""
@@ -669,7 +529,7 @@ def bench_blocks(run, model, x, dtype: str, use_triton: bool) -> list:
     floors = predicted_floors(run, model, x, dtype)
     model.backend = "torch"
     with amp():
-        inputs, signal = decoder_inputs(model, x)
+        inputs, signal = baseline.decoder_inputs(model, x)
         levels, prev = [], None
         for level, block in enumerate(d.blocks):
             xl = d.level_input(level, inputs, prev)
@@ -686,8 +546,8 @@ def bench_blocks(run, model, x, dtype: str, use_triton: bool) -> list:
         if use_triton:
             fns["triton"] = _wrap(amp, lambda b=block, xl=xl, g=gen, s=start: b.forward_fused(xl, signal, g, s))
         fns["torch"] = _wrap(amp, lambda b=block, xl=xl, lv=level: b(xl, d.block_weights(lv, signal)))
-        fns["official"] = _wrap(amp, lambda b=block, xl=xl, g=gen, s=start: official_block(
-            b, xl, official_weights(g, signal, s, b.num_params)))
+        fns["official"] = _wrap(amp, lambda b=block, xl=xl, g=gen, s=start: baseline.official_block(
+            b, xl, baseline.official_weights(g, signal, s, b.num_params)))
         cost = block_cost(block, xl, signal, gen)
         label = (f"{run['model']} L{level} {block_label(block)} {xl.shape[1]}->{block.out_channels} "
                  f"@{xl.shape[2]}x{xl.shape[3]} {dtype}")
@@ -770,7 +630,7 @@ def bench_whole(run, model, x, dtype: str, use_triton: bool) -> list:
     backends = (["triton"] if use_triton else []) + ["torch", "official"]
     model.backend = "torch"
     with amp():
-        xp = _pad_input(model, x)
+        xp = baseline.pad_input(model, x)
         feats, head = model.backbone(xp)
         signal = model.context_head(head)
     inputs = [xp] + feats
@@ -779,7 +639,7 @@ def bench_whole(run, model, x, dtype: str, use_triton: bool) -> list:
 
     def whole(backend):
         if backend == "official":
-            return lambda: official_forward(model, x, clock)
+            return lambda: baseline.official_forward(model, x, clock)
 
         def forward():
             model.backend = backend
@@ -788,7 +648,7 @@ def bench_whole(run, model, x, dtype: str, use_triton: bool) -> list:
 
     def decoder(backend):
         if backend == "official":
-            return lambda: official_decoder(model, inputs, signal)
+            return lambda: baseline.official_decoder(model, inputs, signal)
         return lambda: model.decoder(inputs, signal, backend)
 
     fns = {f"whole:{b}": _wrap(amp, whole(b)) for b in backends}

@@ -1,5 +1,5 @@
-"""Command line: ``python -m hyperseg list|convert|predict|export|train|eval`` (also installed as
-``hyperseg``)."""
+"""Command line: ``python -m hyperseg list|convert|predict|export|train|eval|benchmark`` (also
+installed as ``hyperseg``)."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +12,8 @@ UNTRAINED_WARNING = """\
 !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
 !!  WARNING: no --weights given. {name} is RANDOMLY INITIALISED and UNTRAINED.
 !!  Its {what} meaningless: use it only to try out the pipeline.
-!!  Pass --weights FILE (an official .pth checkpoint or a hyperseg .safetensors file).
+!!  Pass --pretrained (the official weights) or --weights FILE (an official .pth
+!!  checkpoint or a hyperseg .safetensors file).
 !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"""
 
 
@@ -21,14 +22,17 @@ class UsageError(ValueError):
 
 
 def _list(args: argparse.Namespace) -> int:
-    from .zoo import ALIASES, get_config, list_models
+    from .zoo import ALIASES, PRETRAINED, get_config, list_models
 
     aliases = {target: alias for alias, target in ALIASES.items()}
-    print(f"{'name':24s} {'alias':11s} {'dataset':11s} {'classes':>7s} {'input (HxW)':>12s}  arch")
+    print(f"{'name':24s} {'alias':11s} {'dataset':11s} {'classes':>7s} {'input (HxW)':>12s}  "
+          f"{'arch':11s} pretrained")
     for name in list_models(include_aliases=False):
         c = get_config(name)
         size = f"{c.input_size[0]}x{c.input_size[1]}"
-        print(f"{name:24s} {aliases.get(name, ''):11s} {c.dataset:11s} {c.num_classes:7d} {size:>12s}  {c.arch}")
+        weights = "yes" if name in PRETRAINED else "no"
+        print(f"{name:24s} {aliases.get(name, ''):11s} {c.dataset:11s} {c.num_classes:7d} "
+              f"{size:>12s}  {c.arch:11s} {weights}")
     return 0
 
 
@@ -45,15 +49,30 @@ def _check_checkpoint_file(path: str, option: Optional[str] = "--weights") -> No
 
 
 def _check_model_args(args: argparse.Namespace) -> None:
-    """--weights FILE (an existing file) or --model NAME (a zoo name)."""
+    """--weights FILE (an existing file), --model NAME --pretrained (a zoo model with official
+    weights) or --model NAME (a zoo name)."""
     from .zoo import get_config
 
-    if args.weights:
+    if getattr(args, "pretrained", False):
+        _check_pretrained(args.model, args.weights)
+    elif args.weights:
         _check_checkpoint_file(args.weights)
     elif not args.model:
-        raise UsageError("give --weights FILE (or --model NAME for an untrained model)")
+        raise UsageError("give --weights FILE, or --model NAME --pretrained (or --model NAME "
+                         "alone for an untrained model)")
     if args.model:
         get_config(args.model)
+
+
+def _check_pretrained(model: Optional[str], weights: Optional[str]) -> None:
+    """--pretrained needs --model NAME of a model with official weights, and no --weights."""
+    from .zoo import pretrained_weights
+
+    if weights:
+        raise UsageError("give either --weights FILE or --pretrained, not both")
+    if not model:
+        raise UsageError("--pretrained needs --model NAME (see 'hyperseg list')")
+    pretrained_weights(model)
 
 
 def _check_output_file(path: Optional[str], option: str) -> None:
@@ -102,14 +121,26 @@ def _load_model(args: argparse.Namespace, backend: str, what: str):
     from .checkpoint import load
     from .model import build
 
-    if args.weights:
-        if args.model:
-            return build(args.model, weights=args.weights, backend=backend)
-        return load(args.weights, backend=backend)
-    if not args.model:
+    if getattr(args, "pretrained", False):
+        model = build(args.model, pretrained=True, weights_dir=args.weights_dir, backend=backend)
+    elif args.weights:
+        model = (build(args.model, weights=args.weights, backend=backend) if args.model
+                 else load(args.weights, backend=backend))
+    elif not args.model:
         raise UsageError("give --weights FILE (or --model NAME for an untrained model)")
-    model = build(args.model, backend=backend)
-    print(UNTRAINED_WARNING.format(name=model.config.name, what=what), file=sys.stderr)
+    else:
+        model = build(args.model, backend=backend)
+        print(UNTRAINED_WARNING.format(name=model.config.name, what=what), file=sys.stderr)
+    return _fast_path(model, args)
+
+
+def _fast_path(model, args: argparse.Namespace):
+    """--precision, --channels-last and --compile (predict) on a loaded model."""
+    if hasattr(args, "precision"):
+        model.precision = args.precision
+        model.channels_last = args.channels_last
+    if getattr(args, "compile", None):
+        model.compile(**({} if args.compile == "default" else {"mode": args.compile}))
     return model
 
 
@@ -425,8 +456,8 @@ def _export(args: argparse.Namespace) -> int:
 # --flag destinations that override a training recipe or run setting (see hyperseg.train).
 TRAIN_OVERRIDES = ("epochs", "epoch_size", "batch_size", "accumulate", "lr", "poly_power", "crop",
                    "scale_range", "loss", "pretrained_backbone", "num_classes", "seed", "amp",
-                   "sync_bn", "weights", "train_split", "val_split", "val_every", "backbone",
-                   "val_fraction")
+                   "sync_bn", "weights", "pretrained", "train_split", "val_split", "val_every",
+                   "backbone", "val_fraction")
 
 
 def _model_of_weights(path: str) -> Tuple[str, Optional[str]]:
@@ -457,7 +488,9 @@ def _train(args: argparse.Namespace) -> int:
         problem = output_dir_problem(args.out)
         if problem:
             raise UsageError(f"--out {args.out!r}: {problem}")
-    if args.weights:
+    if args.pretrained:
+        _check_pretrained(args.model, args.weights)
+    elif args.weights:
         _check_checkpoint_file(args.weights)
     device = _device(args.device)
     _check_backend(args.backend, device)
@@ -473,7 +506,7 @@ def _train(args: argparse.Namespace) -> int:
     else:
         config = make_config(args.model, args.data, overrides)
     options = RunOptions(steps=args.steps, device=str(device), backend=args.backend,
-                         workers=args.workers, quiet=args.quiet)
+                         workers=args.workers, quiet=args.quiet, weights_dir=args.weights_dir)
     train(config, args.out, resume=args.resume, options=options)
     return 0
 
@@ -522,6 +555,44 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------
+# benchmark
+# ------------------------------------------------------------------------------------------------
+
+def _benchmark(args: argparse.Namespace) -> int:
+    from .zoo import get_config
+
+    get_config(args.model)
+    if args.size == "native":
+        raise UsageError("--size native has no meaning for a benchmark: give HxW")
+    if args.json and args.json != "-":
+        _check_output_file(args.json, "--json")
+    device = _device(args.device)
+    _check_backend(args.backend, device)
+
+    import json
+
+    from .benchmark import format_report, run_benchmark
+
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    compile_mode = {None: False, "default": True}.get(args.compile, args.compile)
+    result = run_benchmark(args.model, size=args.size, device=device, backend=args.backend,
+                           precision=args.precision, channels_last=args.channels_last,
+                           compile=compile_mode, frames=args.frames, warmup=args.warmup,
+                           baseline=not args.no_baseline)
+    text = json.dumps(result, indent=2)
+    if args.json == "-":
+        print(text)
+        return 0
+    print(format_report(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
 def _crop_arg(text: str) -> Tuple[int, int]:
     parts = text.lower().split("x")
     try:
@@ -550,8 +621,9 @@ def _scale_range_arg(text: str) -> Tuple[float, float]:
 # ------------------------------------------------------------------------------------------------
 
 LIST_DESCRIPTION = """\
-List the zoo models: name, alias, dataset, class count, official input resolution (H x W) and
-the official architecture. Any name or alias is accepted by --model and hyperseg.build."""
+List the zoo models: name, alias, dataset, class count, official input resolution (H x W), the
+official architecture, and whether official weights exist (--pretrained). Any name or alias is
+accepted by --model and hyperseg.build."""
 
 CONVERT_DESCRIPTION = """\
 Convert a checkpoint to hyperseg's .safetensors format (the tensors, and the model configuration
@@ -602,6 +674,15 @@ printed as a table (and written with --json). Preprocessing follows the official
 VOC padded to 512x512; folder and synthetic data at their own size). Under torchrun the split is
 sharded over the processes."""
 
+BENCHMARK_DESCRIPTION = """\
+Frames per second of a zoo model as users measure them: batch 1, --warmup untimed passes, then
+--frames timed frames, each synchronised with the device. Prints FPS, latency p50/p90/p99, peak
+memory (CUDA: max_memory_allocated; CPU: growth of the peak resident set size), the first pass
+(which includes any compilation), the device and the torch/triton versions, and the same for the
+official HyperSeg decoder algorithm (fp32, not compiled, backbone and context head shared), so
+that the speed-up is one number. The weights are random, with BatchNorm statistics calibrated on
+the input (timings do not depend on trained values)."""
+
 BACKEND_HELP = ("decoder implementation: torch (the pure-PyTorch reference), triton (the Triton "
                 "kernels: CUDA, or CPU through the interpreter with TRITON_INTERPRET=1) or auto "
                 "(triton for CUDA inference, torch otherwise; default)")
@@ -612,8 +693,32 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint: an official .pth file or a hyperseg .safetensors file; "
                              "the architecture comes from the file unless --model is given")
     parser.add_argument("--model", "-m", metavar="NAME",
-                        help="zoo model name (see 'hyperseg list'); without --weights the model "
-                             "is RANDOM and UNTRAINED (for testing only)")
+                        help="zoo model name (see 'hyperseg list'); without --weights or "
+                             "--pretrained the model is RANDOM and UNTRAINED (for testing only)")
+    _add_pretrained_args(parser)
+
+
+def _add_pretrained_args(parser) -> None:
+    parser.add_argument("--pretrained", action="store_true", default=None,
+                        help="the official weights of --model (downloaded once into "
+                             "<torch hub dir>/checkpoints, or --weights-dir)")
+    parser.add_argument("--weights-dir", metavar="DIR", default=None,
+                        help="where --pretrained keeps downloaded weights (default: "
+                             "$TORCH_HOME/hub/checkpoints, ~/.cache/torch/hub/checkpoints)")
+
+
+def _add_fast_path_args(parser: argparse.ArgumentParser) -> None:
+    """--precision, --channels-last, --compile: the same for predict and benchmark."""
+    from .options import PRECISIONS
+
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="inference precision: fp32 (default), or fp16 / bf16 under "
+                             "torch.autocast (float32 logits)")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                        help="run the backbone in channels-last memory format (default: on)")
+    parser.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                        help="torch.compile the model (optionally a mode, e.g. reduce-overhead "
+                             "for CUDA graphs); the first pass compiles, tens of seconds on CPU")
 
 
 def _add_run_args(parser: argparse.ArgumentParser, backend_help: str = BACKEND_HELP,
@@ -667,7 +772,7 @@ def _version() -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The command line. Building and parsing it imports no torch: every command checks its
     arguments first and imports the heavy modules only to do its work."""
-    from .options import AMP_MODES, DATA_SPEC_HELP, LOSSES
+    from .options import AMP_MODES, BACKENDS, DATA_SPEC_HELP, LOSSES
 
     parser = argparse.ArgumentParser(prog="hyperseg", description="HyperSeg semantic segmentation")
     parser.add_argument("--version", action="version", version=f"hyperseg {_version()}")
@@ -694,6 +799,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inference_args(predict)
     predict.add_argument("--alpha", type=_alpha_arg, default=0.5,
                          help="opacity of the colours in the overlay (default: 0.5)")
+    _add_fast_path_args(predict)
     _add_run_args(predict, torchrun=False)
     predict.set_defaults(run=_predict)
 
@@ -762,6 +868,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "model's official EfficientNet")
     recipe.add_argument("--val-fraction", type=_fraction_arg, metavar="F",
                         help=VAL_FRACTION_HELP)
+    _add_pretrained_args(recipe)
     recipe.add_argument("--seed", type=_non_negative_int, metavar="N",
                         help="seed of the initialisation, sampling and augmentation (default 0)")
     recipe.add_argument("--amp", choices=AMP_MODES, help="mixed precision (default off)")
@@ -795,6 +902,29 @@ def build_parser() -> argparse.ArgumentParser:
                           help="also write the results as JSON (its folder must exist)")
     _add_run_args(evaluate)
     evaluate.set_defaults(run=_eval)
+
+    bench = commands.add_parser("benchmark", help="frames per second, latency and peak memory",
+                                description=BENCHMARK_DESCRIPTION)
+    bench.add_argument("--model", "-m", metavar="NAME", default="hyperseg-m",
+                       help="zoo model name (default: hyperseg-m)")
+    bench.add_argument("--size", type=_size_arg, default=None, metavar="HxW",
+                       help="input size (default: the model's official resolution)")
+    _add_fast_path_args(bench)
+    bench.add_argument("--frames", type=_positive_int, default=50, metavar="N",
+                       help="timed frames (default: 50)")
+    bench.add_argument("--warmup", type=_positive_int, default=5, metavar="N",
+                       help="untimed passes first (default: 5; the first one compiles)")
+    bench.add_argument("--no-baseline", action="store_true",
+                       help="do not time the official decoder algorithm")
+    bench.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
+                       help="also write the results as JSON to FILE (its folder must exist), or "
+                            "to stdout instead of the table when no FILE is given")
+    bench.add_argument("--device", default=None,
+                       help="torch device, e.g. cuda, cuda:1, cpu (default: cuda if available)")
+    bench.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
+    bench.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                       help="torch CPU threads (default: torch's; 1 is steadier on a busy CPU)")
+    bench.set_defaults(run=_benchmark)
     return parser
 
 

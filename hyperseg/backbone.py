@@ -89,10 +89,24 @@ class Backbone(nn.Module):
         stage_channels = [info["num_chs"] for info in self.body.feature_info]
         self.reducers, self.feat_channels = _reducers(name, stage_channels, out_feat_scale)
         self.head_channels = self.body.num_features
+        self.channels_last = False
+
+    def set_channels_last(self, enabled: bool) -> None:
+        """Run the backbone in channels-last memory format (its weights are converted, its input
+        converted on the way in and its outputs converted back to the contiguous format that the
+        context head and the decoder's patch views expect). The results are the same up to the
+        convolution algorithms' rounding."""
+        self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
+        self.channels_last = bool(enabled)
 
     def forward(self, x: Tensor) -> Tuple[List[Tensor], Tensor]:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         head, stages = self.body.forward_intermediates(x, indices=len(self.reducers))
-        return [reduce(f) for reduce, f in zip(self.reducers, stages)], head
+        feats = [reduce(f) for reduce, f in zip(self.reducers, stages)]
+        if self.channels_last:
+            feats, head = [f.contiguous() for f in feats], head.contiguous()
+        return feats, head
 
 
 def _reducers(name: str, stage_channels: Sequence[int], out_feat_scale: Sequence[float]
@@ -163,11 +177,19 @@ class TimmBackbone(nn.Module):
         stage_channels = [info.channels()[i] for i in self.stage_indices]
         self.reducers, self.feat_channels = _reducers(name, stage_channels, out_feat_scale)
         self.head_channels = stage_channels[-1]
+        self.channels_last = False
+
+    set_channels_last = Backbone.set_channels_last
 
     def forward(self, x: Tensor) -> Tuple[List[Tensor], Tensor]:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         features = self.body(x)
         stages = [features[i] for i in self.stage_indices]
-        return [reduce(f) for reduce, f in zip(self.reducers, stages)], stages[-1]
+        feats, head = [reduce(f) for reduce, f in zip(self.reducers, stages)], stages[-1]
+        if self.channels_last:
+            feats, head = [f.contiguous() for f in feats], head.contiguous()
+        return feats, head
 
 
 def make_backbone(name: str, out_feat_scale: Sequence[float], pretrained: bool = False

@@ -436,12 +436,14 @@ def load_matching(model: HyperSeg, checkpoint: Checkpoint) -> PartialLoad:
     return PartialLoad(reinitialised, sorted(set(tensors) - used))
 
 
-def load(path, *, backend: str = "auto", map_location="cpu") -> HyperSeg:
+def load(path, *, backend: str = "auto", map_location="cpu",
+         channels_last: bool = True) -> HyperSeg:
     """Build the model a checkpoint describes and load its weights, in eval mode.
 
     Reads official checkpoints (architecture from their ``'arch'`` string, parsed, never
     evaluated) and our safetensors files. ``map_location`` is where tensors are loaded and where
-    the model is placed.
+    the model is placed. ``channels_last``: run the backbone in channels-last memory format (the
+    inference default, as in ``hyperseg.build``).
     """
     checkpoint = read_checkpoint(path, map_location)
     if checkpoint.config is None:
@@ -449,6 +451,7 @@ def load(path, *, backend: str = "auto", map_location="cpu") -> HyperSeg:
                               f"'arch' entry); use hyperseg.build(name, weights=path)")
     model = HyperSeg(checkpoint.config, backend=backend)
     load_into(model, checkpoint)
+    model.channels_last = bool(channels_last)
     if isinstance(map_location, (str, torch.device)):
         model.to(map_location)
     return model.eval()

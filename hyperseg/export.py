@@ -80,8 +80,9 @@ def export_onnx(model: HyperSeg, path, *, size: Optional[Tuple[int, int]] = None
     path = os.fspath(path)
     param = next(model.parameters())
     example = torch.zeros(batch_size, 3, h, w, device=param.device, dtype=param.dtype)
-    backend, training = model.backend, model.training
+    backend, training, channels_last = model.backend, model.training, model.channels_last
     model.backend = "torch"
+    model.channels_last = False         # the graph's tensors are plain contiguous ones
     model.eval()
     quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
     try:
@@ -94,5 +95,6 @@ def export_onnx(model: HyperSeg, path, *, size: Optional[Tuple[int, int]] = None
                 output_names=[OUTPUT_NAME], verbose=verbose)
     finally:
         model.backend = backend
+        model.channels_last = channels_last
         model.train(training)
     return path

@@ -12,10 +12,11 @@ from .backbone import make_backbone
 from .context_head import ContextHead, ContextHeadV01
 from .decoder import Decoder, MetaInvertedResidual, records_gradients
 from . import options
-from .options import BACKENDS, MIN_SIDE
+from .options import BACKENDS, MIN_SIDE, PRECISIONS
 from .zoo import ModelConfig, get_config, with_backbone
 
 GATHER_MODES = ("mean", "max")
+AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def training_kernels_proven(device: torch.device) -> bool:
@@ -55,6 +56,12 @@ class HyperSeg(nn.Module):
     "triton" (the fused kernels) or "auto" (triton for CUDA tensors when the kernels import,
     torch otherwise). It may be changed at any time. The kernels serve inference only: see
     ``resolve_backend`` for when the reference runs instead.
+
+    ``precision`` ("fp32", "fp16" or "bf16") is the inference precision: "fp16" / "bf16" run the
+    forward pass under ``torch.autocast`` with that type (unless autocast is already on) and
+    return float32 logits; the parameters stay float32. ``channels_last`` runs the backbone in
+    channels-last memory format (see ``Backbone.set_channels_last``). Both may be changed at any
+    time.
     """
 
     def __init__(self, config: ModelConfig, *, pretrained_backbone: bool = False,
@@ -73,6 +80,7 @@ class HyperSeg(nn.Module):
         self.decoder = Decoder(config, [3] + self.backbone.feat_channels,
                                self.context_head.signal_channels)
         self.backend = backend
+        self.precision = "fp32"
         self.tta_hflip = config.tta_hflip
         self.tta_gather = config.tta_gather
         self.tta_flip_gather = "max"
@@ -88,6 +96,26 @@ class HyperSeg(nn.Module):
         if value not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
         self._backend = value
+
+    @property
+    def precision(self) -> str:
+        return self._precision
+
+    @precision.setter
+    def precision(self, value: str) -> None:
+        if value not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {value!r}")
+        self._precision = value
+
+    @property
+    def channels_last(self) -> bool:
+        return self.backbone.channels_last
+
+    @channels_last.setter
+    def channels_last(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"channels_last must be True or False, got {value!r}")
+        self.backbone.set_channels_last(value)
 
     @property
     def num_classes(self) -> int:
@@ -146,6 +174,13 @@ class HyperSeg(nn.Module):
     def segment(self, x: Tensor) -> Tensor:
         """Logits of one (B, 3, H, W) batch, without test-time augmentation."""
         self.check_input(x)
+        if self._precision == "fp32" or torch.is_autocast_enabled(x.device.type):
+            return self._segment(x)
+        with torch.autocast(x.device.type, dtype=AUTOCAST_DTYPES[self._precision]):
+            logits = self._segment(x)
+        return logits.float()
+
+    def _segment(self, x: Tensor) -> Tensor:
         backend = self.resolve_backend(x)
         h, w = x.shape[-2:]
         d = self.config.size_divisor
@@ -236,7 +271,9 @@ def _gather(new: Tensor, acc: Tensor, mode: str) -> Tensor:
 
 
 def build(name: str, *, num_classes: Optional[int] = None, backbone: Optional[str] = None,
-          weights=None, pretrained_backbone: bool = False, backend: str = "auto") -> HyperSeg:
+          weights=None, pretrained: bool = False, weights_dir=None,
+          pretrained_backbone: bool = False, backend: str = "auto", precision: str = "fp32",
+          channels_last: bool = True, compile=False) -> HyperSeg:
     """Build a zoo model by name, in eval mode.
 
     Args:
@@ -248,15 +285,42 @@ def build(name: str, *, num_classes: Optional[int] = None, backbone: Optional[st
             (``BackboneError`` otherwise). The model is called ``<zoo name>+<backbone>``.
         weights: path of a checkpoint to load (official ``.pth`` or our ``.safetensors``); its
             architecture must be the named model's (else ``CheckpointError``).
+        pretrained: load the official release's weights (``hyperseg.list_models(pretrained=True)``
+            names the models that have them), downloaded once into ``weights_dir`` (default
+            ``<torch.hub.get_dir()>/checkpoints``); see ``hyperseg.pretrained``.
         pretrained_backbone: initialise the backbone with timm's ImageNet weights. This downloads
             them from the Hugging Face hub, so it needs internet access (or timm's cache).
         backend: "auto", "torch" or "triton" (see ``HyperSeg``).
+        precision: "fp32", "fp16" or "bf16": the inference precision (autocast; see ``HyperSeg``).
+        channels_last: run the backbone in channels-last memory format (faster on CPU; see the
+            README's measurements).
+        compile: ``torch.compile`` the model's forward in place (``nn.Module.compile``): True, or
+            a ``torch.compile`` mode such as "reduce-overhead" (CUDA graphs on a GPU). The first
+            forward pass of each input shape then compiles (tens of seconds on a CPU).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if pretrained and weights is not None:
+        raise ValueError("give either weights=PATH or pretrained=True, not both")
+    if not (isinstance(compile, bool) or isinstance(compile, str)):
+        raise TypeError(f"compile must be True, False or a torch.compile mode, got {compile!r}")
+    if pretrained and backbone is not None:
+        raise ValueError(f"the official weights are for the official backbone; a model with "
+                         f"backbone={backbone!r} cannot load them (use pretrained_backbone=True "
+                         f"for timm's ImageNet weights)")
     config = with_backbone(get_config(name, num_classes), backbone)
+    official = get_config(name)
+    if pretrained and config.num_classes != official.num_classes:
+        raise ValueError(f"the official {official.name} weights predict {official.num_classes} "
+                         f"classes, not {config.num_classes}: loading them into a model with "
+                         f"another class count is not supported")
     checkpoint = None
-    if weights is not None:
+    if pretrained:
+        from .pretrained import load_pretrained
+        checkpoint = load_pretrained(name, weights_dir)
+    elif weights is not None:
         from .checkpoint import read_checkpoint
         checkpoint = read_checkpoint(weights)
     model = HyperSeg(config, pretrained_backbone=pretrained_backbone and checkpoint is None,
@@ -264,4 +328,8 @@ def build(name: str, *, num_classes: Optional[int] = None, backbone: Optional[st
     if checkpoint is not None:
         from .checkpoint import load_into
         load_into(model, checkpoint)
+    model.precision = precision
+    model.channels_last = bool(channels_last)
+    if compile:
+        model.compile(**({} if compile is True else {"mode": compile}))
     return model.eval()

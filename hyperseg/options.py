@@ -18,6 +18,7 @@ MIN_SIDE = 32                                     # the smallest input side the 
 TRAINING_KERNELS_FASTER_ON: Tuple[str, ...] = ()
 LOSSES = ("bootstrapped_ce", "ce")                # training losses (hyperseg.losses)
 AMP_MODES = ("off", "fp16", "bf16")               # mixed precision in training
+PRECISIONS = ("fp32", "fp16", "bf16")             # inference precision (HyperSeg.precision)
 TTA_MODES = ("flip", "ms")                        # test-time augmentation (predict and eval)
 DEFAULT_TTA_SCALES = (1.0, 0.75, 1.25)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")

@@ -114,6 +114,7 @@ class TrainConfig:
     sync_bn: bool = False
     accumulate: int = 1                     # micro-batches per process per step
     weights: Optional[str] = None           # start from these weights
+    pretrained: bool = False                # start from the model's official weights
     train_split: Optional[str] = None       # None: the dataset's official split
     val_split: Optional[str] = None         # None: the official one; "none": no validation
     val_every: int = 1                      # validate every N epochs (and after the last)
@@ -199,6 +200,9 @@ def check_config(config: TrainConfig) -> None:
         raise TrainError(f"crop must be at least 32x32, got {r.crop[0]}x{r.crop[1]}")
     if r.scale_range is not None and not 0 < r.scale_range[0] <= r.scale_range[1]:
         raise TrainError(f"scale range must satisfy 0 < low <= high, got {r.scale_range}")
+    if config.weights and config.pretrained:
+        raise TrainError("give either weights (a checkpoint) or pretrained (the official weights), "
+                         "not both")
     if config.num_classes is not None and config.num_classes < 1:
         raise TrainError(f"num_classes must be >= 1, got {config.num_classes}")
     if config.val_fraction is not None:
@@ -352,6 +356,7 @@ class RunOptions:
     backend: str = "auto"             # decoder implementation (training and validation)
     workers: Optional[int] = None     # data-loading processes per rank
     quiet: bool = False               # no progress bar (or progress lines)
+    weights_dir: Optional[str] = None  # where pretrained weights are kept (default: torch hub's)
     log: Callable[[str], None] = field(default=lambda message: print(message, flush=True))
     progress: Callable[[str], None] = field(
         default=lambda message: print(message, file=sys.stderr, flush=True))
@@ -475,7 +480,8 @@ class _Trainer:
 
         config = self.config
         if self.resume:
-            model = load(os.path.join(self.out, LATEST), backend=self.options.backend)
+            model = load(os.path.join(self.out, LATEST), backend=self.options.backend,
+                         channels_last=False)
             name = with_backbone(get_config(config.model), config.backbone).name
             if model.config.name != name or model.num_classes != num_classes:
                 raise TrainError(f"{os.path.join(self.out, LATEST)!r} holds {model.config.name} "
@@ -483,12 +489,15 @@ class _Trainer:
                                  f"with {num_classes}")
             return model
         torch.manual_seed(config.seed)
+        from_scratch = not (config.weights or config.pretrained)
         try:
-            pretrained = config.recipe.pretrained_backbone and not config.weights
+            pretrained = config.recipe.pretrained_backbone and from_scratch
             model = build(config.model, num_classes=num_classes, backbone=config.backbone,
-                          pretrained_backbone=pretrained, backend=self.options.backend)
+                          pretrained=config.pretrained, weights_dir=self.options.weights_dir,
+                          pretrained_backbone=pretrained, backend=self.options.backend,
+                          channels_last=False)      # training speed with it not measured
         except (OSError, RuntimeError) as err:
-            if config.recipe.pretrained_backbone and not config.weights:
+            if config.recipe.pretrained_backbone and from_scratch:
                 raise TrainError(f"cannot get the ImageNet backbone weights ({err}); they are "
                                  f"downloaded from the Hugging Face hub: check the connection, "
                                  f"or train from scratch with --no-pretrained-backbone") from None

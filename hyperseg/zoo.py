@@ -202,6 +202,28 @@ _ZOO = {
         official_config="vocsbd_efficientnet_b3_hyperseg-l"),
 }
 
+# The official checkpoints: release v1.0 of github.com/YuvalNirkin/hyperseg publishes these files
+# (hyperseg-l-camvid has none). HYPERSEG_WEIGHTS_URL replaces the base URL (a mirror, or a local
+# server in the tests).
+WEIGHTS_BASE_URL = "https://github.com/YuvalNirkin/hyperseg/releases/download/v1.0"
+WEIGHTS_URL_ENV = "HYPERSEG_WEIGHTS_URL"
+
+
+@dataclass(frozen=True)
+class PretrainedWeights:
+    """One official checkpoint: its file name in the release, and its SHA-256 once it has been
+    seen (None: not yet recorded, so the download is not verified)."""
+    file: str
+    sha256: Optional[str] = None
+
+
+PRETRAINED = {
+    "hyperseg-m-cityscapes": PretrainedWeights("cityscapes_efficientnet_b1_hyperseg-m.pth"),
+    "hyperseg-s-cityscapes": PretrainedWeights("cityscapes_efficientnet_b1_hyperseg-s.pth"),
+    "hyperseg-s-camvid": PretrainedWeights("camvid_efficientnet_b1_hyperseg-s.pth"),
+    "hyperseg-l-voc": PretrainedWeights("vocsbd_efficientnet_b3_hyperseg-l.pth"),
+}
+
 ALIASES = {
     "hyperseg-m": "hyperseg-m-cityscapes",
     "hyperseg-s": "hyperseg-s-cityscapes",
@@ -209,12 +231,27 @@ ALIASES = {
 }
 
 
-def list_models(include_aliases: bool = True) -> list:
-    """Names accepted by ``hyperseg.build``: the five zoo models, then the aliases."""
+def list_models(include_aliases: bool = True, pretrained: bool = False) -> list:
+    """Names accepted by ``hyperseg.build``: the five zoo models, then the aliases; with
+    ``pretrained=True`` only those with official weights (``build(name, pretrained=True)``)."""
     names = list(_ZOO)
     if include_aliases:
         names += list(ALIASES)
+    if pretrained:
+        names = [n for n in names if ALIASES.get(n, n) in PRETRAINED]
     return names
+
+
+def pretrained_weights(name: str) -> PretrainedWeights:
+    """The official checkpoint of the zoo model ``name`` (or an alias); ValueError when the model
+    has none."""
+    key = get_config(name).name
+    if key not in PRETRAINED:
+        have = ", ".join(list_models(include_aliases=False, pretrained=True))
+        raise ValueError(f"{key} has no official pretrained weights (models that have: {have}); "
+                         f"train it (hyperseg train) and pass the checkpoint with --weights PATH "
+                         f"(hyperseg.build(name, weights=PATH))")
+    return PRETRAINED[key]
 
 
 def get_config(name: str, num_classes: Optional[int] = None) -> ModelConfig:

@@ -10,6 +10,7 @@ that is neither run nor listed fails the test.
 import os
 import re
 import shlex
+import shutil
 import textwrap
 from pathlib import Path
 
@@ -42,7 +43,10 @@ ADDED = {
     "train --resume": ["--steps", "2", "--workers", "0"],
     "eval": ["--batch-size", "8", "--workers", "0"],
     "predict": ["--size", "64x128"],
+    "benchmark": ["--size", "64x128", "--frames", "2", "--warmup", "1"],
 }
+# --pretrained finds the official file in the torch hub cache; the network is never used.
+UNREACHABLE = "http://127.0.0.1:9/v1.0"
 
 
 def code_blocks(language):
@@ -94,6 +98,9 @@ def folder(tmp_path_factory):
     model = hyperseg.build("hyperseg-m", backend="torch")
     write_official(root / "cityscapes_efficientnet_b1_hyperseg-m.pth", model,
                    OFFICIAL_ARCH["hyperseg-m-cityscapes"])
+    cache = root / "torch-home" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    shutil.copy(root / "cityscapes_efficientnet_b1_hyperseg-m.pth", cache)
     (root / "photos" / "day").mkdir(parents=True)
     image = Image.radial_gradient("L").convert("RGB").resize((96, 64))
     image.save(root / "photos" / "day" / "a.png")
@@ -123,7 +130,16 @@ def test_every_command_line_is_run_or_listed():
     assert {h for h, _ in code_blocks("python")} >= set(SNIPPETS_NOT_RUN)
 
 
-def test_the_readme_commands_run_in_order(folder, monkeypatch, capsys):
+@pytest.fixture
+def cached_weights(folder, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(folder / "torch-home"))
+    monkeypatch.setenv("HYPERSEG_WEIGHTS_URL", UNREACHABLE)
+    threads = torch.get_num_threads()          # hyperseg benchmark --threads sets the process's
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_the_readme_commands_run_in_order(folder, cached_weights, monkeypatch, capsys):
     monkeypatch.chdir(folder)
     ran = []
     for line in command_lines():
@@ -134,7 +150,7 @@ def test_the_readme_commands_run_in_order(folder, monkeypatch, capsys):
         captured = capsys.readouterr()
         assert code == 0, f"{line}\n{captured.out}\n{captured.err}"
         ran.append(argv[0])
-    assert sorted(set(ran)) == ["convert", "eval", "export", "predict", "train"]
+    assert sorted(set(ran)) == ["benchmark", "convert", "eval", "export", "list", "predict", "train"]
     # the README's train -> eval: a short run has its best model
     assert (folder / "runs/m/best.safetensors").is_file() and (folder / "m.json").is_file()
     assert (folder / "seg/day/a_labels.png").is_file() and (folder / "seg/street_labels.png").is_file()
@@ -187,3 +203,13 @@ def test_the_checkpoints_snippet_runs(folder, monkeypatch):
     namespace = {"hyperseg": hyperseg}
     exec(compile(code, "README.md (Checkpoints)", "exec"), namespace)
     assert namespace["model"].config.name == "hyperseg-m-cityscapes"
+
+
+def test_the_pretrained_weights_snippet_runs(folder, cached_weights):
+    """From the torch hub cache (TORCH_HOME), with an unreachable server."""
+    (code,) = [code for heading, code in code_blocks("python") if heading == "Pretrained weights"]
+    namespace = {"hyperseg": hyperseg}
+    exec(compile(code, "README.md (Pretrained weights)", "exec"), namespace)
+    expected = hyperseg.load(folder / "cityscapes_efficientnet_b1_hyperseg-m.pth")
+    got = namespace["model"].state_dict()
+    assert all(torch.equal(got[k], v) for k, v in expected.state_dict().items())
