@@ -375,7 +375,7 @@ def _train(args: argparse.Namespace) -> int:
     device = _device(args.device)
     _check_backend(args.backend, device)
 
-    from .train import RunOptions, make_config, resume_config, train
+    from .train import RunOptions, TrainInterrupted, make_config, resume_config, train
 
     overrides = {name: getattr(args, name) for name in TRAIN_OVERRIDES}
     if args.resume:
@@ -384,7 +384,11 @@ def _train(args: argparse.Namespace) -> int:
         config = make_config(args.model, args.data, overrides)
     options = RunOptions(steps=args.steps, device=str(device), backend=args.backend,
                          workers=args.workers, quiet=args.quiet)
-    train(config, args.out, resume=args.resume, options=options)
+    try:
+        train(config, args.out, resume=args.resume, options=options)
+    except TrainInterrupted as stop:
+        print(f"hyperseg train: {stop}", file=sys.stderr)
+        return 130                          # the shell's code for a run stopped by Ctrl-C
     return 0
 
 
