@@ -255,7 +255,7 @@ def _predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .predict import (ImageError, model_palette, network_size, read_image, save_prediction,
-                          segment, to_tensor)
+                          segment, to_uint8_tensor)
 
     def report_in_progress(message: str) -> None:
         tqdm.write(f"hyperseg predict: error: {message}", file=sys.stderr)
@@ -292,7 +292,7 @@ def _predict(args: argparse.Namespace) -> int:
     with progress:
         for job in jobs:
             try:
-                image = to_tensor(read_image(job.source))
+                image = to_uint8_tensor(read_image(job.source))
                 network_size(config, args.size, tuple(image.shape[-2:]))
             except ImageError as err:
                 report_in_progress(f"{job.source}: {err}")
