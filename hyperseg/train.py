@@ -341,7 +341,8 @@ def read_state(path: str, device: torch.device) -> dict:
 # Tests only: seconds to sleep after a temporary file is complete and before it replaces its
 # target, so that a test can kill the run in the middle of a checkpoint write.
 WRITE_PAUSE_ENV = "HYPERSEG_TEST_PAUSE_BEFORE_RENAME"
-_TEMPORARY = re.compile(r"\.tmp\d+$")
+_TEMPORARY = re.compile("^(" + "|".join(re.escape(n) for n in (LATEST, BEST, STATE, RUN, METRICS))
+                        + r")\.tmp\d+$")
 
 
 def _fsync(path: str, directory: bool = False) -> None:
@@ -377,7 +378,7 @@ def _replace_atomically(path: str, write: Callable[[str], None]) -> None:
 def remove_temporary_files(out: str) -> None:
     """Delete the temporary files of writes that a killed run left unfinished in ``out``."""
     for name in os.listdir(out):
-        if _TEMPORARY.search(name):
+        if _TEMPORARY.match(name):
             os.remove(os.path.join(out, name))
 
 
@@ -606,7 +607,7 @@ class _Trainer:
                              f"model would have {num_classes} (--num-classes)")
         state = read_state(os.path.join(self.out, STATE), "cpu") if self.resume else None
         model = self._model(num_classes, state).to(device)
-        if self.resume and ctx.is_main:
+        if ctx.is_main and os.path.isdir(self.out):
             remove_temporary_files(self.out)
         try:
             if ctx.is_main:
