@@ -132,7 +132,7 @@ def _kill_points() -> list:
     """Kills while a checkpoint file is written (the state is the commit point), each leaving
     another mix of old and new files, then at random moments."""
     points = [("write", STATE, 1),                 # the first checkpoint never commits
-              ("write", "latest.safetensors", 2),  # state at step 2, the step-4 model half done
+              ("write", "latest.safetensors", 2),  # state at step 2, the step-4 model not renamed
               ("write", METRICS, 1),               # resumed: model at 4, state and metrics at 2
               ("write", STATE, 1)]                 # model and metrics at 4, state at 2
     extra = int(os.environ.get("HYPERSEG_KILL_POINTS", "0"))
