@@ -117,7 +117,7 @@ def colorize(labels: Union[np.ndarray, torch.Tensor], colors: np.ndarray) -> np.
     table = np.zeros((len(colors) + 1, 3), dtype=np.uint8)
     table[:len(colors)] = colors
     out = np.empty(labels.shape + (3,), dtype=np.uint8)
-    for rows in _row_bands(labels.shape[0], labels.shape[-1] if labels.ndim else 1):
+    for rows in _row_bands(labels.shape[0], labels.shape[1]):
         part = labels[rows]
         out[rows] = table[np.where((part >= 0) & (part < len(colors)), part, len(colors))]
     return out
