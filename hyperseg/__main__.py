@@ -334,7 +334,7 @@ def _predict_images(args: argparse.Namespace, model, jobs: List[_Job]) -> int:
     from tqdm import tqdm
 
     from .predict import (ImageError, model_palette, network_size, read_image, save_prediction,
-                          segment, to_tensor)
+                          segment, to_uint8_tensor)
 
     if not jobs:
         return 0
@@ -366,7 +366,7 @@ def _predict_images(args: argparse.Namespace, model, jobs: List[_Job]) -> int:
     with progress:
         for job in jobs:
             try:
-                image = to_tensor(read_image(job.source))
+                image = to_uint8_tensor(read_image(job.source))
                 network_size(model.config, args.size, tuple(image.shape[-2:]))
             except ImageError as err:
                 _report_in_progress(f"{job.source}: {err}")
@@ -498,7 +498,7 @@ def _train(args: argparse.Namespace) -> int:
         args.model, backbone = _model_of_weights(args.weights)
         args.backbone = args.backbone or backbone
 
-    from .train import RunOptions, make_config, resume_config, train
+    from .train import RunOptions, TrainInterrupted, make_config, resume_config, train
 
     overrides = {name: getattr(args, name) for name in TRAIN_OVERRIDES}
     if args.resume:
@@ -507,7 +507,11 @@ def _train(args: argparse.Namespace) -> int:
         config = make_config(args.model, args.data, overrides)
     options = RunOptions(steps=args.steps, device=str(device), backend=args.backend,
                          workers=args.workers, quiet=args.quiet, weights_dir=args.weights_dir)
-    train(config, args.out, resume=args.resume, options=options)
+    try:
+        train(config, args.out, resume=args.resume, options=options)
+    except TrainInterrupted as stop:
+        print(f"hyperseg train: {stop}", file=sys.stderr)
+        return 130                          # the shell's code for a run stopped by Ctrl-C
     return 0
 
 

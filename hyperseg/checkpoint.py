@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import hashlib
 import json
 import os
 import pickle
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -278,15 +280,41 @@ class Checkpoint:
     layout: str                        # "official" or "hyperseg"
     config: Optional[ModelConfig]
     extra: Dict[str, Any]
+    path: str = ""                     # the file it was read from (named in errors)
 
 
 def _is_safetensors(path: str) -> bool:
+    """Whether ``path`` starts as a safetensors file does (a header length, then JSON); raises
+    CheckpointError when it does but its header runs past the end of the file."""
     with open(path, "rb") as f:
         head = f.read(9)
-    if len(head) < 9:
+    if len(head) < 9 or head[8:9] != b"{":
         return False
-    size = int.from_bytes(head[:8], "little")
-    return 0 < size < os.path.getsize(path) and head[8:9] == b"{"
+    size, file_size = int.from_bytes(head[:8], "little"), os.path.getsize(path)
+    if size + 8 > file_size:
+        raise CheckpointError(f"{path!r} is not a readable safetensors file: its header claims "
+                              f"{size} bytes but the file has only {file_size} (truncated or "
+                              f"corrupt)")
+    return size > 0
+
+
+def _data_digest(path: str) -> str:
+    """The SHA-256 of a safetensors file's tensor bytes (everything after the header)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(8 + int.from_bytes(f.read(8), "little"))
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _warn_non_finite(path: str, tensors: Dict[str, torch.Tensor]) -> None:
+    bad = [name for name, t in tensors.items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        warnings.warn(f"{path!r}: {len(bad)} tensor(s) hold NaN or infinite values, e.g. "
+                      f"{bad[0]!r}; the model's outputs will be NaN (a diverged training run?)",
+                      RuntimeWarning, stacklevel=3)
 
 
 def _not_a_torch_file(path: str) -> Optional[str]:
@@ -322,7 +350,9 @@ def read_checkpoint(path, map_location="cpu") -> Checkpoint:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint file at {path!r}")
     if _is_safetensors(path):
-        return _read_safetensors(path, map_location)
+        checkpoint = _read_safetensors(path, map_location)
+        _warn_non_finite(path, checkpoint.tensors)
+        return checkpoint
     problem = _not_a_torch_file(path)
     if problem:
         raise CheckpointError(f"{path!r} is not a readable checkpoint: {problem}")
@@ -352,8 +382,13 @@ def read_checkpoint(path, map_location="cpu") -> Checkpoint:
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{path!r}: state dict entry {key!r} is not a named tensor")
     arch = extra.get("arch")
-    config = config_from_arch(arch) if arch is not None else None
-    return Checkpoint(dict(tensors), _layout(tensors), config, extra)
+    try:
+        config = config_from_arch(arch) if arch is not None else None
+        layout = _layout(tensors)
+    except CheckpointError as err:
+        raise CheckpointError(f"{path!r}: {err}") from None
+    _warn_non_finite(path, tensors)
+    return Checkpoint(dict(tensors), layout, config, extra, path)
 
 
 def _read_safetensors(path: str, map_location) -> Checkpoint:
@@ -364,19 +399,36 @@ def _read_safetensors(path: str, map_location) -> Checkpoint:
             metadata = f.metadata() or {}
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise CheckpointError(f"{path!r} is not a readable safetensors file: {err}") from err
+        raise CheckpointError(f"{path!r} is not a readable safetensors file (truncated or "
+                              f"corrupt): {err}") from None
     if metadata.get("format") != FORMAT or "config" not in metadata:
         raise CheckpointError(f"{path!r} is a safetensors file without a hyperseg model config in "
                               f"its metadata")
+    expected = metadata.get("sha256")          # files saved before the checksum have none
+    if expected is not None and _data_digest(path) != expected:
+        raise CheckpointError(f"{path!r} is corrupt: its tensor data does not match the SHA-256 "
+                              f"checksum saved with it (a flipped bit, or a partial copy)")
     try:
         config = ModelConfig.from_dict(json.loads(metadata["config"]))
-    except (ValueError, TypeError) as err:
-        raise CheckpointError(f"{path!r}: invalid model config in the metadata: {err}") from err
-    return Checkpoint(tensors, _layout(tensors), config, {"format_version": metadata.get("format_version")})
+        layout = _layout(tensors)
+    except (ValueError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{path!r}: invalid model config in the metadata: {err}") from None
+    return Checkpoint(tensors, layout, config, {"format_version": metadata.get("format_version")},
+                      path)
 
 
 def load_into(model: HyperSeg, checkpoint: Checkpoint) -> HyperSeg:
-    """Fill ``model`` from a checkpoint, after checking that the architectures agree."""
+    """Fill ``model`` from a checkpoint, after checking that the architectures agree; errors
+    name the checkpoint's file."""
+    try:
+        return _load_into(model, checkpoint)
+    except CheckpointError as err:
+        if not checkpoint.path:
+            raise
+        raise CheckpointError(f"{checkpoint.path!r}: {err}") from None
+
+
+def _load_into(model: HyperSeg, checkpoint: Checkpoint) -> HyperSeg:
     if checkpoint.config is not None:
         diffs = architecture_differences(checkpoint.config, model.config)
         if diffs:
@@ -384,11 +436,18 @@ def load_into(model: HyperSeg, checkpoint: Checkpoint) -> HyperSeg:
                 f"the checkpoint is a {checkpoint.config.name} model, which differs from "
                 f"{model.config.name} in " + "; ".join(diffs) +
                 " (file vs model); use hyperseg.load(path) to build the file's own architecture")
-    if checkpoint.layout == "official":
-        load_official_state_dict(model, checkpoint.tensors)
-    else:
-        own = {key: key for key in model.state_dict()}
-        _fill(model, checkpoint.tensors, own, "hyperseg")
+    try:
+        if checkpoint.layout == "official":
+            load_official_state_dict(model, checkpoint.tensors)
+        else:
+            own = {key: key for key in model.state_dict()}
+            _fill(model, checkpoint.tensors, own, "hyperseg")
+    except CheckpointError as err:
+        if checkpoint.config is None:
+            raise
+        source = "'arch' entry" if checkpoint.layout == "official" else "config metadata"
+        raise CheckpointError(f"its tensors do not fit the {checkpoint.config.name} model its "
+                              f"{source} describes: {err}") from None
     return model
 
 
@@ -469,6 +528,10 @@ def save(model: HyperSeg, path) -> None:
     tensors = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION,
                 "config": json.dumps(model.config.to_dict())}
+    # the checksum of the tensor bytes, which do not depend on the metadata
+    data = serialize(tensors, metadata=metadata)
+    start = 8 + int.from_bytes(data[:8], "little")
+    metadata["sha256"] = hashlib.sha256(memoryview(data)[start:]).hexdigest()
     data = serialize(tensors, metadata=metadata)
     with open(os.fspath(path), "wb") as f:
         f.write(data)

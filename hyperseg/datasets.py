@@ -32,6 +32,13 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 class DatasetError(ValueError):
     """A dataset folder, file or specification that cannot be used."""
 
+    def __init__(self, message: str = ""):
+        # torch's DataLoader re-raises a worker's error as DatasetError(the worker's whole
+        # traceback as text): keep the message alone
+        if isinstance(message, str) and "\nOriginal Traceback" in message:
+            message = message.rstrip().rsplit(f"{type(self).__name__}: ", 1)[-1]
+        super().__init__(message)
+
 
 # ------------------------------------------------------------------------------------------------
 # Reading files

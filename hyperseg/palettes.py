@@ -120,8 +120,18 @@ def colorize(labels: Union[np.ndarray, torch.Tensor], colors: np.ndarray) -> np.
     colors = np.asarray(colors, dtype=np.uint8)
     table = np.zeros((len(colors) + 1, 3), dtype=np.uint8)
     table[:len(colors)] = colors
-    index = np.where((labels >= 0) & (labels < len(colors)), labels, len(colors))
-    return table[index]
+    out = np.empty(labels.shape + (3,), dtype=np.uint8)
+    for rows in _row_bands(labels.shape[0], labels.shape[1]):
+        part = labels[rows]
+        out[rows] = table[np.where((part >= 0) & (part < len(colors)), part, len(colors))]
+    return out
+
+
+def _row_bands(height: int, width: int, pixels: int = 1 << 22):
+    """Slices of rows covering about ``pixels`` pixels each: large images are coloured and
+    blended band by band, in bounded memory."""
+    step = max(1, pixels // max(1, width))
+    return [slice(start, start + step) for start in range(0, max(height, 1), step)]
 
 
 def overlay(image: np.ndarray, color: np.ndarray, alpha: float = 0.5) -> np.ndarray:
@@ -133,5 +143,9 @@ def overlay(image: np.ndarray, color: np.ndarray, alpha: float = 0.5) -> np.ndar
     if image.shape != color.shape or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"image and colour map must both be (H, W, 3), got {image.shape} and "
                          f"{color.shape}")
-    blend = (1.0 - alpha) * image.astype(np.float32) + alpha * color.astype(np.float32)
-    return np.clip(np.rint(blend), 0, 255).astype(np.uint8)
+    out = np.empty(image.shape, dtype=np.uint8)
+    for rows in _row_bands(image.shape[0], image.shape[1]):
+        blend = (1.0 - alpha) * image[rows].astype(np.float32) \
+            + alpha * color[rows].astype(np.float32)
+        out[rows] = np.clip(np.rint(blend), 0, 255).astype(np.uint8)
+    return out

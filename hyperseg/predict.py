@@ -48,15 +48,22 @@ def read_image(path) -> "PIL.Image.Image":
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    import warnings
+
     path = os.fspath(path)
     problem = image_path_problem(path)
     if problem:
         raise ImageError(problem)
     try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
-            image.load()
-            return _to_rgb(image)
+        with warnings.catch_warnings():
+            # images up to Pillow's hard limit (about 179 megapixels) are read, in bounded memory
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image = ImageOps.exif_transpose(image)
+                image.load()
+                return _to_rgb(image)
+    except Image.DecompressionBombError as err:
+        raise ImageError(f"refusing to read the image: {err}") from None
     except UnidentifiedImageError:
         raise ImageError("not a readable JPEG/PNG image") from None
     except (OSError, SyntaxError, ValueError) as err:   # truncated or corrupt data, permissions
@@ -108,8 +115,20 @@ def to_tensor(image: ImageLike) -> Tensor:
 
 
 def to_uint8(image: Tensor) -> np.ndarray:
-    """A (3, H, W) tensor in [0, 1] as an (H, W, 3) uint8 array."""
-    return image.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    """A (3, H, W) tensor in [0, 1] (or uint8) as an (H, W, 3) uint8 array."""
+    if image.dtype == torch.uint8:
+        return image.permute(1, 2, 0).numpy()
+    return image.clamp(0, 1).mul_(255).round_().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def to_uint8_tensor(image: "PIL.Image.Image") -> Tensor:
+    """A PIL image as a (3, H, W) uint8 tensor: a quarter of the memory of ``to_tensor``'s floats
+    (``segment`` takes it as it is; large images are kept this way)."""
+    return torch.from_numpy(np.asarray(_to_rgb(image), dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def _as_float(image: Tensor) -> Tensor:
+    return image.float().div_(255) if image.dtype == torch.uint8 else image
 
 
 # ------------------------------------------------------------------------------------------------
@@ -267,7 +286,7 @@ def prepare_batch(model, images: Sequence[Tensor], target: Tuple[int, int]) -> T
     normalised with the model's statistics, on the model's device and in its dtype."""
     module = _model_of(model)
     param = next(module.parameters())
-    batch = torch.stack([resize(image, target) for image in images])
+    batch = torch.stack([resize(_as_float(image), target) for image in images])
     return normalize(batch.to(param.device), module.config).to(param.dtype)
 
 
@@ -284,15 +303,42 @@ def label_batch(model, batch: Tensor, sizes: Sequence[Tuple[int, int]], tta: TTA
             logits = tta_forward(model, batch, tta, tta_scales)
             out = []
             for size, scores in zip(sizes, logits):
-                scores = scores[None].float()
-                if tuple(scores.shape[-2:]) != tuple(size):
-                    # logits back to the image's size: plain bilinear, as the official evaluation
-                    scores = F.interpolate(scores, size=tuple(size), mode="bilinear",
-                                           align_corners=False)
-                out.append(scores.argmax(1)[0].cpu())
+                # logits back to the image's size: plain bilinear, as the official evaluation
+                out.append(upsampled_argmax(scores.float(), tuple(size)))
     finally:
         module.train(was_training)
     return out
+
+
+# Above this many upsampled logits (classes x H x W), ``upsampled_argmax`` works in row bands.
+BANDED_LOGITS = 1 << 25
+
+
+def upsampled_argmax(scores: Tensor, size: Tuple[int, int], limit: int = BANDED_LOGITS) -> Tensor:
+    """The (H, W) int64 CPU arg-max of (C, h, w) logits resized bilinearly (align_corners False)
+    to ``size``. When C x H x W exceeds ``limit`` the rows are upsampled and reduced band by band
+    (torch's bilinear is separable: along W by ``F.interpolate``, then along H here), so memory
+    stays at about ``limit`` floats whatever the image size."""
+    classes, h, w = scores.shape
+    height, width = size
+    if (h, w) == (height, width):
+        return scores.argmax(0).cpu()
+    if classes * height * width <= limit:
+        return F.interpolate(scores[None], size=size, mode="bilinear",
+                             align_corners=False).argmax(1)[0].cpu()
+    rows = F.interpolate(scores[None], size=(h, width), mode="bilinear", align_corners=False)[0]
+    source = ((torch.arange(height, dtype=torch.float64) + 0.5) * (h / height) - 0.5).clamp_(min=0)
+    low = source.floor().long().clamp_(max=h - 1)
+    high = (low + 1).clamp_(max=h - 1)
+    weight = (source - low).float().to(rows.device)
+    labels = torch.empty(size, dtype=torch.int64)
+    band = max(1, limit // (classes * width))
+    for start in range(0, height, band):
+        stop = min(height, start + band)
+        top, bottom = rows[:, low[start:stop]], rows[:, high[start:stop]]
+        lam = weight[start:stop].view(1, -1, 1)
+        labels[start:stop] = ((1 - lam) * top + lam * bottom).argmax(0).cpu()
+    return labels
 
 
 # ------------------------------------------------------------------------------------------------

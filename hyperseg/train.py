@@ -24,9 +24,12 @@ import json
 import math
 import os
 import random
+import re
+import signal
 import sys
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -51,6 +54,21 @@ LATEST, BEST, STATE, RUN, METRICS = ("latest.safetensors", "best.safetensors", "
 
 class TrainError(ValueError):
     """A training run that cannot start or continue as asked."""
+
+
+class TrainInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped the run after its current step, once a resumable checkpoint of
+    that step was written."""
+
+    def __init__(self, out: str, step: int):
+        super().__init__(f"interrupted: wrote a checkpoint of step {step} in {out}; continue "
+                         f"with: hyperseg train --out {out} --resume")
+        self.out, self.step = out, step
+
+
+def _ignore_interrupts(worker_id: int) -> None:
+    """Data-loading workers leave Ctrl-C to the main process, which finishes its step first."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @dataclass(frozen=True)
@@ -337,10 +355,66 @@ def read_state(path: str, device: torch.device) -> dict:
     return state
 
 
+# Tests only: seconds to sleep after a temporary file is complete and before it replaces its
+# target, so that a test can kill the run in the middle of a checkpoint write.
+WRITE_PAUSE_ENV = "HYPERSEG_TEST_PAUSE_BEFORE_RENAME"
+_TEMPORARY = re.compile("^(" + "|".join(re.escape(n) for n in (LATEST, BEST, STATE, RUN, METRICS))
+                        + r")\.tmp\d+$")
+
+
+def _fsync(path: str, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    try:
+        os.fsync(fd)
+    except OSError:              # some file systems cannot sync a directory: the rename stands
+        if not directory:
+            raise
+    finally:
+        os.close(fd)
+
+
 def _replace_atomically(path: str, write: Callable[[str], None]) -> None:
+    """Write ``path`` through ``write(temporary path)``, flush it to disk and rename it over
+    ``path``: a crash at any instant leaves either the old or the new complete file (and perhaps
+    a stale temporary file, which ``remove_temporary_files`` deletes)."""
     tmp = f"{path}.tmp{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        _fsync(tmp)
+        pause = os.environ.get(WRITE_PAUSE_ENV)
+        if pause:
+            time.sleep(float(pause))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _fsync(os.path.dirname(os.path.abspath(path)), directory=True)
+
+
+def remove_temporary_files(out: str) -> None:
+    """Delete the temporary files of writes that a killed run left unfinished in ``out``."""
+    for name in os.listdir(out):
+        if _TEMPORARY.match(name):
+            os.remove(os.path.join(out, name))
+
+
+def read_metrics(path: str) -> list:
+    """The records of a ``metrics.jsonl`` file; a last line cut short (a file appended to by an
+    older version that was killed mid-write) is left out."""
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        lines = f.read().splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise TrainError(f"{path!r}, line {number}: not a JSON record") from None
+    return records
 
 
 # ------------------------------------------------------------------------------------------------
@@ -461,6 +535,7 @@ class _Trainer:
         self.log = options.log if context.is_main else (lambda message: None)
         self.created_out = False          # --out did not exist before this run
         self.checkpointed = False         # this run has written a checkpoint
+        self.interrupted = False          # Ctrl-C: stop after the current step
 
     # -- set-up ----------------------------------------------------------------------------
 
@@ -474,7 +549,7 @@ class _Trainer:
         val_set = None if val_split == "none" else open_dataset(spec, val_split, fraction)
         return spec, train_set, val_set
 
-    def _model(self, num_classes: int, train_set) -> HyperSeg:
+    def _model(self, num_classes: int, train_set, state: Optional[dict]) -> HyperSeg:
         from .checkpoint import load
         from .model import build
 
@@ -487,6 +562,12 @@ class _Trainer:
                 raise TrainError(f"{os.path.join(self.out, LATEST)!r} holds {model.config.name} "
                                  f"with {model.num_classes} classes; the run trains {name} "
                                  f"with {num_classes}")
+            if state is not None and "model" in state:     # the weights of the state's step
+                try:
+                    model.load_state_dict(state["model"], strict=True)
+                except RuntimeError as err:
+                    raise TrainError(f"{os.path.join(self.out, STATE)!r}: its model tensors do "
+                                     f"not fit {config.model}: {err}") from None
             return model
         torch.manual_seed(config.seed)
         from_scratch = not (config.weights or config.pretrained)
@@ -525,12 +606,13 @@ class _Trainer:
             self.log(f"starting from {weights}: every tensor loaded")
 
     def _check_out(self) -> None:
-        """A new run needs an --out that holds no run yet."""
+        """A new run needs an --out that holds no run yet: no training state, the file a
+        checkpoint writes last (a run killed before that has nothing to resume and is
+        overwritten)."""
         if self.resume:
             return
-        taken = [n for n in (STATE, LATEST) if os.path.exists(os.path.join(self.out, n))]
-        if taken:
-            raise TrainError(f"{self.out!r} already holds a run ({taken[0]}): pass --resume to "
+        if os.path.exists(os.path.join(self.out, STATE)):
+            raise TrainError(f"{self.out!r} already holds a run ({STATE}): pass --resume to "
                              f"continue it, or choose another --out")
 
     def _create_out(self) -> None:
@@ -568,13 +650,16 @@ class _Trainer:
         if train_set.num_classes > num_classes:
             raise TrainError(f"the {spec.kind} dataset has {train_set.num_classes} classes but the "
                              f"model would have {num_classes} (--num-classes)")
-        model = self._model(num_classes, train_set).to(device)
-        state = read_state(os.path.join(self.out, STATE), device) if self.resume else None
+        state = read_state(os.path.join(self.out, STATE), "cpu") if self.resume else None
+        model = self._model(num_classes, train_set, state).to(device)
+        if ctx.is_main and os.path.isdir(self.out):
+            remove_temporary_files(self.out)
         try:
             if ctx.is_main:
                 self._create_out()
             distributed.barrier()
-            return self._run(spec, train_set, val_set, num_classes, model, state)
+            with self._stop_on_interrupt():
+                return self._run(spec, train_set, val_set, num_classes, model, state)
         except BaseException:
             if ctx.is_main and not self.resume and not self.checkpointed:
                 self._remove_unfinished_run()
@@ -633,7 +718,8 @@ class _Trainer:
             epoch = step // per_epoch
             sampler.set_position(epoch, step % per_epoch)
             loader = DataLoader(train_data, batch_sampler=sampler, num_workers=workers,
-                                collate_fn=collate, pin_memory=device.type == "cuda")
+                                collate_fn=collate, pin_memory=device.type == "cuda",
+                                worker_init_fn=_ignore_interrupts if workers else None)
             epoch_stop = min((epoch + 1) * per_epoch, stop)
             step, loss_sum, loss_steps = self._train_epoch(
                 net, loader, optimizer, scheduler, scaler, criterion, step, epoch_stop, epoch)
@@ -645,7 +731,7 @@ class _Trainer:
             distributed.broadcast_buffers(model)
             improved = False
             # validate every val_every epochs, and whenever the run stops (at --steps or the end)
-            if val_data is not None and (step == stop or (
+            if val_data is not None and not self.interrupted and (step == stop or (
                     finished_epoch and (epoch + 1) % config.val_every == 0)):
                 from .evaluate import evaluate
                 matrix = evaluate(model, val_data, batch_size=max(1, micro), device=device,
@@ -659,9 +745,29 @@ class _Trainer:
                 self.checkpointed = True
             distributed.barrier()
             self.log(_epoch_line(record, recipe.epochs, best))
+            if self.interrupted:
+                raise TrainInterrupted(self.out, step)
         self.log(self._outputs_line(step, total, best, val_data is not None))
         model.eval()
         return model
+
+    @contextmanager
+    def _stop_on_interrupt(self):
+        """Within: the first Ctrl-C asks the loop to stop after its step and checkpoint it; a
+        second one stops at once. Single-process runs in the main thread only (under torchrun
+        each process would stop at another step)."""
+        if self.ctx.distributed or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def interrupt(signum, frame):
+            self.interrupted = True
+            signal.signal(signal.SIGINT, previous)
+        previous = signal.signal(signal.SIGINT, interrupt)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
     def _outputs_line(self, step: int, total: int, best, validated: bool) -> str:
         """What the run wrote and which model file to use."""
@@ -698,7 +804,7 @@ class _Trainer:
         loss_sum, loss_steps = torch.zeros((), device=self.device), 0
         started, images_done = time.perf_counter(), 0
         with bar:
-            while step < epoch_stop:
+            while step < epoch_stop and not self.interrupted:
                 step_loss = torch.zeros((), device=self.device)
                 for a in range(accumulate):
                     images, labels = next(batches)
@@ -713,6 +819,7 @@ class _Trainer:
                         loss = criterion(logits.float(), labels) / accumulate
                         scaler.scale(loss).backward()
                     step_loss += loss.detach()
+                self._check_loss(step_loss, step + 1)
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
@@ -736,6 +843,16 @@ class _Trainer:
                         f"{rate:.1f} img/s")
         return step, loss_sum, loss_steps
 
+    def _check_loss(self, loss: torch.Tensor, step: int) -> None:
+        """Stop before a NaN or infinite loss updates the weights (under fp16 AMP the GradScaler
+        skips such steps instead, as torch does). The last checkpoint stays as it was."""
+        if self.config.amp == "fp16" or bool(torch.isfinite(loss)):
+            return
+        raise TrainError(f"step {step}: the training loss is {float(loss)}; the run stopped "
+                         f"before this step changed the weights, and the checkpoint in "
+                         f"{self.out!r} (if any) is the last good one; a new run with a lower "
+                         f"--lr may avoid it")
+
     def _mean_over_ranks(self, loss_sum: torch.Tensor, steps: int) -> float:
         values = torch.stack([loss_sum.detach().double().cpu(),
                               torch.tensor(float(steps), dtype=torch.float64)])
@@ -755,12 +872,22 @@ class _Trainer:
                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "scaler": scaler.state_dict(), "rng": rng_state(),
                  "world_size": self.ctx.world_size}
-        _replace_atomically(os.path.join(out, LATEST), lambda p: save(model, p))
-        _replace_atomically(os.path.join(out, STATE), lambda p: torch.save(state, p))
+        # The state file is written last: it is the commit point. It holds the model's tensors
+        # too, so --resume continues from the state's own step even when a kill came between
+        # latest.safetensors and the state; the metrics of steps after it are dropped.
+        state["model"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         if improved:
             _replace_atomically(os.path.join(out, BEST), lambda p: save(model, p))
-        with open(os.path.join(out, METRICS), "a") as f:
-            f.write(json.dumps(record) + "\n")
+        _replace_atomically(os.path.join(out, LATEST), lambda p: save(model, p))
+        metrics_path = os.path.join(out, METRICS)
+        records = [r for r in read_metrics(metrics_path) if r.get("step", 0) < step] + [record]
+        _replace_atomically(metrics_path, lambda p: _write_lines(p, records))
+        _replace_atomically(os.path.join(out, STATE), lambda p: torch.save(state, p))
+
+
+def _write_lines(path: str, records: list) -> None:
+    with open(path, "w") as f:
+        f.writelines(json.dumps(record) + "\n" for record in records)
 
 
 def _with_dataset_classes(model: HyperSeg, dataset) -> HyperSeg:
