@@ -682,13 +682,14 @@ class _Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_schedule(config))
         scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
         criterion = build_loss(recipe.loss)
-        step, best = 0, None
+        step, best, carried = 0, None, (0.0, 0)
         if state is not None:
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
             set_rng_state(state["rng"])
             step, best = int(state["step"]), state["best_miou"]
+            carried = tuple(state.get("epoch_loss", (0.0, 0)))   # a stopped epoch's loss so far
 
         aug = Augmentation(crop=tuple(recipe.crop), scale_range=recipe.scale_range,
                            scale_probability=recipe.scale_probability, rotation=recipe.rotation,
@@ -722,7 +723,9 @@ class _Trainer:
                                 worker_init_fn=_ignore_interrupts if workers else None)
             epoch_stop = min((epoch + 1) * per_epoch, stop)
             step, loss_sum, loss_steps = self._train_epoch(
-                net, loader, optimizer, scheduler, scaler, criterion, step, epoch_stop, epoch)
+                net, loader, optimizer, scheduler, scaler, criterion, step, epoch_stop, epoch,
+                carried)
+            carried = (0.0, 0)
             finished_epoch = step % per_epoch == 0
             mean_loss = self._mean_over_ranks(loss_sum, loss_steps)
             done = epoch + 1 if finished_epoch else epoch + (step % per_epoch) / per_epoch
@@ -741,7 +744,12 @@ class _Trainer:
                 best = record["miou"] if improved else best
                 model.train()
             if ctx.is_main:
-                self._checkpoint(model, optimizer, scheduler, scaler, step, best, improved, record)
+                # a stopped epoch carries its loss so far into the resumed run (exactly, in one
+                # process), so the epoch's record is the same as without the stop
+                partial = (0.0, 0) if finished_epoch else (
+                    float(loss_sum) if ctx.world_size == 1 else mean_loss * loss_steps, loss_steps)
+                self._checkpoint(model, optimizer, scheduler, scaler, step, best, improved, record,
+                                 partial)
                 self.checkpointed = True
             distributed.barrier()
             self.log(_epoch_line(record, recipe.epochs, best))
@@ -787,7 +795,7 @@ class _Trainer:
         return line
 
     def _train_epoch(self, net, loader, optimizer, scheduler, scaler, criterion, step: int,
-                     epoch_stop: int, epoch: int):
+                     epoch_stop: int, epoch: int, carried=(0.0, 0)):
         from tqdm import tqdm
 
         config, ctx = self.config, self.ctx
@@ -801,7 +809,8 @@ class _Trainer:
         # epoch instead
         every = max(1, per_epoch // 10) if show and bar.disable else 0
         batches = iter(loader)
-        loss_sum, loss_steps = torch.zeros((), device=self.device), 0
+        loss_sum = torch.tensor(float(carried[0]), device=self.device)
+        loss_steps = int(carried[1])
         started, images_done = time.perf_counter(), 0
         with bar:
             while step < epoch_stop and not self.interrupted:
@@ -863,7 +872,7 @@ class _Trainer:
         return float(values[0] / values[1]) if values[1] > 0 else float("nan")
 
     def _checkpoint(self, model, optimizer, scheduler, scaler, step: int, best, improved: bool,
-                    record: dict) -> None:
+                    record: dict, partial=(0.0, 0)) -> None:
         from .checkpoint import save
 
         out = self.out
@@ -871,7 +880,7 @@ class _Trainer:
                  "epoch": step // self.config.steps_per_epoch, "best_miou": best,
                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "scaler": scaler.state_dict(), "rng": rng_state(),
-                 "world_size": self.ctx.world_size}
+                 "world_size": self.ctx.world_size, "epoch_loss": list(partial)}
         # The state file is written last: it is the commit point. It holds the model's tensors
         # too, so --resume continues from the state's own step even when a kill came between
         # latest.safetensors and the state; the metrics of steps after it are dropped.
@@ -880,7 +889,12 @@ class _Trainer:
             _replace_atomically(os.path.join(out, BEST), lambda p: save(model, p))
         _replace_atomically(os.path.join(out, LATEST), lambda p: save(model, p))
         metrics_path = os.path.join(out, METRICS)
-        records = [r for r in read_metrics(metrics_path) if r.get("step", 0) < step] + [record]
+        # one record per epoch: a stopped epoch's record gives way to the record of that epoch
+        # once a resumed run completes it
+        epoch = math.ceil(record["epoch"])
+        records = [r for r in read_metrics(metrics_path) if r.get("step", 0) < step
+                   and not (math.ceil(r.get("epoch", 0)) == epoch and r.get("epoch") != epoch)]
+        records.append(record)
         _replace_atomically(metrics_path, lambda p: _write_lines(p, records))
         _replace_atomically(os.path.join(out, STATE), lambda p: torch.save(state, p))
 

@@ -70,7 +70,8 @@ def _with_metadata(path, model, change):
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata()
     change(metadata)
-    save_file(model.state_dict(), str(path), metadata=metadata)
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}   # channels_last weights
+    save_file(tensors, str(path), metadata=metadata)
 
 
 def _official(arch):
