@@ -889,12 +889,7 @@ class _Trainer:
             _replace_atomically(os.path.join(out, BEST), lambda p: save(model, p))
         _replace_atomically(os.path.join(out, LATEST), lambda p: save(model, p))
         metrics_path = os.path.join(out, METRICS)
-        # one record per epoch: a stopped epoch's record gives way to the record of that epoch
-        # once a resumed run completes it
-        epoch = math.ceil(record["epoch"])
-        records = [r for r in read_metrics(metrics_path) if r.get("step", 0) < step
-                   and not (math.ceil(r.get("epoch", 0)) == epoch and r.get("epoch") != epoch)]
-        records.append(record)
+        records = [r for r in read_metrics(metrics_path) if r.get("step", 0) < step] + [record]
         _replace_atomically(metrics_path, lambda p: _write_lines(p, records))
         _replace_atomically(os.path.join(out, STATE), lambda p: torch.save(state, p))
 

@@ -210,7 +210,7 @@ def test_eval_errors_are_reported_clearly(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err, err
 
-    fails(["--data", TINY_DATA], "give --weights FILE (or --model NAME")
+    fails(["--data", TINY_DATA], "give --weights FILE, or --model NAME --pretrained")
     fails(["--model", "hyperseg-m", "--data", f"voc:{tmp_path}"], "no JPEGImages folder")
     fails(["--model", "hyperseg-m", "--data", "synthetic:16,size=64", "--split", "holdout"],
           "unknown split 'holdout'")
