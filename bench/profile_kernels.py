@@ -28,7 +28,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -149,38 +148,17 @@ def _interpreting() -> bool:
 # Environment: device, versions, peak bandwidth
 # ------------------------------------------------------------------------------------------------
 
-def _package_version(name: str):
-    try:
-        from importlib import metadata
-        return metadata.version(name)
-    except Exception:
-        return None
-
-
 def versions() -> dict:
-    import timm
-    out = {"python": platform.python_version(), "torch": torch.__version__,
-           "triton": _package_version("triton"), "timm": timm.__version__,
-           "hyperseg": hyperseg.__version__}
-    if torch.version.cuda:
-        out["cuda"] = torch.version.cuda
-    return out
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+    """The software versions (``hyperseg.benchmark.versions``, imported late: importing hyperseg
+    imports triton, which must come after TRITON_INTERPRET is decided)."""
+    from hyperseg.benchmark import versions as package_versions
+    return package_versions()
 
 
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
+    from hyperseg.benchmark import cpu_name
     return f"{cpu_name()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
