@@ -146,33 +146,32 @@ def recording(recorder: Recorder):
 
 @contextlib.contextmanager
 def level_tags(decoder, recorder: Recorder):
-    """Tag launches with the decoder level running them: each block's ``forward_fused`` and
-    ``forward_generated`` set ``recorder.level`` while they run, and a hook on the block's output
-    sets it again when autograd reaches that block in the backward pass."""
-    def wrap(method, level):
-        def tagged(x, signal, generator, start):
+    """Tag launches with the decoder level running them: hooks on each block set
+    ``recorder.level`` while the block runs, and a hook on its output sets it again when autograd
+    reaches that block in the backward pass."""
+    def before(level):
+        def hook(block, args):
             recorder.level = level
             if recorder.phase == "inference":
-                recorder.inputs[level] = tuple(x.shape)
-            try:
-                out = method(x, signal, generator, start)
-            finally:
-                recorder.level = None
+                recorder.inputs[level] = tuple(args[0].shape)
+        return hook
+
+    def after(level):
+        def hook(block, args, out):
+            recorder.level = None
             if out.requires_grad:
                 out.register_hook(lambda grad: setattr(recorder, "level", level))
-            return out
-        return tagged
+        return hook
 
-    blocks = list(decoder.blocks)
+    handles = []
     try:
-        for level, block in enumerate(blocks):
-            block.forward_fused = wrap(block.forward_fused, level)
-            block.forward_generated = wrap(block.forward_generated, level)
+        for level, block in enumerate(decoder.blocks):
+            handles.append(block.register_forward_pre_hook(before(level)))
+            handles.append(block.register_forward_hook(after(level), always_call=True))
         yield
     finally:
-        for block in blocks:
-            block.__dict__.pop("forward_fused", None)
-            block.__dict__.pop("forward_generated", None)
+        for handle in handles:
+            handle.remove()
 
 
 @contextlib.contextmanager

@@ -84,36 +84,30 @@ class SavedBytes:
 def level_inputs(model, x):
     """(signal, [input of each decoder level]) of ``model`` on ``x``, without autograd."""
     import torch
-    decoder = model.decoder
     with torch.no_grad():
         feats, head = model.backbone(x)
         signal = model.context_head(head)
-        inputs, p, per_level = [x] + feats, None, []
-        for level, block in enumerate(decoder.blocks):
-            per_level.append(decoder.level_input(level, inputs, p))
-            p = block(per_level[-1], decoder.block_weights(level, signal))
+        per_level = [level.input for level in model.decoder.levels([x] + feats, signal)]
     return signal, per_level
 
 
 def time_blocks(nets, x, args, device, autocast_dtype, sync):
     """{level: {backend: median forward+backward ms}} of every decoder block."""
     import torch
+    from hyperseg.decoder import AUTOGRAD_KERNELS, REFERENCE
     signal, per_level = level_inputs(nets["torch"], x)
     times = {}
     for level in range(len(per_level)):
         times[level] = {}
         for name, net in nets.items():
             decoder = net.decoder
-            block, (index, start) = decoder.blocks[level], decoder.sources[level]
             xin = per_level[level].detach().requires_grad_()
             sig = signal.detach().requires_grad_()
 
             def run():
                 with torch.autocast(device, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    if name == "torch":
-                        y = block(xin, decoder.block_weights(level, sig))
-                    else:
-                        y = block.forward_generated(xin, sig, decoder.generators[index], start)
+                    y = decoder.run_level(level, xin, sig,
+                                          REFERENCE if name == "torch" else AUTOGRAD_KERNELS)
                 y.float().square().mean().backward()
             samples = []
             for i in range(args.warmup + args.repeats):

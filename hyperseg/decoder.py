@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -20,7 +20,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
+from .layout import inverted_residual_sizes, patch_conv_rows, split_inverted_residual
 from .zoo import ModelConfig
+
+try:  # imported once; without Triton the reference implementation still runs
+    from . import kernels
+except ImportError:  # pragma: no cover - depends on the installation
+    kernels = None
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -184,7 +190,53 @@ class WeightGenerator(nn.Module):
                 f"{self.num_params} params, groups={self.groups}")
 
 
-class MetaConv(nn.Module):
+# The implementations of a meta block, chosen once per forward pass by ``HyperSeg`` and passed down:
+REFERENCE = "reference"                # hyperseg.ops, in plain PyTorch (any mode, autograd)
+FUSED = "fused"                        # one fused Triton launch per block: eval mode, no autograd
+AUTOGRAD_KERNELS = "autograd-kernels"  # differentiable Triton ops + torch's BatchNorm: training
+IMPLEMENTATIONS = (REFERENCE, FUSED, AUTOGRAD_KERNELS)
+
+
+def triton_available() -> bool:
+    """True when the Triton kernels of ``hyperseg.kernels`` could be imported."""
+    return kernels is not None
+
+
+class MetaBlock(nn.Module):
+    """A decoder block whose weights come, per patch, from rows ``row_start ..`` of a
+    ``WeightGenerator``. ``forward(x, signal, generator, row_start, implementation)`` runs the
+    block with one of ``IMPLEMENTATIONS``, looked up in the block's table of methods."""
+
+    num_params: int
+
+    def forward(self, x: Tensor, signal: Tensor, generator: "WeightGenerator", row_start: int,
+                implementation: str = REFERENCE) -> Tensor:
+        table = {REFERENCE: self.reference, FUSED: self.fused,
+                 AUTOGRAD_KERNELS: self.autograd_kernels}
+        if implementation not in table:
+            raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+        if implementation != REFERENCE and kernels is None:
+            raise NotImplementedError(f"the {implementation!r} implementation needs the Triton kernels "
+                                      f"of hyperseg.kernels, which could not be imported")
+        return table[implementation](x, signal, generator, row_start)
+
+    def reference(self, x, signal, generator, row_start) -> Tensor:
+        raise NotImplementedError
+
+    def fused(self, x, signal, generator, row_start) -> Tensor:
+        raise NotImplementedError
+
+    def autograd_kernels(self, x, signal, generator, row_start) -> Tensor:
+        raise NotImplementedError
+
+
+def _source(generator: "WeightGenerator", row_start: int) -> dict:
+    """The generator arguments shared by ``hyperseg.ops.meta_*`` and the kernels."""
+    return dict(signal_offset=generator.signal_offset, generator_groups=generator.groups,
+                row_start=row_start)
+
+
+class MetaConv(MetaBlock):
     """Kernel-1 meta block: patch-wise 1x1 convolution -> BatchNorm -> ReLU."""
 
     def __init__(self, in_channels: int, out_channels: int, groups: int = 1):
@@ -194,53 +246,52 @@ class MetaConv(nn.Module):
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.groups = groups
-        self.num_params = out_channels * (in_channels // groups)
+        self.num_params = patch_conv_rows(in_channels, out_channels, groups)
         self.bn = nn.BatchNorm2d(out_channels)
 
     def kernels(self, params: Tensor) -> Tensor:
-        """(B, GH, GW, P) parameters -> (B, GH, GW, Cout, Cin / groups, 1, 1) kernels."""
+        """(B, GH, GW, P) generated parameters -> (B, GH, GW, Cout, Cin / groups, 1, 1) kernels."""
         b, gh, gw, _ = params.shape
         return params.reshape(b, gh, gw, self.out_channels, self.in_channels // self.groups, 1, 1)
 
-    def forward(self, x: Tensor, params: Tensor) -> Tensor:
-        y = ops.patch_conv2d(x, self.kernels(params), groups=self.groups)
+    def reference(self, x, signal, generator, row_start) -> Tensor:
+        return ops.meta_patch_conv(x, signal, generator.weight, out_channels=self.out_channels,
+                                   groups=self.groups, norm=self.bn, activation="relu",
+                                   **_source(generator, row_start))
+
+    def autograd_kernels(self, x, signal, generator, row_start) -> Tensor:
+        """Kernels generated from the signal by the differentiable Triton op (recomputed in the
+        backward), then torch's BatchNorm, whose batch statistics need the whole output."""
+        y = kernels.generated_patch_conv2d(x, signal, generator.weight,
+                                           out_channels=self.out_channels, groups=self.groups,
+                                           **_source(generator, row_start))
         return F.relu(self.bn(y))
 
-    def forward_generated(self, x: Tensor, signal: Tensor, generator: "WeightGenerator",
-                          start: int) -> Tensor:
-        """Any-mode forward on the differentiable Triton op (kernels generated from the signal,
-        recomputed in the backward) and torch's BatchNorm: how the triton backend trains."""
-        from . import kernels
-        y = kernels.generated_patch_conv2d(
-            x, signal, generator.weight, out_channels=self.out_channels,
-            signal_offset=generator.signal_offset, generator_groups=generator.groups,
-            row_start=start, groups=self.groups)
-        return F.relu(self.bn(y))
-
-    def forward_fused(self, x: Tensor, signal: Tensor, generator: "WeightGenerator",
-                      start: int) -> Tensor:
-        """Eval-mode forward on the fused Triton kernel (weights generated in the kernel)."""
-        from . import kernels
+    def fused(self, x, signal, generator, row_start) -> Tensor:
+        """One launch: weights generated in the kernel, BatchNorm folded, ReLU."""
         scale, shift = ops.fold_batchnorm(self.bn)
-        return kernels.meta_patch_conv(
-            x, signal, generator.weight, out_channels=self.out_channels,
-            signal_offset=generator.signal_offset, generator_groups=generator.groups,
-            row_start=start, groups=self.groups, kernel_size=1, scale=scale, shift=shift,
-            activation="relu")
+        return kernels.meta_patch_conv(x, signal, generator.weight, out_channels=self.out_channels,
+                                       groups=self.groups, kernel_size=1, scale=scale, shift=shift,
+                                       activation="relu", **_source(generator, row_start))
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, groups={self.groups}"
 
 
-class MetaInvertedResidual(nn.Module):
+class MetaInvertedResidual(MetaBlock):
     """Kernel-3 meta block: patch-wise inverted residual.
 
     1x1 expand (x ``expand_ratio``) -> BN -> ReLU6 -> 3x3 depthwise -> BN -> ReLU6 -> 1x1 project
     -> BN, plus the input when in == out channels. ``version="v1"``: the expand runs on each patch
     and its halo with the patch's own weights (``ops.patch_inverted_residual``); ``"v0_1"``: every
     sub-layer is a separate patch-wise convolution (``ops.patch_inverted_residual_v01``).
-    Parameters per patch: expand (hidden x in), depthwise (hidden x k x k), project (out x hidden).
+    Parameters per patch: expand (hidden x in), depthwise (hidden x k x k), project (out x hidden),
+    laid out as ``hyperseg.layout.inverted_residual_sizes`` says.
     """
+
+    # Eval-mode v1 blocks on the reference expand this many values at most at a time (rows of
+    # patches are processed in bands), which bounds the block's extra memory; None: no bands.
+    expanded_budget = 1 << 22
 
     def __init__(self, in_channels: int, out_channels: int, expand_ratio: float = 2,
                  kernel_size: int = 3, version: str = "v1", padding_mode: str = "reflect"):
@@ -257,54 +308,49 @@ class MetaInvertedResidual(nn.Module):
         self.bn1 = nn.BatchNorm2d(self.hidden)
         self.bn2 = nn.BatchNorm2d(self.hidden)
         self.bn3 = nn.BatchNorm2d(out_channels)
-        k2 = kernel_size * kernel_size
-        self.sizes = (self.hidden * in_channels, self.hidden * k2, out_channels * self.hidden)
+        self.sizes = inverted_residual_sizes(in_channels, self.hidden, out_channels, kernel_size)
         self.num_params = sum(self.sizes)
 
     def kernels(self, params: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """(B, GH, GW, P) -> expand (.., hidden, in), depthwise (.., hidden, k, k), project (.., out, hidden)."""
-        b, gh, gw, _ = params.shape
-        expand, depthwise, project = params.split(self.sizes, dim=-1)
-        k = self.kernel_size
-        return (expand.reshape(b, gh, gw, self.hidden, self.in_channels),
-                depthwise.reshape(b, gh, gw, self.hidden, k, k),
-                project.reshape(b, gh, gw, self.out_channels, self.hidden))
+        """(B, GH, GW, P) generated parameters -> expand (.., hidden, in), depthwise
+        (.., hidden, k, k), project (.., out, hidden)."""
+        return split_inverted_residual(params, self.in_channels, self.hidden, self.out_channels,
+                                       self.kernel_size)
 
-    # Eval-mode v1 blocks expand this many values at most at a time (rows of patches are
-    # processed in bands), which bounds the block's extra memory.
-    EXPANDED_BUDGET = 1 << 22
+    def _shape(self) -> dict:
+        return dict(hidden=self.hidden, out_channels=self.out_channels,
+                    kernel_size=self.kernel_size, residual=self.residual,
+                    padding_mode=self.padding_mode)
 
-    def forward(self, x: Tensor, params: Tensor) -> Tensor:
-        kernels = self.kernels(params)
-        norms = dict(norm1=self.bn1, norm2=self.bn2, norm3=self.bn3)
-        if self.version == "v0_1":
-            return ops.patch_inverted_residual_v01(x, *kernels, **norms, residual=self.residual,
-                                                   padding_mode=self.padding_mode)
-        chunk_rows = None
-        # train-mode BatchNorm needs every patch at once; an exported graph must not depend on
-        # the batch size, which sets the band height
-        if not self.training and not torch.compiler.is_exporting():
-            b, gh, gw = params.shape[:3]
-            halo = self.kernel_size // 2
-            row = b * gw * self.hidden * (x.shape[2] // gh + 2 * halo) * (x.shape[3] // gw + 2 * halo)
-            chunk_rows = max(1, self.EXPANDED_BUDGET // row)
-        return ops.patch_inverted_residual(x, *kernels, **norms, residual=self.residual,
-                                           padding_mode=self.padding_mode, chunk_rows=chunk_rows)
+    def _chunk_rows(self, x: Tensor, signal: Tensor):
+        """Rows of patches per band of the eval-mode v1 reference (None: all at once).
+        Train-mode BatchNorm needs every patch at once; an exported graph must not depend on the
+        batch size, which sets the band height."""
+        if (self.version != "v1" or self.training or self.expanded_budget is None
+                or torch.compiler.is_exporting()):
+            return None
+        b, _, gh, gw = signal.shape
+        halo = self.kernel_size // 2
+        row = b * gw * self.hidden * (x.shape[2] // gh + 2 * halo) * (x.shape[3] // gw + 2 * halo)
+        return max(1, self.expanded_budget // row)
 
-    def forward_generated(self, x: Tensor, signal: Tensor, generator: "WeightGenerator",
-                          start: int) -> Tensor:
-        """Any-mode forward on the differentiable Triton op ``generated_patch_conv2d`` (one per
-        sub-layer, kernels recomputed in the backward) and torch's BatchNorm, composed by
+    def reference(self, x, signal, generator, row_start) -> Tensor:
+        return ops.meta_inverted_residual(
+            x, signal, generator.weight, norm1=self.bn1, norm2=self.bn2, norm3=self.bn3,
+            version=self.version, chunk_rows=self._chunk_rows(x, signal),
+            **self._shape(), **_source(generator, row_start))
+
+    def autograd_kernels(self, x, signal, generator, row_start) -> Tensor:
+        """One differentiable Triton op ``generated_patch_conv2d`` per sub-layer (kernels
+        recomputed in the backward) and torch's BatchNorm, composed by
         ``ops.inverted_residual_layers`` (v1: over the patches laid out with their halos)."""
-        from . import kernels
         expand_rows, depthwise_rows, _ = self.sizes
 
         def conv(t, rows, out_channels, groups=1, kernel_size=1, padding_mode="reflect"):
             return kernels.generated_patch_conv2d(
-                t, signal, generator.weight, out_channels=out_channels,
-                signal_offset=generator.signal_offset, generator_groups=generator.groups,
-                row_start=start + rows, groups=groups, kernel_size=kernel_size,
-                padding_mode=padding_mode)
+                t, signal, generator.weight, out_channels=out_channels, groups=groups,
+                kernel_size=kernel_size, padding_mode=padding_mode,
+                **_source(generator, row_start + rows))
 
         return ops.inverted_residual_layers(
             x, lambda t: conv(t, 0, self.hidden),
@@ -314,31 +360,26 @@ class MetaInvertedResidual(nn.Module):
             norm1=self.bn1, norm2=self.bn2, norm3=self.bn3, residual=self.residual,
             padding_mode=self.padding_mode)
 
-    def forward_fused(self, x: Tensor, signal: Tensor, generator: "WeightGenerator",
-                      start: int) -> Tensor:
-        """Eval-mode forward on the Triton kernels: one fused launch for v1; for v0_1 one fused
-        ``meta_patch_conv`` launch per sub-layer (the depthwise halo needs the neighbours'
+    def fused(self, x, signal, generator, row_start) -> Tensor:
+        """v1: one fused launch (weights generated in the kernel, BatchNorms folded). v0_1: one
+        fused ``meta_patch_conv`` launch per sub-layer (the depthwise halo needs the neighbours'
         expanded features, so the expand must be complete before it)."""
-        from . import kernels
-        source = dict(signal_offset=generator.signal_offset, generator_groups=generator.groups)
         norms = [ops.fold_batchnorm(bn) for bn in (self.bn1, self.bn2, self.bn3)]
         if self.version == "v1":
             return kernels.meta_inverted_residual(
-                x, signal, generator.weight, hidden=self.hidden, out_channels=self.out_channels,
-                row_start=start, kernel_size=self.kernel_size, norm1=norms[0], norm2=norms[1],
-                norm3=norms[2], residual=self.residual, padding_mode=self.padding_mode, **source)
+                x, signal, generator.weight, norm1=norms[0], norm2=norms[1], norm3=norms[2],
+                **self._shape(), **_source(generator, row_start))
         expand_rows, depthwise_rows, _ = self.sizes
         y = kernels.meta_patch_conv(
-            x, signal, generator.weight, out_channels=self.hidden, row_start=start,
-            scale=norms[0][0], shift=norms[0][1], activation="relu6", **source)
+            x, signal, generator.weight, out_channels=self.hidden, scale=norms[0][0],
+            shift=norms[0][1], activation="relu6", **_source(generator, row_start))
         y = kernels.meta_patch_conv(
-            y, signal, generator.weight, out_channels=self.hidden, row_start=start + expand_rows,
-            groups=self.hidden, kernel_size=self.kernel_size, scale=norms[1][0], shift=norms[1][1],
-            activation="relu6", padding_mode=self.padding_mode, **source)
+            y, signal, generator.weight, out_channels=self.hidden, groups=self.hidden,
+            kernel_size=self.kernel_size, scale=norms[1][0], shift=norms[1][1], activation="relu6",
+            padding_mode=self.padding_mode, **_source(generator, row_start + expand_rows))
         y = kernels.meta_patch_conv(
-            y, signal, generator.weight, out_channels=self.out_channels,
-            row_start=start + expand_rows + depthwise_rows, scale=norms[2][0], shift=norms[2][1],
-            **source)
+            y, signal, generator.weight, out_channels=self.out_channels, scale=norms[2][0],
+            shift=norms[2][1], **_source(generator, row_start + expand_rows + depthwise_rows))
         return y + x if self.residual else y
 
     def extra_repr(self) -> str:
@@ -408,8 +449,9 @@ class Decoder(nn.Module):
         index, start = self.sources[level]
         return self.generators[index](signal, start, self.blocks[level].num_params)
 
-
-    def level_input(self, level: int, inputs: Sequence[Tensor], previous) -> Tensor:
+    def level_input(self, level: int, inputs: Sequence[Tensor], previous: Optional[Tensor]) -> Tensor:
+        """The input of ``level``'s block: the coordinates, the backbone feature of its stride and
+        the previous level's output upsampled to it."""
         feat = inputs[-level - 1]
         if previous is None:
             p = feat
@@ -420,25 +462,49 @@ class Decoder(nn.Module):
             p = torch.cat((feat, previous), dim=1)
         return torch.cat((coordinates(p.shape[0], p.shape[2], p.shape[3], p), p), dim=1)
 
-    def forward(self, inputs: Sequence[Tensor], signal: Tensor, backend: str = "torch") -> Tensor:
-        """``backend="torch"``: the reference ops. ``"triton"``: in eval mode without autograd,
-        one fused kernel per block (weights generated in the kernel, BatchNorm folded); in train
-        mode or when autograd records, the differentiable Triton op ``generated_patch_conv2d``
-        (Triton backward kernels) composed with torch's BatchNorm, whose batch statistics sit
-        between the convolutions."""
-        if backend not in ("torch", "triton"):
-            raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
-        fused = backend == "triton" and not (self.training or records_gradients(self, [signal, *inputs]))
-        p = None
+    def run_level(self, level: int, x: Tensor, signal: Tensor, implementation: str) -> Tensor:
+        """The block of ``level`` on its input ``x``, with ``implementation``."""
+        index, start = self.sources[level]
+        return self.blocks[level](x, signal, self.generators[index], start, implementation)
+
+    def levels(self, inputs: Sequence[Tensor], signal: Tensor,
+               implementation: str = REFERENCE) -> Iterator["DecoderLevel"]:
+        """Run the decoder level by level with ``implementation``, yielding each level's block,
+        generator, input and output (a ``DecoderLevel``, which can run its block again with
+        another implementation). ``forward`` computes the same outputs without keeping them."""
+        previous = None
         for level, block in enumerate(self.blocks):
-            x = self.level_input(level, inputs, p)
+            x = self.level_input(level, inputs, previous)
+            previous = self.run_level(level, x, signal, implementation)
             index, start = self.sources[level]
-            if fused:
-                p = block.forward_fused(x, signal, self.generators[index], start)
-            elif backend == "triton":
-                p = block.forward_generated(x, signal, self.generators[index], start)
-            else:
-                p = block(x, self.block_weights(level, signal))
+            yield DecoderLevel(level, block, self.generators[index], start, x, signal, previous)
+
+    def forward(self, inputs: Sequence[Tensor], signal: Tensor,
+                implementation: str = REFERENCE) -> Tensor:
+        """Logits at the size of ``inputs[0]`` (the image), from the backbone features
+        ``inputs[1:]`` and the context signal; every block runs with ``implementation`` (one of
+        ``IMPLEMENTATIONS``, chosen by ``HyperSeg.decoder_implementation``)."""
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+        p = None
+        for level in range(len(self.blocks)):
+            p = self.run_level(level, self.level_input(level, inputs, p), signal, implementation)
         if p.shape[-2:] != inputs[0].shape[-2:]:
             p = F.interpolate(p, inputs[0].shape[-2:], mode="bilinear", align_corners=False)
         return p
+
+
+@dataclass
+class DecoderLevel:
+    """One decoder level as ``Decoder.levels`` ran it."""
+    index: int
+    block: MetaBlock
+    generator: WeightGenerator
+    row_start: int
+    input: Tensor
+    signal: Tensor
+    output: Tensor
+
+    def run(self, implementation: str = REFERENCE) -> Tensor:
+        """The block again on this level's input, with ``implementation``."""
+        return self.block(self.input, self.signal, self.generator, self.row_start, implementation)

@@ -10,7 +10,8 @@ from torch import Tensor
 
 from .backbone import make_backbone
 from .context_head import ContextHead, ContextHeadV01
-from .decoder import Decoder, MetaInvertedResidual, records_gradients
+from .decoder import (AUTOGRAD_KERNELS, FUSED, REFERENCE, Decoder, MetaInvertedResidual,
+                      records_gradients, triton_available)
 from . import options
 from .options import BACKENDS, MIN_SIDE, PRECISIONS
 from .zoo import ModelConfig, get_config, with_backbone
@@ -29,15 +30,6 @@ def training_kernels_proven(device: torch.device) -> bool:
     return any(gpu_class in name for gpu_class in options.TRAINING_KERNELS_FASTER_ON)
 
 
-def triton_available() -> bool:
-    """True when the Triton kernels of ``hyperseg.kernels`` can be imported."""
-    try:
-        from . import kernels  # noqa: F401
-    except ImportError:  # pragma: no cover - depends on the installation
-        return False
-    return True
-
-
 class HyperSeg(nn.Module):
     """HyperSeg: an EfficientNet encoder and context head that generate, for every image patch,
     the weights of a dynamic decoder.
@@ -53,9 +45,9 @@ class HyperSeg(nn.Module):
     ``tta_gather`` ("mean": the official running mean ``(new + acc) / 2``; "max").
 
     ``backend`` selects the decoder's implementation: "torch" (the pure-PyTorch reference),
-    "triton" (the fused kernels) or "auto" (triton for CUDA tensors when the kernels import,
-    torch otherwise). It may be changed at any time. The kernels serve inference only: see
-    ``resolve_backend`` for when the reference runs instead.
+    "triton" (the Triton kernels: one fused kernel per block for inference, differentiable
+    kernels with torch's BatchNorm for training) or "auto" (see ``decoder_implementation``). It
+    may be changed at any time.
 
     ``precision`` ("fp32", "fp16" or "bf16") is the inference precision: "fp16" / "bf16" run the
     forward pass under ``torch.autocast`` with that type (unless autocast is already on) and
@@ -121,31 +113,38 @@ class HyperSeg(nn.Module):
     def num_classes(self) -> int:
         return self.config.num_classes
 
-    def resolve_backend(self, x: Tensor) -> str:
-        """The decoder implementation that a forward pass on ``x`` uses.
+    def decoder_implementation(self, x: Tensor) -> str:
+        """How the decoder runs a forward pass on ``x``: one of ``hyperseg.decoder``'s
+        ``REFERENCE`` (the torch ops), ``FUSED`` (one fused Triton kernel per block) or
+        ``AUTOGRAD_KERNELS`` (the differentiable Triton ops with torch's BatchNorm). The one place
+        where the backend is resolved; ``forward`` asks once per pass.
 
-        "torch": the reference. "triton": the Triton kernels, in every mode: fused inference
-        kernels in eval mode without autograd; in training, or when autograd records the pass,
-        the differentiable Triton ops (weight generation and patch-wise convolution, with Triton
-        backward kernels) composed with torch's BatchNorm. "auto": triton for CUDA inputs in eval
-        mode without autograd; for training (or a pass autograd records) on CUDA, the kernels
-        only on a GPU class where a committed GPU run measured them faster than the reference
-        (``training_kernels_proven``; none yet), the cuDNN-backed reference elsewhere; the
-        reference for CPU tensors.
+        "torch": the reference. "triton": the kernels in every mode: fused in eval mode without
+        autograd; in training, or when autograd records the pass, the differentiable ops. "auto":
+        the fused kernels for CUDA inputs in eval mode without autograd; for training (or a pass
+        autograd records) on CUDA, the differentiable kernels only on a GPU class where a
+        committed GPU run measured them faster than the reference (``training_kernels_proven``),
+        the cuDNN-backed reference elsewhere; the reference for CPU tensors.
         """
         if self._backend == "torch":
-            return "torch"
+            return REFERENCE
+        if self._backend == "triton" and not triton_available():
+            raise NotImplementedError(
+                "backend='triton' needs the Triton kernels of hyperseg.kernels, which could "
+                "not be imported (is triton installed?); use backend='torch' or 'auto'")
+        trains = self.training or records_gradients(self, [x])
         if self._backend == "triton":
-            if not triton_available():
-                raise NotImplementedError(
-                    "backend='triton' needs the Triton kernels of hyperseg.kernels, which could "
-                    "not be imported (is triton installed?); use backend='torch' or 'auto'")
-            return "triton"
+            return AUTOGRAD_KERNELS if trains else FUSED
         if not (x.is_cuda and triton_available()):
-            return "torch"
-        if self.training or records_gradients(self, [x]):
-            return "triton" if training_kernels_proven(x.device) else "torch"
-        return "triton"
+            return REFERENCE
+        if trains:
+            return AUTOGRAD_KERNELS if training_kernels_proven(x.device) else REFERENCE
+        return FUSED
+
+    def resolve_backend(self, x: Tensor) -> str:
+        """The backend a forward pass on ``x`` uses: "torch" (the reference) or "triton" (the
+        kernels, fused or differentiable); see ``decoder_implementation``."""
+        return "torch" if self.decoder_implementation(x) == REFERENCE else "triton"
 
     # -- forward -----------------------------------------------------------------------------
 
@@ -181,7 +180,7 @@ class HyperSeg(nn.Module):
         return logits.float()
 
     def _segment(self, x: Tensor) -> Tensor:
-        backend = self.resolve_backend(x)
+        implementation = self.decoder_implementation(x)
         h, w = x.shape[-2:]
         d = self.config.size_divisor
         pad_h, pad_w = (-h) % d, (-w) % d
@@ -189,7 +188,7 @@ class HyperSeg(nn.Module):
             x = F.pad(x, (0, pad_w, 0, pad_h))
         feats, head = self.backbone(x)
         signal = self.context_head(head)
-        logits = self.decoder([x] + feats, signal, backend)
+        logits = self.decoder([x] + feats, signal, implementation)
         return logits[..., :h, :w]
 
     def forward(self, images: Union[Tensor, Sequence[Tensor]]) -> Tensor:
@@ -250,7 +249,7 @@ def reference_pass(model: HyperSeg, x: Tensor, handles=()) -> HyperSeg:
     and the model's backend restored afterwards. Returns the model, in eval mode."""
     banded = [m for m in model.modules() if isinstance(m, MetaInvertedResidual)]
     for block in banded:
-        block.EXPANDED_BUDGET = 1 << 62
+        block.expanded_budget = None
     backend = model.backend
     model.eval()
     model.backend = "torch"
@@ -262,7 +261,7 @@ def reference_pass(model: HyperSeg, x: Tensor, handles=()) -> HyperSeg:
         for handle in handles:
             handle.remove()
         for block in banded:
-            del block.EXPANDED_BUDGET
+            del block.expanded_budget
     return model
 
 

@@ -14,13 +14,16 @@ Terms used throughout:
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-PADDING_MODES = ("zeros", "reflect", "replicate")
+from .layout import (ACTIVATIONS, PADDING_MODES, check_activation, check_generated, check_generator,
+                     check_grid, check_inverted_residual, check_padding, check_patch_weight,
+                     inverted_residual_sizes, is_scale_shift, patch_conv_rows,
+                     split_inverted_residual)
 
 Norm = Optional[Callable[[Tensor], Tensor]]
 
@@ -56,13 +59,9 @@ def fold_batchnorm(bn: torch.nn.modules.batchnorm._BatchNorm) -> Tuple[Tensor, T
 
 def pad_border(x: Tensor, halo: int, padding_mode: str = "reflect") -> Tensor:
     """Pad the image border of ``x`` (B, C, H, W) by ``halo`` pixels on every side."""
-    if padding_mode not in PADDING_MODES:
-        raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+    check_padding(padding_mode, halo, x.shape[-2:])
     if halo == 0:
         return x
-    if padding_mode == "reflect" and (halo >= x.shape[-2] or halo >= x.shape[-1]):
-        raise ValueError(f"reflect padding of {halo} pixel(s) needs a feature map larger than "
-                         f"{halo} x {halo}, got {tuple(x.shape[-2:])}")
     mode = "constant" if padding_mode == "zeros" else padding_mode
     return F.pad(x, (halo, halo, halo, halo), mode=mode)
 
@@ -84,16 +83,6 @@ def merge_patches(patches: Tensor) -> Tensor:
     """Inverse of ``split_patches`` without halo: (B, GH, GW, C, ph, pw) -> (B, C, GH*ph, GW*pw)."""
     b, gh, gw, c, ph, pw = patches.shape
     return patches.permute(0, 3, 1, 4, 2, 5).reshape(b, c, gh * ph, gw * pw)
-
-
-def check_grid(x: Tensor, grid: Tuple[int, int]) -> Tuple[int, int]:
-    """The patch size of ``x`` on ``grid``; ValueError if the grid does not tile the map."""
-    h, w = x.shape[-2:]
-    gh, gw = grid
-    if gh < 1 or gw < 1 or h % gh or w % gw:
-        raise ValueError(f"a {gh} x {gw} patch grid does not tile a {h} x {w} feature map: "
-                         f"H % GH and W % GW must be 0")
-    return h // gh, w // gw
 
 
 # ------------------------------------------------------------------------------------------------
@@ -161,20 +150,9 @@ def patch_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
         (B, Cout, H, W): every patch convolved with its own kernel; the k // 2 halo comes from
         the neighbouring patches inside the image and from ``padding_mode`` at its border.
     """
-    if x.dim() != 4 or weight.dim() != 7:
-        raise ValueError(f"expected x (B, Cin, H, W) and weight (B, GH, GW, Cout, Cin/groups, k, k), "
-                         f"got {tuple(x.shape)} and {tuple(weight.shape)}")
+    check_patch_weight(x, weight, bias, groups)
     b, cin, _, _ = x.shape
-    wb, gh, gw, cout, cin_g, kh, kw = weight.shape
-    if wb != b:
-        raise ValueError(f"batch of weight ({wb}) differs from batch of x ({b})")
-    if kh != kw or kh % 2 == 0:
-        raise ValueError(f"kernel must be square with an odd size, got {kh} x {kw}")
-    if groups < 1 or cin % groups or cout % groups or cin // groups != cin_g:
-        raise ValueError(f"weight {tuple(weight.shape)} does not fit {cin} input channels "
-                         f"in {groups} group(s)")
-    if bias is not None and tuple(bias.shape) != (b, gh, gw, cout):
-        raise ValueError(f"bias must have shape {(b, gh, gw, cout)}, got {tuple(bias.shape)}")
+    _, gh, gw, cout, cin_g, kh, kw = weight.shape
     ph, pw = check_grid(x, (gh, gw))
     halo = kh // 2
 
@@ -349,16 +327,14 @@ def patch_inverted_residual_v01(x: Tensor, expand: Tensor, depthwise: Tensor, pr
 
 
 # ------------------------------------------------------------------------------------------------
-# Whole meta blocks in eval mode (BatchNorm folded into per-channel scale and shift): the reference
-# semantics of the fused kernels in ``hyperseg.kernels``, which take the same arguments.
+# Whole meta blocks: weights generated from the signal, then the block. The decoder's modules run
+# these with their BatchNorm modules as norms (any mode); with (scale, shift) pairs of folded
+# BatchNorms they are the reference semantics of the fused kernels in ``hyperseg.kernels``, which
+# take the same arguments.
 # ------------------------------------------------------------------------------------------------
 
-ACTIVATIONS = (None, "relu", "relu6")
-
-
 def _activate(t: Tensor, activation: Optional[str]) -> Tensor:
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    check_activation(activation)
     if activation == "relu":
         return F.relu(t)
     if activation == "relu6":
@@ -366,17 +342,26 @@ def _activate(t: Tensor, activation: Optional[str]) -> Tensor:
     return t
 
 
+NormArg = Union[Norm, Tuple[Tensor, Tensor]]
+
+
+def as_norm(norm: NormArg) -> Norm:
+    """A norm argument of the meta blocks as a function: a (scale, shift) pair becomes
+    ``affine(scale, shift)``; a callable (a BatchNorm module) or None is kept."""
+    if norm is None or callable(norm):
+        return norm
+    if is_scale_shift(norm):
+        return affine(*norm)
+    raise TypeError(f"a norm must be a callable (e.g. a BatchNorm), a (scale, shift) pair or None, "
+                    f"got {type(norm).__name__}")
+
+
 def generator_rows(signal: Tensor, generator_weight: Tensor, *, signal_offset: int, groups: int,
                    row_start: int, count: int) -> Tensor:
     """``generate_weights`` on ``signal[:, signal_offset:...]``: the signal slice a generator reads
     is ``generator_weight.shape[1] * groups`` channels wide."""
+    check_generator(signal, generator_weight, signal_offset, groups, row_start, count)
     width = generator_weight.shape[1] * groups
-    if signal_offset < 0 or signal_offset + width > signal.shape[1]:
-        raise ValueError(f"the generator reads signal channels {signal_offset}..{signal_offset + width}, "
-                         f"the signal has {signal.shape[1]}")
-    if row_start < 0 or row_start + count > generator_weight.shape[0]:
-        raise ValueError(f"rows {row_start}..{row_start + count} exceed the generator's "
-                         f"{generator_weight.shape[0]} rows")
     return generate_weights(signal[:, signal_offset:signal_offset + width], generator_weight,
                             groups=groups, start=row_start, count=count)
 
@@ -385,45 +370,54 @@ def meta_patch_conv(x: Tensor, signal: Tensor, generator_weight: Tensor, *, out_
                     signal_offset: int = 0, generator_groups: int = 1, row_start: int = 0,
                     groups: int = 1, kernel_size: int = 1, scale: Optional[Tensor] = None,
                     shift: Optional[Tensor] = None, activation: Optional[str] = None,
-                    padding_mode: str = "reflect") -> Tensor:
+                    padding_mode: str = "reflect", norm: Norm = None) -> Tensor:
     """Generate each patch's (Cout, Cin / groups, k, k) kernel from the signal, apply it with
-    ``patch_conv2d``, then ``* scale + shift`` and the activation ("relu", "relu6" or None).
+    ``patch_conv2d``, then the norm (``* scale + shift``, or ``norm``, a function such as a
+    BatchNorm module) and the activation ("relu", "relu6" or None).
 
     The kernel of a patch is rows ``row_start .. row_start + Cout * Cin / groups * k * k`` of the
     generator's output at that patch, in (Cout, Cin / groups, k, k) order.
     """
-    b, cin = x.shape[:2]
-    if cin % groups:
-        raise ValueError(f"{cin} input channels do not split into {groups} groups")
-    count = out_channels * (cin // groups) * kernel_size * kernel_size
+    cin = check_generated(x, signal, out_channels, groups)
+    check_activation(activation)
+    if (scale is None) != (shift is None):
+        raise ValueError("give both scale and shift, or neither")
+    if scale is not None and norm is not None:
+        raise ValueError("give either scale and shift or norm, not both")
+    count = patch_conv_rows(cin, out_channels, groups, kernel_size)
     params = generator_rows(signal, generator_weight, signal_offset=signal_offset,
                             groups=generator_groups, row_start=row_start, count=count)
-    gh, gw = params.shape[1:3]
+    b, gh, gw = params.shape[:3]
     kernels = params.reshape(b, gh, gw, out_channels, cin // groups, kernel_size, kernel_size)
     y = patch_conv2d(x, kernels, padding_mode=padding_mode, groups=groups)
-    if scale is not None:
-        y = affine(scale, shift)(y)
+    norm = affine(scale, shift) if scale is not None else norm
+    if norm is not None:
+        y = norm(y)
     return _activate(y, activation)
 
 
 def meta_inverted_residual(x: Tensor, signal: Tensor, generator_weight: Tensor, *, hidden: int,
                            out_channels: int, signal_offset: int = 0, generator_groups: int = 1,
-                           row_start: int = 0, kernel_size: int = 3,
-                           norm1: Tuple[Tensor, Tensor], norm2: Tuple[Tensor, Tensor],
-                           norm3: Tuple[Tensor, Tensor], residual: bool = False,
-                           padding_mode: str = "reflect") -> Tensor:
-    """The v1 ``MetaInvertedResidual`` in eval mode: weights generated from the signal (expand,
-    depthwise, project, in that order from ``row_start``), then ``patch_inverted_residual`` with
-    the (scale, shift) pairs ``norm1``, ``norm2``, ``norm3``."""
-    b, cin = x.shape[:2]
-    sizes = (hidden * cin, hidden * kernel_size * kernel_size, out_channels * hidden)
+                           row_start: int = 0, kernel_size: int = 3, norm1: NormArg = None,
+                           norm2: NormArg = None, norm3: NormArg = None, residual: bool = False,
+                           padding_mode: str = "reflect", version: str = "v1",
+                           chunk_rows: Optional[int] = None) -> Tensor:
+    """The ``MetaInvertedResidual`` block: weights generated from the signal (expand, depthwise,
+    project, in that order from ``row_start``; see ``hyperseg.layout``), then
+    ``patch_inverted_residual`` (``version="v1"``) or ``patch_inverted_residual_v01`` ("v0_1").
+    ``norm1``, ``norm2``, ``norm3``: (scale, shift) pairs of folded BatchNorms, functions such as
+    BatchNorm modules, or None. ``chunk_rows``: as ``patch_inverted_residual`` (v1 only)."""
+    if version not in ("v1", "v0_1"):
+        raise ValueError(f"version must be 'v1' or 'v0_1', got {version!r}")
+    cin = check_generated(x, signal, out_channels, 1)
+    check_inverted_residual(cin, hidden, out_channels, residual)
+    count = sum(inverted_residual_sizes(cin, hidden, out_channels, kernel_size))
     params = generator_rows(signal, generator_weight, signal_offset=signal_offset,
-                            groups=generator_groups, row_start=row_start, count=sum(sizes))
-    gh, gw = params.shape[1:3]
-    expand, depthwise, project = params.split(sizes, dim=-1)
-    return patch_inverted_residual(
-        x, expand.reshape(b, gh, gw, hidden, cin),
-        depthwise.reshape(b, gh, gw, hidden, kernel_size, kernel_size),
-        project.reshape(b, gh, gw, out_channels, hidden),
-        norm1=affine(*norm1), norm2=affine(*norm2), norm3=affine(*norm3),
-        residual=residual, padding_mode=padding_mode)
+                            groups=generator_groups, row_start=row_start, count=count)
+    kernels = split_inverted_residual(params, cin, hidden, out_channels, kernel_size)
+    norms = dict(norm1=as_norm(norm1), norm2=as_norm(norm2), norm3=as_norm(norm3))
+    if version == "v0_1":
+        return patch_inverted_residual_v01(x, *kernels, **norms, residual=residual,
+                                           padding_mode=padding_mode)
+    return patch_inverted_residual(x, *kernels, **norms, residual=residual,
+                                   padding_mode=padding_mode, chunk_rows=chunk_rows)

@@ -7,6 +7,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..layout import (check_generated, check_generator, check_grid, check_padding,
+                      patch_conv_rows)
+
 PADDING_CODES = {"zeros": 0, "reflect": 1, "replicate": 2}
 ACTIVATION_CODES = {None: 0, "relu": 1, "relu6": 2}
 
@@ -292,8 +295,8 @@ def pixel_block(n: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
-# Argument checks shared by the launchers (the reference ops in ``hyperseg.ops`` check the same
-# conditions on their own; the kernels do not import the package above them)
+# Argument checks of the launchers: the shape contract of ``hyperseg.layout`` (shared with the
+# reference ops, same messages), plus what only the kernels restrict (dtype, device, k <= 5)
 # ------------------------------------------------------------------------------------------------
 
 def check_common(x: torch.Tensor, grid, kernel_size: int, groups: int, padding_mode: str,
@@ -302,49 +305,24 @@ def check_common(x: torch.Tensor, grid, kernel_size: int, groups: int, padding_m
     if x.dim() != 4:
         raise ValueError(f"x must have shape (B, Cin, H, W), got {tuple(x.shape)}")
     check_dtype(x, float64)
-    h, w = x.shape[-2:]
-    gh, gw = grid
-    if gh < 1 or gw < 1 or h % gh or w % gw:
-        raise ValueError(f"a {gh} x {gw} patch grid does not tile a {h} x {w} feature map: "
-                         f"H % GH and W % GW must be 0")
-    if padding_mode not in PADDING_CODES:
-        raise ValueError(f"padding_mode must be one of {tuple(PADDING_CODES)}, got {padding_mode!r}")
+    check_grid(x, grid)
     if kernel_size % 2 == 0 or kernel_size < 1 or kernel_size > 5:
         raise ValueError(f"kernel size must be 1, 3 or 5, got {kernel_size}")
-    if padding_mode == "reflect" and kernel_size // 2 >= min(x.shape[-2:]):
-        raise ValueError(f"reflect padding of {kernel_size // 2} pixel(s) needs a feature map larger "
-                         f"than that, got {tuple(x.shape[-2:])}")
+    check_padding(padding_mode, kernel_size // 2, x.shape[-2:])
     if groups < 1 or x.shape[1] % groups:
         raise ValueError(f"{x.shape[1]} input channels do not split into {groups} groups")
 
 
-def check_generator(signal: torch.Tensor, generator_weight: torch.Tensor, signal_offset: int,
-                    generator_groups: int, row_start: int, count: int) -> None:
-    """The generator (R, S / groups, 1, 1) has ``count`` rows from ``row_start`` and reads signal
-    channels that exist."""
-    if generator_weight.dim() != 4 or generator_weight.shape[2:] != (1, 1):
-        raise ValueError(f"generator weight must have shape (R, S / groups, 1, 1), "
-                         f"got {tuple(generator_weight.shape)}")
-    rows = generator_weight.shape[0]
-    if generator_groups < 1 or rows % generator_groups:
-        raise ValueError(f"the generator's {rows} rows do not split into {generator_groups} groups")
-    width = generator_weight.shape[1] * generator_groups
-    if signal_offset < 0 or signal_offset + width > signal.shape[1]:
-        raise ValueError(f"the generator reads signal channels {signal_offset}..{signal_offset + width}, "
-                         f"the signal has {signal.shape[1]}")
-    if row_start < 0 or row_start + count > rows:
-        raise ValueError(f"rows {row_start}..{row_start + count} exceed the generator's {rows} rows")
-
-
-def check_generated_common(x, signal, generator_weight, signal_offset, generator_groups, row_start,
-                           count, groups, kernel_size, padding_mode, float64=False) -> None:
-    """The checks of every op whose kernels are generated from the signal."""
-    if signal.dim() != 4:
-        raise ValueError(f"signal must have shape (B, S, GH, GW), got {tuple(signal.shape)}")
+def check_generated_op(x, signal, generator_weight, *, out_channels, signal_offset,
+                       generator_groups, row_start, groups, kernel_size, padding_mode,
+                       float64=False) -> int:
+    """The checks of a patch-wise convolution whose kernels are generated from the signal;
+    returns its row count (``hyperseg.layout.patch_conv_rows``)."""
+    cin = check_generated(x, signal, out_channels, groups)
     check_common(x, tuple(signal.shape[2:4]), kernel_size, groups, padding_mode, float64)
-    if signal.shape[0] != x.shape[0]:
-        raise ValueError(f"batch of signal ({signal.shape[0]}) differs from batch of x ({x.shape[0]})")
+    count = patch_conv_rows(cin, out_channels, groups, kernel_size)
     check_generator(signal, generator_weight, signal_offset, generator_groups, row_start, count)
+    return count
 
 
 def output_like(x: torch.Tensor, channels: int) -> torch.Tensor:

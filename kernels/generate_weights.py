@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..layout import check_generator
 from ._common import (accumulator, autocast, block, channel_block, check_device, check_dtype, dot_acc,
                       dot_mode)
 
@@ -156,21 +157,15 @@ def generate_weights(signal: torch.Tensor, weight: torch.Tensor, *, groups: int 
     """
     if signal.dim() != 4:
         raise ValueError(f"signal must have shape (B, S, GH, GW), got {tuple(signal.shape)}")
-    if weight.dim() != 4 or weight.shape[2:] != (1, 1):
-        raise ValueError(f"generator weight must have shape (R, S / groups, 1, 1), got {tuple(weight.shape)}")
     check_dtype(signal, float64=True)
     if not weight.is_floating_point():
         raise TypeError(f"generator weight must be a floating-point tensor, got {weight.dtype}")
-    rows = weight.shape[0]
-    if groups < 1 or rows % groups:
-        raise ValueError(f"the generator's {rows} rows do not split into {groups} groups")
+    if count is None:
+        count = (weight.shape[0] if weight.dim() else 0) - start
+    check_generator(signal, weight, 0, groups, start, count)
     if weight.shape[1] * groups != signal.shape[1]:
         raise ValueError(f"a generator of {groups} group(s) of {weight.shape[1]} channels reads "
                          f"{weight.shape[1] * groups} signal channels, the signal has {signal.shape[1]}")
-    if count is None:
-        count = rows - start
-    if start < 0 or count < 0 or start + count > rows:
-        raise ValueError(f"rows {start}..{start + count} exceed the generator's {rows} rows")
     check_device(signal, weight)
     signal, weight = autocast(signal, weight)
     return GenerateWeightsFunction.apply(signal, weight, groups, start, count)

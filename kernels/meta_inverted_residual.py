@@ -12,9 +12,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (PADDING_CODES, autotuned, border_index, check_device, check_generated_common,
+from ._common import (PADDING_CODES, autotuned, border_index, check_common, check_device,
                       dot_acc, dot_mode, generator_layout, launch_options, output_like,
                       patch_params_to_scratch, signal_block)
+from ..layout import (check_generated, check_generator, check_inverted_residual,
+                      inverted_residual_sizes)
 
 
 @triton.jit
@@ -176,14 +178,11 @@ def meta_inverted_residual(x: torch.Tensor, signal: torch.Tensor, generator_weig
     """Fused v1 ``MetaInvertedResidual`` (eval mode) in one launch; the semantics of
     ``hyperseg.ops.meta_inverted_residual``. ``norm*`` are (scale, shift) pairs of folded BN.
     float32 inputs use tf32 tensor cores when ``torch.backends.cudnn.allow_tf32`` is on."""
-    cin = x.shape[1] if x.dim() == 4 else 0
-    if hidden < 1 or out_channels < 1:
-        raise ValueError(f"hidden and out_channels must be >= 1, got {hidden} and {out_channels}")
-    count = hidden * cin + hidden * kernel_size ** 2 + out_channels * hidden
-    check_generated_common(x, signal, generator_weight, signal_offset, generator_groups, row_start,
-                           count, 1, kernel_size, padding_mode)
-    if residual and cin != out_channels:
-        raise ValueError(f"a residual needs Cin == Cout, got {cin} and {out_channels}")
+    cin = check_generated(x, signal, out_channels, 1)
+    check_inverted_residual(cin, hidden, out_channels, residual)
+    check_common(x, tuple(signal.shape[2:4]), kernel_size, 1, padding_mode)
+    count = sum(inverted_residual_sizes(cin, hidden, out_channels, kernel_size))
+    check_generator(signal, generator_weight, signal_offset, generator_groups, row_start, count)
     for name, (n, size) in {"norm1": (norm1, hidden), "norm2": (norm2, hidden),
                             "norm3": (norm3, out_channels)}.items():
         if len(n) != 2 or any(v.shape != (size,) for v in n):
@@ -212,7 +211,7 @@ def _meta_inverted_residual_op(
     mode = dot_mode(x.dtype)
     cfg = plan(cin, hidden, out_channels, patch, kernel_size, mode)
     cfg["BLOCK_S"] = signal_block(spg)
-    count = hidden * cin + hidden * kernel_size ** 2 + out_channels * hidden
+    count = sum(inverted_residual_sizes(cin, hidden, out_channels, kernel_size))
     n_params, n_halo = scratch_sizes(cfg, count, patch, kernel_size)
     programs = b * gh * gw
     wscr = x.new_empty((programs, n_params), dtype=torch.float32)

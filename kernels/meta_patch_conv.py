@@ -22,9 +22,10 @@ import triton
 import triton.language as tl
 
 from ._common import (ACTIVATION_CODES, PADDING_CODES, activate, autotuned, border_index,
-                      check_device, check_generated_common, dot_acc, dot_mode,
+                      check_device, check_generated_op, dot_acc, dot_mode,
                       generator_layout, launch_options, output_like, patch_params_to_scratch,
                       signal_block)
+from ..layout import check_activation
 
 
 @triton.jit
@@ -264,13 +265,11 @@ def meta_patch_conv(x: torch.Tensor, signal: torch.Tensor, generator_weight: tor
     ``* scale + shift`` + activation. Semantics of ``hyperseg.ops.meta_patch_conv``. Inference
     only (no backward); ``generated_patch_conv2d`` is the differentiable counterpart. float32
     inputs use tf32 tensor cores when ``torch.backends.cudnn.allow_tf32`` is on."""
-    if x.dim() == 4 and (out_channels < 1 or out_channels % max(groups, 1)):
-        raise ValueError(f"{out_channels} output channels do not split into {groups} groups")
-    count = out_channels * (x.shape[1] // max(groups, 1) if x.dim() == 4 else 0) * kernel_size ** 2
-    check_generated_common(x, signal, generator_weight, signal_offset, generator_groups, row_start,
-                           count, groups, kernel_size, padding_mode)
-    if activation not in ACTIVATION_CODES:
-        raise ValueError(f"activation must be one of {tuple(ACTIVATION_CODES)}, got {activation!r}")
+    check_generated_op(x, signal, generator_weight, out_channels=out_channels,
+                       signal_offset=signal_offset, generator_groups=generator_groups,
+                       row_start=row_start, groups=groups, kernel_size=kernel_size,
+                       padding_mode=padding_mode)
+    check_activation(activation)
     if (scale is None) != (shift is None):
         raise ValueError("give both scale and shift, or neither")
     check_device(x, signal, generator_weight, scale, shift)

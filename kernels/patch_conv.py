@@ -16,8 +16,9 @@ import triton
 import triton.language as tl
 
 from ._common import (PADDING_CODES, accumulator, autocast, block, border_index, channel_block,
-                      check_common, check_device, check_dtype, check_generated_common, dot_acc,
+                      check_common, check_device, check_dtype, check_generated_op, dot_acc,
                       dot_mode, mirror_slots, mirror_source, output_like, patch_pixels, pixel_block)
+from ..layout import check_patch_weight
 
 
 @triton.jit
@@ -379,17 +380,8 @@ def patch_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     """
     if weight.dim() != 7:
         raise ValueError(f"weight must have shape (B, GH, GW, Cout, Cin/groups, k, k), got {tuple(weight.shape)}")
-    b, gh, gw, cout, cin_g, kh, kw = weight.shape
-    check_common(x, (gh, gw), kh, groups, padding_mode, float64=True)
-    if kh != kw:
-        raise ValueError(f"kernel must be square, got {kh} x {kw}")
-    if b != x.shape[0]:
-        raise ValueError(f"batch of weight ({b}) differs from batch of x ({x.shape[0]})")
-    if cin_g * groups != x.shape[1] or cout % groups:
-        raise ValueError(f"weight {tuple(weight.shape)} does not fit {x.shape[1]} input channels "
-                         f"in {groups} group(s)")
-    if bias is not None and tuple(bias.shape) != (b, gh, gw, cout):
-        raise ValueError(f"bias must have shape {(b, gh, gw, cout)}, got {tuple(bias.shape)}")
+    check_common(x, weight.shape[1:3], weight.shape[-2], groups, padding_mode, float64=True)
+    check_patch_weight(x, weight, bias, groups)
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
@@ -472,17 +464,6 @@ def _patch_conv2d_backward_fake(dout, x, weight, input_grad, weight_grad, bias_g
             if bias_grad else x.new_empty(0))
 
 
-def _check_generated(x, signal, generator_weight, out_channels, signal_offset, generator_groups,
-                     row_start, groups, kernel_size, padding_mode, float64=False) -> int:
-    """Validate the arguments of a convolution with generated kernels; returns the row count."""
-    if x.dim() == 4 and (out_channels < 1 or out_channels % max(groups, 1)):
-        raise ValueError(f"{out_channels} output channels do not split into {groups} groups")
-    count = out_channels * (x.shape[1] // max(groups, 1) if x.dim() == 4 else 0) * kernel_size ** 2
-    check_generated_common(x, signal, generator_weight, signal_offset, generator_groups, row_start,
-                           count, groups, kernel_size, padding_mode, float64)
-    return count
-
-
 def generated_patch_conv2d(x: torch.Tensor, signal: torch.Tensor, generator_weight: torch.Tensor, *,
                            out_channels: int, signal_offset: int = 0, generator_groups: int = 1,
                            row_start: int = 0, groups: int = 1, kernel_size: int = 1,
@@ -496,8 +477,10 @@ def generated_patch_conv2d(x: torch.Tensor, signal: torch.Tensor, generator_weig
     the backward pass generates them again rather than keeping them alive between the passes, then
     runs the ``patch_conv2d`` backward kernels and the generator's backward kernels.
     """
-    _check_generated(x, signal, generator_weight, out_channels, signal_offset, generator_groups,
-                     row_start, groups, kernel_size, padding_mode, float64=True)
+    check_generated_op(x, signal, generator_weight, out_channels=out_channels,
+                       signal_offset=signal_offset, generator_groups=generator_groups,
+                       row_start=row_start, groups=groups, kernel_size=kernel_size,
+                       padding_mode=padding_mode, float64=True)
     check_dtype(signal, float64=True)
     check_device(x, signal, generator_weight)
     width = generator_weight.shape[1] * generator_groups

@@ -44,13 +44,17 @@ def calibrate_conditioned(model, x, kappa: float = KAPPA):
         gain = conv.weight.detach().float().pow(2).flatten(1).sum(1)
         last_conv["floor"] = gain * inp.pow(2).mean()
 
+    def block_params(block, args):
+        x_in, signal, generator, row_start = args[:4]
+        return x_in, generator(signal, row_start, block.num_params)
+
     def meta_conv_hook(block, args):
-        x_in, params = args
+        x_in, params = block_params(block, args)
         gain = _kernel_energy(block.kernels(params), (-3, -2, -1))
         floors[block.bn] = gain * x_in.detach().float().pow(2).mean()
 
     def meta_ir_hook(block, args):
-        x_in, params = args
+        x_in, params = block_params(block, args)
         expand, depthwise, project = block.kernels(params)
         floors[block.bn1] = _kernel_energy(expand, (-1,)) * x_in.detach().float().pow(2).mean()
         floors[block.bn2] = (_kernel_energy(depthwise, (-2, -1)), block.bn1, "channel")

@@ -7,7 +7,8 @@ import torch.nn as nn
 
 import hyperseg
 from hyperseg import ops
-from hyperseg.decoder import GeneratorSpec, MetaConv, MetaInvertedResidual, WeightGenerator
+from hyperseg.decoder import (AUTOGRAD_KERNELS, REFERENCE, GeneratorSpec, MetaConv, MetaInvertedResidual,
+                              WeightGenerator)
 from kernel_utils import DEVICE
 
 # float16 autocast, on CPU too: bfloat16's 8-bit mantissa alone moves these random blocks'
@@ -61,9 +62,9 @@ def _block_step(block, generator, x, signal, dout, backend):
     x = x.detach().requires_grad_()
     signal = signal.detach().requires_grad_()
     if backend == "triton":
-        out = block.forward_generated(x, signal, generator, 3)
+        out = block(x, signal, generator, 3, AUTOGRAD_KERNELS)
     else:
-        out = block(x, generator(signal, 3, block.num_params))
+        out = block(x, signal, generator, 3, REFERENCE)
     leaves = [x, signal] + list(generator.parameters()) + list(block.parameters())
     grads = torch.autograd.grad(out, leaves, dout.to(out.dtype))
     return out, grads, [t.clone() for t in block.buffers()]
