@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     import torch
 
     import hyperseg
-    from hyperseg.model import calibrate_batchnorm
+    from hyperseg.calibration import calibrate_batchnorm
 
     if args.threads:
         torch.set_num_threads(args.threads)

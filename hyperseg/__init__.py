@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _EXPORTS = {
     "BackboneError": "backbone",
-    "CheckpointError": "checkpoint", "load": "checkpoint", "save": "checkpoint",
+    "CheckpointError": "checkpoint", "load": "model", "save": "checkpoint",
     "export_onnx": "export",
     "BACKENDS": "model", "HyperSeg": "model", "build": "model", "triton_available": "model",
     "colorize": "palettes", "palette": "palettes",

@@ -1,17 +1,16 @@
 """Checkpoints: the official ``.pth`` files (read safely) and our native safetensors format.
 
 Official checkpoints are ``torch.save`` dicts with a ``'state_dict'`` (possibly ``module.``-
-prefixed) and an ``'arch'`` string, a Python call such as
-``hyperseg.models.hyperseg_v1_0.hyperseg_efficientnet('efficientnet-b1',levels=2,...)``. The
-file is read with ``torch.load(weights_only=True)``, so nothing in it can run code, and the arch
-string is *parsed* (its arguments must be literals), never evaluated.
+prefixed) and an ``'arch'`` string (parsed, never evaluated, by ``hyperseg.official``). The file
+is read with ``torch.load(weights_only=True)``, so nothing in it can run code.
 
 Our format is a safetensors file whose metadata holds the model configuration as JSON.
+
+This module reads and writes files and fills a model built elsewhere (``hyperseg.build`` /
+``hyperseg.load`` in ``hyperseg.model``); it does not build models.
 """
 from __future__ import annotations
 
-import ast
-import dataclasses
 import hashlib
 import json
 import os
@@ -19,197 +18,24 @@ import pickle
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 import torch
+import torch.nn as nn
 
-from .model import HyperSeg
-from .official import official_names
-from .zoo import ModelConfig, get_config, list_models
+from .errors import CheckpointError
+from .official import (OFFICIAL_BACKBONES, OFFICIAL_FACTORY, OFFICIAL_MODULES,  # noqa: F401
+                       config_from_arch, official_names, parse_arch)
+from .zoo import (ARCHITECTURE_FIELDS, ModelConfig, architecture_differences,  # noqa: F401
+                  get_config, list_models)
+
+if TYPE_CHECKING:  # annotations only: checkpoints fill models without importing the model class
+    from .model import HyperSeg
 
 FORMAT = "hyperseg"
 FORMAT_VERSION = "1"
 
-OFFICIAL_MODULES = {
-    "hyperseg.models.hyperseg_v1_0": "v1_0",
-    "hyperseg.models.hyperseg_v1_0_unify": "v1_0_unify",
-    "hyperseg.models.hyperseg_v0_1": "v0_1",
-}
-OFFICIAL_FACTORY = "hyperseg_efficientnet"
-OFFICIAL_BACKBONES = {"efficientnet-b1": "tf_efficientnet_b1", "efficientnet-b3": "tf_efficientnet_b3"}
 _COORD_BUFFER = re.compile(r"^decoder\.coord\d+_\d+$")
-_MAX_ARCH_LENGTH = 10_000
-
-# Fields that define the network; two configs with equal fields build interchangeable models.
-ARCHITECTURE_FIELDS = ("arch", "backbone", "num_classes", "context_levels", "out_feat_scale",
-                       "kernel_sizes", "level_channels", "expand_ratio", "weight_groups",
-                       "unify_level", "decoder_groups", "context_global_pool")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read, is unsafe, or does not fit the model."""
-
-
-# ------------------------------------------------------------------------------------------------
-# The official 'arch' string
-# ------------------------------------------------------------------------------------------------
-
-def _dotted_name(node: ast.AST) -> str:
-    if isinstance(node, ast.Name):
-        return node.id
-    if isinstance(node, ast.Attribute):
-        return f"{_dotted_name(node.value)}.{node.attr}"
-    raise CheckpointError("the arch string must call a function by its dotted name")
-
-
-def _literal(node: ast.AST, what: str) -> Any:
-    try:
-        return ast.literal_eval(node)
-    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError) as err:
-        raise CheckpointError(f"refusing the arch string: {what} is not a literal "
-                              f"(only numbers, strings, booleans, None, lists and tuples are "
-                              f"allowed; calls, names and attribute access are not)") from err
-
-
-def parse_arch(arch: str) -> Tuple[str, List[Any], Dict[str, Any]]:
-    """Split an official arch string into (function name, positional args, keyword args).
-
-    Only a single call of a dotted function name with literal arguments is accepted; the string is
-    parsed with ``ast`` and nothing in it is executed.
-    """
-    if not isinstance(arch, str):
-        raise CheckpointError(f"the arch entry must be a string, got {type(arch).__name__}")
-    if len(arch) > _MAX_ARCH_LENGTH:
-        raise CheckpointError(f"the arch string is implausibly long ({len(arch)} characters)")
-    try:
-        tree = ast.parse(arch.strip(), mode="eval")
-    except SyntaxError as err:
-        raise CheckpointError(f"the arch string is not a Python call: {err.msg}") from err
-    call = tree.body
-    if not isinstance(call, ast.Call):
-        raise CheckpointError("the arch string must be a single function call")
-    func = _dotted_name(call.func)
-    args = []
-    for i, node in enumerate(call.args):
-        if isinstance(node, ast.Starred):
-            raise CheckpointError("the arch string may not unpack arguments (*args)")
-        args.append(_literal(node, f"positional argument {i}"))
-    kwargs = {}
-    for keyword in call.keywords:
-        if keyword.arg is None:
-            raise CheckpointError("the arch string may not unpack arguments (**kwargs)")
-        kwargs[keyword.arg] = _literal(keyword.value, f"argument {keyword.arg!r}")
-    return func, args, kwargs
-
-
-def _as_tuple(value, length: int, what: str) -> tuple:
-    if isinstance(value, (list, tuple)):
-        if len(value) != length:
-            raise CheckpointError(f"{what} has {len(value)} entries, expected {length}")
-        return tuple(value)
-    return (value,) * length
-
-
-def config_from_arch(arch: str) -> ModelConfig:
-    """The ``ModelConfig`` described by an official arch string: the matching zoo entry when the
-    architecture is one of the five (with another class count if the file has one), else a custom
-    configuration named ``custom-<arch>``."""
-    func, args, kw = parse_arch(arch)
-    module, _, name = func.rpartition(".")
-    if module not in OFFICIAL_MODULES or name != OFFICIAL_FACTORY:
-        raise CheckpointError(f"unsupported architecture {func!r}; expected "
-                              f"{' / '.join(m + '.' + OFFICIAL_FACTORY for m in OFFICIAL_MODULES)}")
-    version = OFFICIAL_MODULES[module]
-    if len(args) > 1:
-        raise CheckpointError(f"unexpected positional arguments in the arch string: {args[1:]}")
-    model_name = args[0] if args else kw.pop("model_name", None)
-    if model_name not in OFFICIAL_BACKBONES:
-        raise CheckpointError(f"unsupported backbone {model_name!r}; expected one of "
-                              f"{sorted(OFFICIAL_BACKBONES)}")
-    for ignored in ("pretrained", "weights_path"):
-        kw.pop(ignored, None)
-    if kw.pop("with_out_fc", False):
-        raise CheckpointError("with_out_fc=True (a final patch-wise conv) is not supported")
-    kw.pop("decoder_dropout", None)          # only used by the unsupported final conv
-    if kw.pop("in_nc", 3) != 3:
-        raise CheckpointError("only 3-channel (RGB) inputs are supported")
-    layers = kw.pop("level_layers", 1)
-    if set(layers if isinstance(layers, (list, tuple)) else [layers]) != {1}:
-        raise CheckpointError("only one block per decoder level (level_layers=1) is supported")
-    num_classes = kw.pop("num_classes", 3)
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-        raise CheckpointError(f"invalid num_classes {num_classes!r} in the arch string")
-
-    values: Dict[str, Any] = dict(
-        arch=version, backbone=OFFICIAL_BACKBONES[model_name],
-        num_classes=num_classes, context_levels=kw.pop("levels", 3),
-        tta_hflip=bool(kw.pop("inference_hflip", False)),
-        tta_gather=kw.pop("inference_gather", "mean"))
-    if version == "v0_1":
-        levels = 6
-        values["kernel_sizes"] = _as_tuple(kw.pop("kernel_sizes", 3), levels, "kernel_sizes")
-        values["weight_groups"] = kw.pop("weight_groups", 1)
-        values["context_global_pool"] = bool(kw.pop("avg_pool", True))
-        for one in ("down_groups", "flat_groups"):
-            if kw.pop(one, 1) != 1:
-                raise CheckpointError(f"{one} other than 1 is not supported")
-        kw.pop("groups", None)                # accepted and unused by the official v0_1 model
-    else:
-        if "level_channels" not in kw:
-            raise CheckpointError("the arch string has no level_channels")
-        values["level_channels"] = tuple(kw.pop("level_channels"))
-        levels = len(values["level_channels"])
-        values["kernel_sizes"] = _as_tuple(kw.pop("kernel_sizes", 3), levels, "kernel_sizes")
-        values["out_feat_scale"] = tuple(float(s) for s in _as_tuple(kw.pop("out_feat_scale", 0.25), 5,
-                                                                     "out_feat_scale"))
-        groups = kw.pop("weight_groups", 1)
-        values["weight_groups"] = tuple(groups) if isinstance(groups, (list, tuple)) else groups
-        values["decoder_groups"] = kw.pop("decoder_groups", 1)
-        kw.pop("groups", None)                # accepted and unused by the official v1 models
-        if version == "v1_0_unify":
-            values["unify_level"] = kw.pop("unify_level", None)
-        values["coords_res"] = tuple(tuple(r) for r in kw.pop("coords_res", None) or ())
-    expand = kw.pop("expand_ratio", 1)
-    if isinstance(expand, (list, tuple)):
-        if len(set(expand)) != 1:
-            raise CheckpointError("per-level expand ratios are not supported")
-        expand = expand[0]
-    values["expand_ratio"] = expand
-    if kw:
-        raise CheckpointError(f"unsupported arguments in the arch string: {sorted(kw)}")
-
-    for zoo_name in list_models(include_aliases=False):
-        zoo = get_config(zoo_name)
-        candidate = dataclasses.replace(zoo, **values)
-        if not architecture_differences(candidate, zoo, ignore=("num_classes",)):
-            return dataclasses.replace(get_config(zoo_name, num_classes),
-                                       tta_hflip=values["tta_hflip"], tta_gather=values["tta_gather"])
-    try:
-        config = ModelConfig(name=f"custom-{version}", dataset="custom", input_size=(512, 512),
-                             **values)
-        config.validate()
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"the arch string does not describe a valid model: {err}") from err
-    return config
-
-
-def architecture_differences(a: ModelConfig, b: ModelConfig, ignore=()) -> List[str]:
-    """Names and values of the architecture fields in which ``a`` and ``b`` differ."""
-    def norm(field, value):
-        if field == "weight_groups" and not isinstance(value, (list, tuple)):
-            return value
-        if isinstance(value, (list, tuple)):
-            return tuple(value)
-        return value
-    out = []
-    for field in ARCHITECTURE_FIELDS:
-        if field in ignore:
-            continue
-        va, vb = norm(field, getattr(a, field)), norm(field, getattr(b, field))
-        if va != vb:
-            out.append(f"{field}: {va!r} vs {vb!r}")
-    return out
-
 
 # ------------------------------------------------------------------------------------------------
 # State dicts
@@ -495,27 +321,6 @@ def load_matching(model: HyperSeg, checkpoint: Checkpoint) -> PartialLoad:
     return PartialLoad(reinitialised, sorted(set(tensors) - used))
 
 
-def load(path, *, backend: str = "auto", map_location="cpu",
-         channels_last: bool = True) -> HyperSeg:
-    """Build the model a checkpoint describes and load its weights, in eval mode.
-
-    Reads official checkpoints (architecture from their ``'arch'`` string, parsed, never
-    evaluated) and our safetensors files. ``map_location`` is where tensors are loaded and where
-    the model is placed. ``channels_last``: run the backbone in channels-last memory format (the
-    inference default, as in ``hyperseg.build``).
-    """
-    checkpoint = read_checkpoint(path, map_location)
-    if checkpoint.config is None:
-        raise CheckpointError(f"{os.fspath(path)!r} does not say which architecture it holds (no "
-                              f"'arch' entry); use hyperseg.build(name, weights=path)")
-    model = HyperSeg(checkpoint.config, backend=backend)
-    load_into(model, checkpoint)
-    model.channels_last = bool(channels_last)
-    if isinstance(map_location, (str, torch.device)):
-        model.to(map_location)
-    return model.eval()
-
-
 def save(model: HyperSeg, path) -> None:
     """Save ``model`` in our format: safetensors tensors plus its config as JSON metadata.
 
@@ -523,7 +328,7 @@ def save(model: HyperSeg, path) -> None:
     process creates (0644 under the usual umask 022; safetensors' ``save_file`` makes it 0600).
     """
     from safetensors.torch import save as serialize
-    if not isinstance(model, HyperSeg):
+    if not (isinstance(model, nn.Module) and isinstance(getattr(model, "config", None), ModelConfig)):
         raise TypeError(f"save expects a HyperSeg model, got {type(model).__name__}")
     tensors = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION,
@@ -535,3 +340,13 @@ def save(model: HyperSeg, path) -> None:
     data = serialize(tensors, metadata=metadata)
     with open(os.fspath(path), "wb") as f:
         f.write(data)
+
+
+def __getattr__(name: str):
+    # ``load`` builds a model, so it lives with the model now (``hyperseg.load``)
+    if name == "load":
+        warnings.warn("hyperseg.checkpoint.load moved to hyperseg.model.load (hyperseg.load)",
+                      DeprecationWarning, stacklevel=2)
+        from .model import load
+        return load
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

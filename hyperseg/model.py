@@ -1,6 +1,7 @@
-"""The HyperSeg model and ``build``."""
+"""The HyperSeg model, and ``build`` / ``load``: a zoo model by name, or the model a checkpoint holds."""
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence, Union
 
 import torch
@@ -9,11 +10,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backbone import make_backbone
+from .checkpoint import CheckpointError, load_into, read_checkpoint
 from .context_head import ContextHead, ContextHeadV01
-from .decoder import (AUTOGRAD_KERNELS, FUSED, REFERENCE, Decoder, MetaInvertedResidual,
+from .decoder import (AUTOGRAD_KERNELS, FUSED, REFERENCE, Decoder,
                       records_gradients, triton_available)
 from . import options
 from .options import BACKENDS, MIN_SIDE, PRECISIONS
+from .pretrained import load_pretrained
 from .zoo import ModelConfig, get_config, with_backbone
 
 GATHER_MODES = ("mean", "max")
@@ -221,50 +224,6 @@ class HyperSeg(nn.Module):
         return out
 
 
-def calibrate_batchnorm(model: HyperSeg, x: Tensor) -> HyperSeg:
-    """Give a (randomly initialised) model BatchNorm statistics that fit the input ``x``.
-
-    With timm's initialisation and default running statistics, activations shrink layer after
-    layer in eval mode and a random model's logits end up near 1e-15, which makes output
-    comparisons meaningless (and denormals slow the CPU). One eval-mode pass over ``x`` sets, just
-    before each BatchNorm runs, its running statistics to the (biased) statistics of its actual
-    input, variance floored at 1e-2. Every BatchNorm then normalises what it sees, so activations
-    on ``x`` stay of order one. Used by the tests and the benchmark. Such a random network is
-    still sensitive: float32 rounding differences can grow to 1e-3 of its logits at small sizes,
-    and on other inputs than ``x`` its activations can explode.
-    """
-    def set_stats(bn, args):
-        t = args[0].detach().float()
-        dims = [0] + list(range(2, t.dim()))
-        bn.running_mean.copy_(t.mean(dims))
-        bn.running_var.copy_(t.var(dims, unbiased=False).clamp_min(1e-2))
-
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    return reference_pass(model, x, [bn.register_forward_pre_hook(set_stats) for bn in bns])
-
-
-def reference_pass(model: HyperSeg, x: Tensor, handles=()) -> HyperSeg:
-    """One eval-mode, no-grad forward of ``x`` on the torch reference, over all patches at once
-    (no bands of patch rows), for hooks that inspect it; ``handles`` (hook handles) are removed
-    and the model's backend restored afterwards. Returns the model, in eval mode."""
-    banded = [m for m in model.modules() if isinstance(m, MetaInvertedResidual)]
-    for block in banded:
-        block.expanded_budget = None
-    backend = model.backend
-    model.eval()
-    model.backend = "torch"
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        model.backend = backend
-        for handle in handles:
-            handle.remove()
-        for block in banded:
-            del block.expanded_budget
-    return model
-
-
 def _gather(new: Tensor, acc: Tensor, mode: str) -> Tensor:
     return (new + acc) * 0.5 if mode == "mean" else torch.max(new, acc)
 
@@ -317,18 +276,47 @@ def build(name: str, *, num_classes: Optional[int] = None, backbone: Optional[st
                          f"another class count is not supported")
     checkpoint = None
     if pretrained:
-        from .pretrained import load_pretrained
         checkpoint = load_pretrained(name, weights_dir)
     elif weights is not None:
-        from .checkpoint import read_checkpoint
         checkpoint = read_checkpoint(weights)
     model = HyperSeg(config, pretrained_backbone=pretrained_backbone and checkpoint is None,
                      backend=backend)
     if checkpoint is not None:
-        from .checkpoint import load_into
         load_into(model, checkpoint)
     model.precision = precision
     model.channels_last = bool(channels_last)
     if compile:
         model.compile(**({} if compile is True else {"mode": compile}))
     return model.eval()
+
+
+def load(path, *, backend: str = "auto", map_location="cpu",
+         channels_last: bool = True) -> HyperSeg:
+    """Build the model a checkpoint describes and load its weights, in eval mode.
+
+    Reads official checkpoints (architecture from their ``'arch'`` string, parsed, never
+    evaluated) and our safetensors files. ``map_location`` is where tensors are loaded and where
+    the model is placed. ``channels_last``: run the backbone in channels-last memory format (the
+    inference default, as in ``hyperseg.build``).
+    """
+    checkpoint = read_checkpoint(path, map_location)
+    if checkpoint.config is None:
+        raise CheckpointError(f"{os.fspath(path)!r} does not say which architecture it holds (no "
+                              f"'arch' entry); use hyperseg.build(name, weights=path)")
+    model = HyperSeg(checkpoint.config, backend=backend)
+    load_into(model, checkpoint)
+    model.channels_last = bool(channels_last)
+    if isinstance(map_location, (str, torch.device)):
+        model.to(map_location)
+    return model.eval()
+
+
+def __getattr__(name: str):
+    # the BatchNorm calibration of random models moved to hyperseg.calibration
+    if name in ("calibrate_batchnorm", "reference_pass"):
+        import warnings
+        warnings.warn(f"hyperseg.model.{name} moved to hyperseg.calibration.{name}",
+                      DeprecationWarning, stacklevel=2)
+        from . import calibration
+        return getattr(calibration, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

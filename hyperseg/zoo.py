@@ -284,3 +284,27 @@ def with_backbone(config: ModelConfig, backbone: Optional[str]) -> ModelConfig:
         raise ValueError(f"backbone must be a timm model name, got {backbone!r}")
     base = config.name.split("+", 1)[0]
     return dataclasses.replace(config, backbone=backbone, name=f"{base}+{backbone}")
+
+
+# Fields that define the network; two configs with equal fields build interchangeable models.
+ARCHITECTURE_FIELDS = ("arch", "backbone", "num_classes", "context_levels", "out_feat_scale",
+                       "kernel_sizes", "level_channels", "expand_ratio", "weight_groups",
+                       "unify_level", "decoder_groups", "context_global_pool")
+
+
+def architecture_differences(a: ModelConfig, b: ModelConfig, ignore=()) -> List[str]:
+    """Names and values of the architecture fields in which ``a`` and ``b`` differ."""
+    def norm(field, value):
+        if field == "weight_groups" and not isinstance(value, (list, tuple)):
+            return value
+        if isinstance(value, (list, tuple)):
+            return tuple(value)
+        return value
+    out = []
+    for field in ARCHITECTURE_FIELDS:
+        if field in ignore:
+            continue
+        va, vb = norm(field, getattr(a, field)), norm(field, getattr(b, field))
+        if va != vb:
+            out.append(f"{field}: {va!r} vs {vb!r}")
+    return out

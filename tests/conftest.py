@@ -28,6 +28,3 @@ def _exact_float32():
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     yield
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
-from hyperseg.model import calibrate_batchnorm  # noqa: E402,F401  (used by several test modules)

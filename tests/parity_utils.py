@@ -1,6 +1,6 @@
 """A well-conditioned random model for comparing two implementations of the *whole* network.
 
-``conftest.calibrate_batchnorm`` fits every BatchNorm exactly to its input. That keeps activations
+``hyperseg.calibration.calibrate_batchnorm`` fits every BatchNorm exactly to its input. That keeps activations
 of order one, but a random network calibrated so is chaotic: wherever a convolution nearly cancels
 the signal (a depthwise kernel whose taps sum to about zero, a BatchNorm over a 2 x 4 map), the
 BatchNorm divides by a tiny spread and amplifies float32 rounding noise. Through the ~70 layers of
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from hyperseg.decoder import MetaConv, MetaInvertedResidual
-from hyperseg.model import reference_pass
+from hyperseg.calibration import reference_pass
 
 KAPPA = 16.0
 

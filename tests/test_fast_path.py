@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import hyperseg
-from hyperseg.model import calibrate_batchnorm
+from hyperseg.calibration import calibrate_batchnorm
 
 SIZE = (64, 64)
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import hyperseg
 from hyperseg.backbone import StaticSameConv2d
 
-from conftest import calibrate_batchnorm
+from hyperseg.calibration import calibrate_batchnorm
 
 
 # A random model is well conditioned on the input its BatchNorm statistics were calibrated on.

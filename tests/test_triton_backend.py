@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import hyperseg
 from hyperseg import kernels
-from conftest import calibrate_batchnorm
+from hyperseg.calibration import calibrate_batchnorm
 from kernel_utils import DEVICE, assert_matches
 
 SIZES = {"hyperseg-m-cityscapes": (64, 128), "hyperseg-s-cityscapes": (64, 128),
