@@ -28,3 +28,19 @@ def _exact_float32():
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     yield
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+_DTYPE_IDS = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16",
+              torch.bfloat16: "bf16"}
+
+
+def pytest_make_parametrize_id(config, val, argname):
+    """Readable ids for parametrised cases: a (2, 3) grid is ``grid2x3`` (not ``grid0``), a
+    dtype ``fp32``, a bool ``contiguous`` / ``not-contiguous``; other values keep pytest's id."""
+    if isinstance(val, (tuple, list)) and val and all(isinstance(v, int) for v in val):
+        return f"{argname}{'x'.join(map(str, val))}"
+    if isinstance(val, torch.dtype):
+        return _DTYPE_IDS.get(val, str(val).replace("torch.", ""))
+    if isinstance(val, bool):
+        return argname if val else f"not-{argname}"
+    return None
