@@ -26,8 +26,7 @@ import torch.nn as nn
 from .errors import CheckpointError
 from .official import (OFFICIAL_BACKBONES, OFFICIAL_FACTORY, OFFICIAL_MODULES,  # noqa: F401
                        config_from_arch, official_names, parse_arch)
-from .zoo import (ARCHITECTURE_FIELDS, ModelConfig, architecture_differences,  # noqa: F401
-                  get_config, list_models)
+from .zoo import ARCHITECTURE_FIELDS, ModelConfig, architecture_differences  # noqa: F401
 
 if TYPE_CHECKING:  # annotations only: checkpoints fill models without importing the model class
     from .model import HyperSeg

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .layout import (ACTIVATIONS, PADDING_MODES, check_activation, check_generated, check_generator,
+from .layout import (ACTIVATIONS, PADDING_MODES, check_activation,  # noqa: F401  (re-exported)
+                     check_generated, check_generator,
                      check_grid, check_inverted_residual, check_padding, check_patch_weight,
                      inverted_residual_sizes, is_scale_shift, patch_conv_rows,
                      split_inverted_residual)

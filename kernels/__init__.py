@@ -17,7 +17,8 @@ before triton is imported); on CUDA tensors they compile for the GPU.
 from .generate_weights import generate_weights
 from .meta_inverted_residual import meta_inverted_residual
 from .meta_patch_conv import meta_patch_conv
-from .patch_conv import generated_patch_conv2d, patch_conv2d
+from .generated_patch_conv import generated_patch_conv2d
+from .patch_conv import patch_conv2d
 
 __all__ = ["generate_weights", "generated_patch_conv2d", "meta_inverted_residual", "meta_patch_conv",
            "patch_conv2d"]

@@ -105,91 +105,10 @@ def _generate_weights_weight_grad_kernel(
              mask=r_out[:, None] & s_mask[None, :])
 
 
-def executed_work(name: str, launch) -> Optional[dict]:
-    """Multiply-accumulates a recorded launch executes, padded tiles included, and the useful ones
-    (the interface of ``bench/kernel_report.py``, see bench/README.md): the forward, BLOCK_N x
-    BLOCK_R x SPG per program; the signal gradient, BLOCK_N x BLOCK_S per generator row its
-    channel block reads; the weight gradient, a BLOCK_R x BLOCK_S x BLOCK_N dot per patch block in
-    the programs whose rows were generated (the others only write zeros). Useful: patches x
-    generated rows x SPG, for each of the three."""
-    a = launch.args
-    programs = launch.grid[0] * launch.grid[1] * launch.grid[2]
-    useful = a["N"] * a["count"] * a["SPG"]
-    if name == "_generate_weights_kernel":
-        macs = programs * a["BLOCK_N"] * a["BLOCK_R"] * a["SPG"]
-        return {"macs": macs, "tensor_core_macs": 0, "useful_macs": useful, "parts": {"generation": macs}}
-    start, end, rpg, spg = a["start"], a["start"] + a["count"], a["RPG"], a["SPG"]
-    if name == "_generate_weights_signal_grad_kernel":
-        rows = 0
-        for block in range(launch.grid[1]):
-            first = block * a["BLOCK_S"] // spg
-            last = min(block * a["BLOCK_S"] + a["BLOCK_S"] - 1, a["S"] - 1) // spg
-            rows += max(0, min(start + a["count"] - first * rpg, rpg) - max(start - last * rpg, 0))
-        macs = launch.grid[0] * rows * a["BLOCK_N"] * a["BLOCK_S"]
-        return {"macs": macs, "tensor_core_macs": 0, "useful_macs": useful, "parts": {"signal_grad": macs}}
-    if name == "_generate_weights_weight_grad_kernel":
-        row_blocks = -(-rpg // a["BLOCK_R"])
-        active = sum(1 for p in range(launch.grid[0])
-                     if max((p // row_blocks) * rpg + (p % row_blocks) * a["BLOCK_R"], start)
-                     < min((p // row_blocks) * rpg + min((p % row_blocks + 1) * a["BLOCK_R"], rpg), end))
-        macs = active * launch.grid[1] * -(-a["N"] // a["BLOCK_N"]) * a["BLOCK_N"] * a["BLOCK_R"] * a["BLOCK_S"]
-        tensor = macs if a["DOT_MODE"] in (0, 3) else 0
-        return {"macs": macs, "tensor_core_macs": tensor, "useful_macs": useful,
-                "parts": {"weight_grad": macs}}
-    return None
-
-
 def _shapes(signal: torch.Tensor, weight: torch.Tensor, groups: int):
     b, width, gh, gw = signal.shape
     rows, spg = weight.shape[:2]
     return b * gh * gw, gh * gw, width, spg, rows // groups
-
-
-def generate_weights(signal: torch.Tensor, weight: torch.Tensor, *, groups: int = 1, start: int = 0,
-                     count: Optional[int] = None) -> torch.Tensor:
-    """Triton ``hyperseg.ops.generate_weights``: rows ``start .. start + count`` of the grouped 1x1
-    convolution ``weight`` (R, S / groups, 1, 1) of ``signal`` (B, S, GH, GW), as (B, GH, GW, count).
-
-    The output has the signal's dtype (float32, float16, bfloat16 or float64); the weight may have
-    another. Inside an autocast region both are cast to its dtype first, as for ``F.conv2d``.
-    Differentiable in both, with Triton backward kernels (``GenerateWeightsFunction``), which
-    accumulate in float32 (float64 for float64).
-    """
-    if signal.dim() != 4:
-        raise ValueError(f"signal must have shape (B, S, GH, GW), got {tuple(signal.shape)}")
-    check_dtype(signal, float64=True)
-    if not weight.is_floating_point():
-        raise TypeError(f"generator weight must be a floating-point tensor, got {weight.dtype}")
-    if count is None:
-        count = (weight.shape[0] if weight.dim() else 0) - start
-    check_generator(signal, weight, 0, groups, start, count)
-    if weight.shape[1] * groups != signal.shape[1]:
-        raise ValueError(f"a generator of {groups} group(s) of {weight.shape[1]} channels reads "
-                         f"{weight.shape[1] * groups} signal channels, the signal has {signal.shape[1]}")
-    check_device(signal, weight)
-    signal, weight = autocast(signal, weight)
-    return GenerateWeightsFunction.apply(signal, weight, groups, start, count)
-
-
-class GenerateWeightsFunction(torch.autograd.Function):
-    """``generate_weights`` with its Triton backward. Saves the signal and the generator weight
-    (both small: one vector per patch, and the parameters)."""
-
-    @staticmethod
-    def forward(ctx, signal, weight, groups, start, count):
-        signal = signal.contiguous()
-        weight = weight.contiguous()
-        ctx.save_for_backward(signal, weight)
-        ctx.generation = (groups, start, count)
-        return torch.ops.hyperseg.generate_weights(signal, weight, groups, start, count)
-
-    @staticmethod
-    def backward(ctx, dout):
-        signal, weight = ctx.saved_tensors
-        need_signal, need_weight = ctx.needs_input_grad[:2]
-        dsig, dgen = torch.ops.hyperseg.generate_weights_backward(
-            dout, signal, weight, *ctx.generation, need_signal, need_weight)
-        return dsig if need_signal else None, dgen if need_weight else None, None, None, None
 
 
 # PyTorch custom ops (see the note in patch_conv.py): opaque to torch.compile, with fake
@@ -242,3 +161,84 @@ def _generate_weights_backward_fake(dout, signal, weight, groups, start, count, 
                                     weight_grad):
     return (torch.empty_like(signal) if signal_grad else signal.new_empty(0),
             torch.empty_like(weight) if weight_grad else signal.new_empty(0))
+
+
+class GenerateWeightsFunction(torch.autograd.Function):
+    """``generate_weights`` with its Triton backward. Saves the signal and the generator weight
+    (both small: one vector per patch, and the parameters)."""
+
+    @staticmethod
+    def forward(ctx, signal, weight, groups, start, count):
+        signal = signal.contiguous()
+        weight = weight.contiguous()
+        ctx.save_for_backward(signal, weight)
+        ctx.generation = (groups, start, count)
+        return torch.ops.hyperseg.generate_weights(signal, weight, groups, start, count)
+
+    @staticmethod
+    def backward(ctx, dout):
+        signal, weight = ctx.saved_tensors
+        need_signal, need_weight = ctx.needs_input_grad[:2]
+        dsig, dgen = torch.ops.hyperseg.generate_weights_backward(
+            dout, signal, weight, *ctx.generation, need_signal, need_weight)
+        return dsig if need_signal else None, dgen if need_weight else None, None, None, None
+
+
+def generate_weights(signal: torch.Tensor, weight: torch.Tensor, *, groups: int = 1, start: int = 0,
+                     count: Optional[int] = None) -> torch.Tensor:
+    """Triton ``hyperseg.ops.generate_weights``: rows ``start .. start + count`` of the grouped 1x1
+    convolution ``weight`` (R, S / groups, 1, 1) of ``signal`` (B, S, GH, GW), as (B, GH, GW, count).
+
+    The output has the signal's dtype (float32, float16, bfloat16 or float64); the weight may have
+    another. Inside an autocast region both are cast to its dtype first, as for ``F.conv2d``.
+    Differentiable in both, with Triton backward kernels (``GenerateWeightsFunction``), which
+    accumulate in float32 (float64 for float64).
+    """
+    if signal.dim() != 4:
+        raise ValueError(f"signal must have shape (B, S, GH, GW), got {tuple(signal.shape)}")
+    check_dtype(signal, float64=True)
+    if not weight.is_floating_point():
+        raise TypeError(f"generator weight must be a floating-point tensor, got {weight.dtype}")
+    if count is None:
+        count = (weight.shape[0] if weight.dim() else 0) - start
+    check_generator(signal, weight, 0, groups, start, count)
+    if weight.shape[1] * groups != signal.shape[1]:
+        raise ValueError(f"a generator of {groups} group(s) of {weight.shape[1]} channels reads "
+                         f"{weight.shape[1] * groups} signal channels, the signal has {signal.shape[1]}")
+    check_device(signal, weight)
+    signal, weight = autocast(signal, weight)
+    return GenerateWeightsFunction.apply(signal, weight, groups, start, count)
+
+
+def executed_work(name: str, launch) -> Optional[dict]:
+    """Multiply-accumulates a recorded launch executes, padded tiles included, and the useful ones
+    (the interface of ``bench/kernel_report.py``, see bench/README.md): the forward, BLOCK_N x
+    BLOCK_R x SPG per program; the signal gradient, BLOCK_N x BLOCK_S per generator row its
+    channel block reads; the weight gradient, a BLOCK_R x BLOCK_S x BLOCK_N dot per patch block in
+    the programs whose rows were generated (the others only write zeros). Useful: patches x
+    generated rows x SPG, for each of the three."""
+    a = launch.args
+    programs = launch.grid[0] * launch.grid[1] * launch.grid[2]
+    useful = a["N"] * a["count"] * a["SPG"]
+    if name == "_generate_weights_kernel":
+        macs = programs * a["BLOCK_N"] * a["BLOCK_R"] * a["SPG"]
+        return {"macs": macs, "tensor_core_macs": 0, "useful_macs": useful, "parts": {"generation": macs}}
+    start, end, rpg, spg = a["start"], a["start"] + a["count"], a["RPG"], a["SPG"]
+    if name == "_generate_weights_signal_grad_kernel":
+        rows = 0
+        for block in range(launch.grid[1]):
+            first = block * a["BLOCK_S"] // spg
+            last = min(block * a["BLOCK_S"] + a["BLOCK_S"] - 1, a["S"] - 1) // spg
+            rows += max(0, min(start + a["count"] - first * rpg, rpg) - max(start - last * rpg, 0))
+        macs = launch.grid[0] * rows * a["BLOCK_N"] * a["BLOCK_S"]
+        return {"macs": macs, "tensor_core_macs": 0, "useful_macs": useful, "parts": {"signal_grad": macs}}
+    if name == "_generate_weights_weight_grad_kernel":
+        row_blocks = -(-rpg // a["BLOCK_R"])
+        active = sum(1 for p in range(launch.grid[0])
+                     if max((p // row_blocks) * rpg + (p % row_blocks) * a["BLOCK_R"], start)
+                     < min((p // row_blocks) * rpg + min((p % row_blocks + 1) * a["BLOCK_R"], rpg), end))
+        macs = active * launch.grid[1] * -(-a["N"] // a["BLOCK_N"]) * a["BLOCK_N"] * a["BLOCK_R"] * a["BLOCK_S"]
+        tensor = macs if a["DOT_MODE"] in (0, 3) else 0
+        return {"macs": macs, "tensor_core_macs": tensor, "useful_macs": useful,
+                "parts": {"weight_grad": macs}}
+    return None

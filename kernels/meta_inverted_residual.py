@@ -20,6 +20,55 @@ from ..layout import (check_generated, check_generator, check_inverted_residual,
 
 
 @triton.jit
+def _expand_halo_to_scratch(yscr, wscr, x_base, h, h_mask, s1, t1, y0, x0, rows, H, W, HW,
+                            CIN: tl.constexpr, R: tl.constexpr, HALO_W: tl.constexpr,
+                            HALO_N: tl.constexpr, HALO_CAP: tl.constexpr, PAD_MODE: tl.constexpr,
+                            DOT_MODE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                            HALO_CHUNK: tl.constexpr):
+    # Step 1 of a hidden chunk: the 1x1 expand (rows h of the patch's expand weights in ``wscr``)
+    # of the band's ``rows`` rows plus the halo, whose top-left image pixel is (y0, x0); BN1
+    # (s1, t1) and ReLU6, stored row-major into the scratch tile ``yscr``, HALO_CHUNK pixels at a
+    # time. Each chunk is one dot per BLOCK_K input channels.
+    h_loc = tl.arange(0, BLOCK_H)
+    k_loc = tl.arange(0, BLOCK_K)
+    e_loc = tl.arange(0, HALO_CHUNK)
+    for e0 in range(0, HALO_N, HALO_CHUNK):
+        e = e0 + e_loc
+        ey, vy = border_index(y0 + e // HALO_W, H, PAD_MODE)
+        ex, vx = border_index(x0 + e % HALO_W, W, PAD_MODE)
+        e_mask = (e < (rows + 2 * R) * HALO_W) & vy & vx
+        pix = ey * W + ex
+        y = tl.zeros((BLOCK_H, HALO_CHUNK), dtype=tl.float32)
+        for c0 in range(0, CIN, BLOCK_K):
+            c = c0 + k_loc
+            c_mask = c < CIN
+            w1 = tl.load(wscr + h[:, None] * CIN + c[None, :],
+                         mask=h_mask[:, None] & c_mask[None, :], other=0.0)
+            xv = tl.load(x_base + c.to(tl.int64)[:, None] * HW + pix[None, :],
+                         mask=c_mask[:, None] & e_mask[None, :], other=0.0)
+            y = dot_acc(w1, xv, y, DOT_MODE)
+        y = tl.minimum(tl.maximum(y * s1 + t1, 0.0), 6.0)
+        tl.store(yscr + h_loc[:, None] * HALO_CAP + e[None, :], y)
+
+
+@triton.jit
+def _depthwise_from_scratch(yscr, w_dw, h, h_mask, pr, pc, p_mask, K: tl.constexpr,
+                            HALO_W: tl.constexpr, HALO_CAP: tl.constexpr, BLOCK_H: tl.constexpr,
+                            BLOCK_P: tl.constexpr):
+    # Step 2: the k x k depthwise of the band from the scratch tile; tap t of output pixel
+    # (pr, pc) is halo pixel (pr + t // k, pc + t % k). ``w_dw``: the patch's depthwise weights.
+    h_loc = tl.arange(0, BLOCK_H)
+    z = tl.zeros((BLOCK_H, BLOCK_P), dtype=tl.float32)
+    for t in range(K * K):
+        w2 = tl.load(w_dw + h * (K * K) + t, mask=h_mask, other=0.0)
+        tap = (pr + t // K) * HALO_W + pc + t % K
+        yv = tl.load(yscr + h_loc[:, None] * HALO_CAP + tap[None, :], mask=p_mask[None, :],
+                     other=0.0)
+        z += w2[:, None] * yv
+    return z
+
+
+@triton.jit
 def _meta_inverted_residual_kernel(
         x_ptr, out_ptr, sig_ptr, gen_ptr, wscr_ptr, yscr_ptr,
         s1_ptr, t1_ptr, s2_ptr, t2_ptr, s3_ptr, t3_ptr,
@@ -60,10 +109,8 @@ def _meta_inverted_residual_kernel(
     yscr = yscr_ptr + pid.to(tl.int64) * (BLOCK_H * HALO_CAP)
 
     h_loc = tl.arange(0, BLOCK_H)
-    k_loc = tl.arange(0, BLOCK_K)
     o = tl.arange(0, BLOCK_CO)
     o_mask = o < COUT
-    e_loc = tl.arange(0, HALO_CHUNK)
     p = tl.arange(0, BLOCK_P)
     pr = p // BLOCK_W
     pc = p % BLOCK_W
@@ -80,32 +127,13 @@ def _meta_inverted_residual_kernel(
             t1 = tl.load(t1_ptr + h, mask=h_mask, other=0.0)[:, None]
             # 1. expand the band and its halo (input pixels of the neighbours / the padded border,
             #    with this patch's weights), BN1, ReLU6 -> scratch tile
-            for e0 in range(0, HALO_N, HALO_CHUNK):
-                e = e0 + e_loc
-                ey, vy = border_index(gi * PH + band0 - R + e // HALO_W, H, PAD_MODE)
-                ex, vx = border_index(gj * PW - R + e % HALO_W, W, PAD_MODE)
-                e_mask = (e < (rows + 2 * R) * HALO_W) & vy & vx
-                pix = ey * W + ex
-                y = tl.zeros((BLOCK_H, HALO_CHUNK), dtype=tl.float32)
-                for c0 in range(0, CIN, BLOCK_K):
-                    c = c0 + k_loc
-                    c_mask = c < CIN
-                    w1 = tl.load(wscr + h[:, None] * CIN + c[None, :],
-                                 mask=h_mask[:, None] & c_mask[None, :], other=0.0)
-                    xv = tl.load(x_base + c.to(tl.int64)[:, None] * HW + pix[None, :],
-                                 mask=c_mask[:, None] & e_mask[None, :], other=0.0)
-                    y = dot_acc(w1, xv, y, DOT_MODE)
-                y = tl.minimum(tl.maximum(y * s1 + t1, 0.0), 6.0)
-                tl.store(yscr + h_loc[:, None] * HALO_CAP + e[None, :], y)
+            _expand_halo_to_scratch(yscr, wscr, x_base, h, h_mask, s1, t1, gi * PH + band0 - R,
+                                    gj * PW - R, rows, H, W, HW, CIN, R, HALO_W, HALO_N, HALO_CAP,
+                                    PAD_MODE, DOT_MODE, BLOCK_H, BLOCK_K, HALO_CHUNK)
             tl.debug_barrier()
-            # 2. depthwise k x k: tap t of output pixel (pr, pc) is halo pixel (pr + dy, pc + dx)
-            z = tl.zeros((BLOCK_H, BLOCK_P), dtype=tl.float32)
-            for t in range(KK):
-                w2 = tl.load(wscr + DW0 + h * KK + t, mask=h_mask, other=0.0)
-                tap = (pr + t // K) * HALO_W + pc + t % K
-                yv = tl.load(yscr + h_loc[:, None] * HALO_CAP + tap[None, :],
-                             mask=p_mask[None, :], other=0.0)
-                z += w2[:, None] * yv
+            # 2. depthwise k x k from the scratch tile, BN2, ReLU6
+            z = _depthwise_from_scratch(yscr, wscr + DW0, h, h_mask, pr, pc, p_mask, K, HALO_W,
+                                        HALO_CAP, BLOCK_H, BLOCK_P)
             s2 = tl.load(s2_ptr + h, mask=h_mask, other=0.0)[:, None]
             t2 = tl.load(t2_ptr + h, mask=h_mask, other=0.0)[:, None]
             z = tl.minimum(tl.maximum(z * s2 + t2, 0.0), 6.0)
@@ -168,31 +196,6 @@ def scratch_sizes(cfg: dict, count: int, patch: Tuple[int, int], kernel_size: in
     return count, cfg["BLOCK_H"] * cap
 
 
-def meta_inverted_residual(x: torch.Tensor, signal: torch.Tensor, generator_weight: torch.Tensor, *,
-                           hidden: int, out_channels: int, signal_offset: int = 0,
-                           generator_groups: int = 1, row_start: int = 0, kernel_size: int = 3,
-                           norm1: Tuple[torch.Tensor, torch.Tensor],
-                           norm2: Tuple[torch.Tensor, torch.Tensor],
-                           norm3: Tuple[torch.Tensor, torch.Tensor], residual: bool = False,
-                           padding_mode: str = "reflect") -> torch.Tensor:
-    """Fused v1 ``MetaInvertedResidual`` (eval mode) in one launch; the semantics of
-    ``hyperseg.ops.meta_inverted_residual``. ``norm*`` are (scale, shift) pairs of folded BN.
-    float32 inputs use tf32 tensor cores when ``torch.backends.cudnn.allow_tf32`` is on."""
-    cin = check_generated(x, signal, out_channels, 1)
-    check_inverted_residual(cin, hidden, out_channels, residual)
-    check_common(x, tuple(signal.shape[2:4]), kernel_size, 1, padding_mode)
-    count = sum(inverted_residual_sizes(cin, hidden, out_channels, kernel_size))
-    check_generator(signal, generator_weight, signal_offset, generator_groups, row_start, count)
-    for name, (n, size) in {"norm1": (norm1, hidden), "norm2": (norm2, hidden),
-                            "norm3": (norm3, out_channels)}.items():
-        if len(n) != 2 or any(v.shape != (size,) for v in n):
-            raise ValueError(f"{name} must be a (scale, shift) pair of shape ({size},)")
-    check_device(x, signal, generator_weight, *norm1, *norm2, *norm3)
-    return torch.ops.hyperseg.meta_inverted_residual(
-        x, signal, generator_weight, hidden, out_channels, signal_offset, generator_groups,
-        row_start, kernel_size, *norm1, *norm2, *norm3, residual, padding_mode)
-
-
 # The PyTorch custom op behind ``meta_inverted_residual``: one opaque node for torch.compile, with
 # a fake implementation; it takes validated arguments only.
 @torch.library.custom_op("hyperseg::meta_inverted_residual", mutates_args=())
@@ -229,6 +232,31 @@ def _meta_inverted_residual_op(
 @_meta_inverted_residual_op.register_fake
 def _meta_inverted_residual_fake(x, signal, generator_weight, hidden, out_channels, *args):
     return output_like(x, out_channels)
+
+
+def meta_inverted_residual(x: torch.Tensor, signal: torch.Tensor, generator_weight: torch.Tensor, *,
+                           hidden: int, out_channels: int, signal_offset: int = 0,
+                           generator_groups: int = 1, row_start: int = 0, kernel_size: int = 3,
+                           norm1: Tuple[torch.Tensor, torch.Tensor],
+                           norm2: Tuple[torch.Tensor, torch.Tensor],
+                           norm3: Tuple[torch.Tensor, torch.Tensor], residual: bool = False,
+                           padding_mode: str = "reflect") -> torch.Tensor:
+    """Fused v1 ``MetaInvertedResidual`` (eval mode) in one launch; the semantics of
+    ``hyperseg.ops.meta_inverted_residual``. ``norm*`` are (scale, shift) pairs of folded BN.
+    float32 inputs use tf32 tensor cores when ``torch.backends.cudnn.allow_tf32`` is on."""
+    cin = check_generated(x, signal, out_channels, 1)
+    check_inverted_residual(cin, hidden, out_channels, residual)
+    check_common(x, tuple(signal.shape[2:4]), kernel_size, 1, padding_mode)
+    count = sum(inverted_residual_sizes(cin, hidden, out_channels, kernel_size))
+    check_generator(signal, generator_weight, signal_offset, generator_groups, row_start, count)
+    for name, (n, size) in {"norm1": (norm1, hidden), "norm2": (norm2, hidden),
+                            "norm3": (norm3, out_channels)}.items():
+        if len(n) != 2 or any(v.shape != (size,) for v in n):
+            raise ValueError(f"{name} must be a (scale, shift) pair of shape ({size},)")
+    check_device(x, signal, generator_weight, *norm1, *norm2, *norm3)
+    return torch.ops.hyperseg.meta_inverted_residual(
+        x, signal, generator_weight, hidden, out_channels, signal_offset, generator_groups,
+        row_start, kernel_size, *norm1, *norm2, *norm3, residual, padding_mode)
 
 
 def executed_work(name: str, launch) -> Optional[dict]:

@@ -200,6 +200,8 @@ def _outer_products_on_8_warps(configs, args):
 _tuned_many_kernel = autotuned(_meta_conv_many_patches_kernel,
                                ("CIN", "COUT", "PH", "PW", "SPG", "DOT_MODE", "BLOCK_O"),
                                prune=_outer_products_on_8_warps)
+
+
 def _eight_warps_for_ieee_dots(configs, args):
     """IEEE float32 dots hold their operands in registers: 8 warps, so that 4 do not fill an SM."""
     return [c for c in configs if c.num_warps >= 8] if args["DOT_MODE"] == 1 else configs
@@ -256,28 +258,6 @@ def patch_plan(cin: int, cout: int, groups: int, patch, depthwise: bool) -> dict
     return dict(BAND=band, BLOCK_W=block_w, BLOCK_CO=block_co, BLOCK_K=16, BLOCK_R=64)
 
 
-def meta_patch_conv(x: torch.Tensor, signal: torch.Tensor, generator_weight: torch.Tensor, *,
-                    out_channels: int, signal_offset: int = 0, generator_groups: int = 1,
-                    row_start: int = 0, groups: int = 1, kernel_size: int = 1,
-                    scale: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None,
-                    activation: Optional[str] = None, padding_mode: str = "reflect") -> torch.Tensor:
-    """Fused meta block in one launch: per-patch weight generation + patch-wise convolution +
-    ``* scale + shift`` + activation. Semantics of ``hyperseg.ops.meta_patch_conv``. Inference
-    only (no backward); ``generated_patch_conv2d`` is the differentiable counterpart. float32
-    inputs use tf32 tensor cores when ``torch.backends.cudnn.allow_tf32`` is on."""
-    check_generated_op(x, signal, generator_weight, out_channels=out_channels,
-                       signal_offset=signal_offset, generator_groups=generator_groups,
-                       row_start=row_start, groups=groups, kernel_size=kernel_size,
-                       padding_mode=padding_mode)
-    check_activation(activation)
-    if (scale is None) != (shift is None):
-        raise ValueError("give both scale and shift, or neither")
-    check_device(x, signal, generator_weight, scale, shift)
-    return torch.ops.hyperseg.meta_patch_conv(
-        x, signal, generator_weight, out_channels, signal_offset, generator_groups, row_start,
-        groups, kernel_size, scale, shift, activation, padding_mode)
-
-
 @torch.library.custom_op("hyperseg::meta_patch_conv", mutates_args=())
 def _meta_patch_conv_op(x: torch.Tensor, signal: torch.Tensor, generator_weight: torch.Tensor,
                         out_channels: int, signal_offset: int, generator_groups: int,
@@ -320,6 +300,28 @@ def _meta_patch_conv_op(x: torch.Tensor, signal: torch.Tensor, generator_weight:
 @_meta_patch_conv_op.register_fake
 def _meta_patch_conv_fake(x, signal, generator_weight, out_channels, *args):
     return output_like(x, out_channels)
+
+
+def meta_patch_conv(x: torch.Tensor, signal: torch.Tensor, generator_weight: torch.Tensor, *,
+                    out_channels: int, signal_offset: int = 0, generator_groups: int = 1,
+                    row_start: int = 0, groups: int = 1, kernel_size: int = 1,
+                    scale: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None,
+                    activation: Optional[str] = None, padding_mode: str = "reflect") -> torch.Tensor:
+    """Fused meta block in one launch: per-patch weight generation + patch-wise convolution +
+    ``* scale + shift`` + activation. Semantics of ``hyperseg.ops.meta_patch_conv``. Inference
+    only (no backward); ``generated_patch_conv2d`` is the differentiable counterpart. float32
+    inputs use tf32 tensor cores when ``torch.backends.cudnn.allow_tf32`` is on."""
+    check_generated_op(x, signal, generator_weight, out_channels=out_channels,
+                       signal_offset=signal_offset, generator_groups=generator_groups,
+                       row_start=row_start, groups=groups, kernel_size=kernel_size,
+                       padding_mode=padding_mode)
+    check_activation(activation)
+    if (scale is None) != (shift is None):
+        raise ValueError("give both scale and shift, or neither")
+    check_device(x, signal, generator_weight, scale, shift)
+    return torch.ops.hyperseg.meta_patch_conv(
+        x, signal, generator_weight, out_channels, signal_offset, generator_groups, row_start,
+        groups, kernel_size, scale, shift, activation, padding_mode)
 
 
 def _pad(n: int, m: int) -> int:

@@ -1,11 +1,11 @@
-"""Patch-wise dynamic convolution with given per-patch kernels, and its training counterpart with
-generated kernels.
+"""Patch-wise dynamic convolution with given per-patch kernels, differentiable through Triton
+backward kernels. Reference semantics: ``hyperseg.ops.patch_conv2d``.
 
-``patch_conv2d`` is the generic op (weights given, differentiable through Triton backward
-kernels); ``generated_patch_conv2d`` generates a sub-layer's kernels from the context signal
-(``generate_weights``) and applies them: the op the meta blocks train on. The fused inference
-block is ``meta_patch_conv`` (meta_patch_conv.py). Reference semantics: the functions of the same
-names in ``hyperseg.ops``.
+In order: the forward kernel and its launcher, the backward kernels and their launcher, the custom
+ops (with fake implementations), the autograd Function, the public ``patch_conv2d``, and the
+executed-work model used by ``bench/kernel_report.py``. Its training counterpart with generated
+kernels is ``generated_patch_conv2d`` (generated_patch_conv.py); the fused inference block is
+``meta_patch_conv`` (meta_patch_conv.py).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ._common import (PADDING_CODES, accumulator, autocast, block, border_index, channel_block,
-                      check_common, check_device, check_dtype, check_generated_op, dot_acc,
+                      check_common, check_device, dot_acc,
                       dot_mode, mirror_slots, mirror_source, output_like, patch_pixels, pixel_block)
 from ..layout import check_patch_weight
 
@@ -108,64 +108,59 @@ def _launch(x, out, weight, bias, groups, padding_mode):
     return out
 
 
-def _input_grad_neighbours(a, block_p: int, pixel_blocks: int) -> int:
-    """Sum over a patch's pixel blocks and the taps of the neighbouring patches whose kernels the
-    dense input-gradient program visits (one dot each): the patches the tap's source pixels
-    fall in (clipping at the image border ignored: an upper bound)."""
-    ph, pw = a["H"] // a["GH"], a["W"] // a["GW"]
-    k, r = a["K"], a["K"] // 2
-    visits = 0
-    for block in range(pixel_blocks):
-        y_first = (block * block_p) // pw
-        y_last = min(ph - 1, (block * block_p + block_p - 1) // pw)
-        for t in range(k * k):
-            dy, dx = t // k - r, t % k - r
-            rows = (y_last - dy) // ph - (y_first - dy) // ph + 1
-            cols = (pw - 1 - dx) // pw - (0 - dx) // pw + 1
-            visits += rows * cols
-    return visits
-
-
-def executed_work(name: str, launch) -> Optional[dict]:
-    """Multiply-adds a recorded launch executes, padded tiles included, and the useful ones (the
-    interface of ``bench/kernel_report.py``). Forward: dense, a BLOCK_CO x BLOCK_CI x BLOCK_P dot
-    per input-channel block and tap; depthwise, K*K multiply-adds on the (BLOCK_CO x BLOCK_P)
-    tile. Input gradient: per tap, a BLOCK_CI x BLOCK_CO x BLOCK_P dot per output-channel block and
-    neighbouring patch visited (the image-border mirror slots left out); depthwise BLOCK_CI x
-    BLOCK_P. Weight gradient: per tap and pixel block, a BLOCK_CO x BLOCK_CI x BLOCK_P dot
-    (depthwise BLOCK_CO x BLOCK_P). Useful, for all three: B x H x W x COUT x CIN_G x K*K."""
-    a = launch.args
-    programs = launch.grid[0] * launch.grid[1] * launch.grid[2]
-    kk = a["K"] * a["K"]
-    useful = launch.grid[0] // (a["GH"] * a["GW"]) * a["H"] * a["W"] * a["COUT"] * a["CIN_G"] * kk
-    tensor_cores = a["DOT_MODE"] in (0, 3) and not a["DEPTHWISE"]
-    if name == "_patch_conv_kernel":
-        if a["DEPTHWISE"]:
-            conv = kk * a["BLOCK_CO"] * a["BLOCK_P"]
-        else:
-            conv = triton.cdiv(a["CIN_G"], a["BLOCK_CI"]) * kk * a["BLOCK_CO"] * a["BLOCK_CI"] * a["BLOCK_P"]
-        macs, part = programs * conv, "conv"
-    elif name == "_patch_conv_input_grad_kernel":
-        if a["DEPTHWISE"]:
-            macs = programs * kk * a["BLOCK_CI"] * a["BLOCK_P"]
-        else:
-            visits = _input_grad_neighbours(a, a["BLOCK_P"], launch.grid[2])
-            macs = (launch.grid[0] * launch.grid[1] * visits * triton.cdiv(a["COUT_G"], a["BLOCK_CO"])
-                    * a["BLOCK_CI"] * a["BLOCK_CO"] * a["BLOCK_P"])
-        part = "input_grad"
-    elif name == "_patch_conv_weight_grad_kernel":
-        pixel_blocks = triton.cdiv((a["H"] // a["GH"]) * (a["W"] // a["GW"]), a["BLOCK_P"])
-        tile = a["BLOCK_CO"] * a["BLOCK_P"] * (1 if a["DEPTHWISE"] else a["BLOCK_CI"])
-        macs, part = programs * kk * pixel_blocks * tile, "weight_grad"
-    else:
-        return None
-    return {"macs": macs, "tensor_core_macs": macs if tensor_cores else 0, "useful_macs": useful,
-            "parts": {part: macs}}
-
-
 # ------------------------------------------------------------------------------------------------
 # Backward: the gradients of x, of the per-patch kernels and of the per-patch bias
 # ------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _input_grad_tap(acc, t, vy, vx, ok, vy_lo, vy_hi, vx_lo, vx_hi, b, g, ci, ci_local, ci_mask,
+                    w_ptr, dout_base, H, W, GH, GW, PH, PW, COUT, CIN_G, COUT_G, K: tl.constexpr,
+                    DEPTHWISE: tl.constexpr, DOT_MODE: tl.constexpr, ACC: tl.constexpr,
+                    BLOCK_CO: tl.constexpr):
+    # Tap t of the input gradient: add to ``acc`` (input channels x pixels) the contribution of
+    # the output pixels p = v - d_t that read the block's pixels (virtual indices vy, vx; ``ok``:
+    # valid ones, bounding box vy_lo..vy_hi x vx_lo..vx_hi) through tap t.
+    R: tl.constexpr = K // 2
+    KK: tl.constexpr = K * K
+    HW = H * W
+    py = vy - (t // K - R)
+    px = vx - (t % K - R)
+    pm = ok & (py >= 0) & (py < H) & (px >= 0) & (px < W)
+    py = tl.minimum(tl.maximum(py, 0), H - 1)
+    px = tl.minimum(tl.maximum(px, 0), W - 1)
+    pix = py * W + px
+    if DEPTHWISE:
+        # one weight per (channel, pixel): gather it from p's patch
+        w_off = ((b * GH + py // PH) * GW + px // PW).to(tl.int64) * COUT * KK
+        m2 = ci_mask[:, None] & pm[None, :]
+        wv = tl.load(w_ptr + w_off[None, :] + (ci * KK + t)[:, None], mask=m2, other=0.0)
+        gv = tl.load(dout_base + ci.to(tl.int64)[:, None] * HW + pix[None, :], mask=m2, other=0.0)
+        acc += wv.to(ACC) * gv.to(ACC)
+    else:
+        # the pixels whose p lies in one patch (nr, nc) share its kernel: one dot
+        # W[nr, nc, :, :, t]^T @ dout per such patch (its own patch inside, up to a few
+        # neighbours at patch edges) and output-channel block
+        pr = py // PH
+        pc = px // PW
+        r_lo = tl.maximum(vy_lo - (t // K - R), 0) // PH
+        r_hi = tl.minimum(vy_hi - (t // K - R), H - 1) // PH
+        c_lo = tl.maximum(vx_lo - (t % K - R), 0) // PW
+        c_hi = tl.minimum(vx_hi - (t % K - R), W - 1) // PW
+        for nr in range(r_lo, r_hi + 1):
+            for nc in range(c_lo, c_hi + 1):
+                nm = pm & (pr == nr) & (pc == nc)
+                w_base = w_ptr + ((b * GH + nr) * GW + nc).to(tl.int64) * COUT * CIN_G * KK
+                for co0 in range(0, COUT_G, BLOCK_CO):
+                    co_local = co0 + tl.arange(0, BLOCK_CO)
+                    co_mask = co_local < COUT_G
+                    co = g * COUT_G + co_local
+                    wt = tl.load(w_base + (co[None, :] * CIN_G + ci_local[:, None]) * KK + t,
+                                 mask=ci_mask[:, None] & co_mask[None, :], other=0.0)
+                    gv = tl.load(dout_base + co.to(tl.int64)[:, None] * HW + pix[None, :],
+                                 mask=co_mask[:, None] & nm[None, :], other=0.0)
+                    acc = dot_acc(wt, gv, acc, DOT_MODE)
+    return acc
+
 
 @triton.jit
 def _patch_conv_input_grad_kernel(
@@ -191,7 +186,9 @@ def _patch_conv_input_grad_kernel(
     PW = W // GW
     dout_base = dout_ptr + b.to(tl.int64) * COUT * HW
     if DEPTHWISE:
+        g = 0
         ci = pid_ci * BLOCK_CI + tl.arange(0, BLOCK_CI)
+        ci_local = ci
         ci_mask = ci < CIN
     else:
         n_ci_blocks = tl.cdiv(CIN_G, BLOCK_CI)
@@ -222,43 +219,9 @@ def _patch_conv_input_grad_kernel(
                 vy_lo = vy_hi + 1
         if vy_lo <= vy_hi:
             for t in range(KK):
-                py = vy - (t // K - R)
-                px = vx - (t % K - R)
-                pm = ok & (py >= 0) & (py < H) & (px >= 0) & (px < W)
-                py = tl.minimum(tl.maximum(py, 0), H - 1)
-                px = tl.minimum(tl.maximum(px, 0), W - 1)
-                pix = py * W + px
-                if DEPTHWISE:
-                    # one weight per (channel, pixel): gather it from p's patch
-                    w_off = ((b * GH + py // PH) * GW + px // PW).to(tl.int64) * COUT * KK
-                    m2 = ci_mask[:, None] & pm[None, :]
-                    wv = tl.load(w_ptr + w_off[None, :] + (ci * KK + t)[:, None], mask=m2, other=0.0)
-                    gv = tl.load(dout_base + ci.to(tl.int64)[:, None] * HW + pix[None, :],
-                                 mask=m2, other=0.0)
-                    acc += wv.to(ACC) * gv.to(ACC)
-                else:
-                    # the pixels whose p lies in one patch (nr, nc) share its kernel: one dot
-                    # W[nr, nc, :, :, t]^T @ dout per such patch (its own patch inside, up to a
-                    # few neighbours at patch edges) and output-channel block
-                    pr = py // PH
-                    pc = px // PW
-                    r_lo = tl.maximum(vy_lo - (t // K - R), 0) // PH
-                    r_hi = tl.minimum(vy_hi - (t // K - R), H - 1) // PH
-                    c_lo = tl.maximum(vx_lo - (t % K - R), 0) // PW
-                    c_hi = tl.minimum(vx_hi - (t % K - R), W - 1) // PW
-                    for nr in range(r_lo, r_hi + 1):
-                        for nc in range(c_lo, c_hi + 1):
-                            nm = pm & (pr == nr) & (pc == nc)
-                            w_base = w_ptr + ((b * GH + nr) * GW + nc).to(tl.int64) * COUT * CIN_G * KK
-                            for co0 in range(0, COUT_G, BLOCK_CO):
-                                co_local = co0 + tl.arange(0, BLOCK_CO)
-                                co_mask = co_local < COUT_G
-                                co = g * COUT_G + co_local
-                                wt = tl.load(w_base + (co[None, :] * CIN_G + ci_local[:, None]) * KK + t,
-                                             mask=ci_mask[:, None] & co_mask[None, :], other=0.0)
-                                gv = tl.load(dout_base + co.to(tl.int64)[:, None] * HW + pix[None, :],
-                                             mask=co_mask[:, None] & nm[None, :], other=0.0)
-                                acc = dot_acc(wt, gv, acc, DOT_MODE)
+                acc = _input_grad_tap(acc, t, vy, vx, ok, vy_lo, vy_hi, vx_lo, vx_hi, b, g, ci,
+                                      ci_local, ci_mask, w_ptr, dout_base, H, W, GH, GW, PH, PW,
+                                      COUT, CIN_G, COUT_G, K, DEPTHWISE, DOT_MODE, ACC, BLOCK_CO)
     dx_off = b.to(tl.int64) * CIN * HW + ci.to(tl.int64)[:, None] * HW + (qy * W + qx)[None, :]
     tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=ci_mask[:, None] & q_mask[None, :])
 
@@ -367,62 +330,12 @@ def _launch_backward(dout, x, weight, *, dx, dw, db, groups, padding_mode):
             num_warps=4, **common)
 
 
-def patch_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
-                 padding_mode: str = "reflect", groups: int = 1) -> torch.Tensor:
-    """Triton patch-wise dynamic convolution; the semantics of ``hyperseg.ops.patch_conv2d``.
-
-    x (B, Cin, H, W); weight (B, GH, GW, Cout, Cin // groups, k, k) with k in {1, 3, 5};
-    bias (B, GH, GW, Cout) or None. Non-contiguous inputs are copied to contiguous ones.
-    float32, float16, bfloat16 or float64 (for gradcheck); the output has x's dtype (the weights
-    may have another). Inside an autocast region the inputs are cast to its dtype first, as for
-    ``F.conv2d``. Differentiable in x, weight and bias, with Triton backward kernels
-    (``PatchConv2dFunction``), which accumulate in float32 (float64 for float64).
-    """
-    if weight.dim() != 7:
-        raise ValueError(f"weight must have shape (B, GH, GW, Cout, Cin/groups, k, k), got {tuple(weight.shape)}")
-    check_common(x, weight.shape[1:3], weight.shape[-2], groups, padding_mode, float64=True)
-    check_patch_weight(x, weight, bias, groups)
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    check_device(x, weight, bias)
-    x, weight, bias = autocast(x, weight, bias)
-    return PatchConv2dFunction.apply(x, weight, bias, padding_mode, groups)
-
-
-class PatchConv2dFunction(torch.autograd.Function):
-    """``patch_conv2d`` with its Triton backward: the forward saves x and the per-patch kernels
-    (the only tensors the gradients need); the backward launches the input-gradient and the
-    kernel/bias-gradient kernels, each only when its gradient is needed. Both kernels gather
-    (no atomics), so gradients are bitwise reproducible."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, padding_mode, groups):
-        x = x.contiguous()
-        weight = weight.contiguous()
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.padding_mode = padding_mode
-        ctx.groups = groups
-        return torch.ops.hyperseg.patch_conv2d(x, weight, bias, padding_mode, groups)
-
-    @staticmethod
-    def backward(ctx, dout):
-        x, weight = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        need_b = need_b and ctx.has_bias
-        dx, dw, db = torch.ops.hyperseg.patch_conv2d_backward(
-            dout, x, weight, need_x, need_w or need_b, need_b, ctx.padding_mode, ctx.groups)
-        return (dx if need_x else None, dw if need_w else None,
-                db.to(ctx.bias_dtype) if need_b else None, None, None)
-
-
 # ------------------------------------------------------------------------------------------------
-# PyTorch custom ops. The public functions above validate their arguments and call these, so that
-# torch.compile sees each launch as one opaque op (hyperseg::patch_conv2d, hyperseg::meta_patch_conv)
-# whose fake implementation gives the output's shape, dtype and device without running a kernel:
-# no graph break. The ops take validated arguments only.
+# PyTorch custom ops. The public functions validate their arguments and call these (through the
+# autograd Functions), so that torch.compile sees each launch as one opaque op
+# (hyperseg::patch_conv2d, hyperseg::meta_patch_conv, ...) whose fake implementation gives the
+# output's shape, dtype and device without running a kernel: no graph break. The ops take
+# validated arguments only.
 # ------------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("hyperseg::patch_conv2d", mutates_args=())
@@ -464,68 +377,107 @@ def _patch_conv2d_backward_fake(dout, x, weight, input_grad, weight_grad, bias_g
             if bias_grad else x.new_empty(0))
 
 
-def generated_patch_conv2d(x: torch.Tensor, signal: torch.Tensor, generator_weight: torch.Tensor, *,
-                           out_channels: int, signal_offset: int = 0, generator_groups: int = 1,
-                           row_start: int = 0, groups: int = 1, kernel_size: int = 1,
-                           padding_mode: str = "reflect") -> torch.Tensor:
-    """Patch-wise convolution with kernels generated from the signal, differentiable in x, the
-    signal and the generator weight: the training op of the meta blocks. Semantics of
-    ``hyperseg.ops.meta_patch_conv`` without scale, shift and activation (BatchNorm in train mode
-    needs the batch statistics of the convolution's output).
-
-    The per-patch kernels are generated (``generate_weights``) for the forward pass and dropped;
-    the backward pass generates them again rather than keeping them alive between the passes, then
-    runs the ``patch_conv2d`` backward kernels and the generator's backward kernels.
-    """
-    check_generated_op(x, signal, generator_weight, out_channels=out_channels,
-                       signal_offset=signal_offset, generator_groups=generator_groups,
-                       row_start=row_start, groups=groups, kernel_size=kernel_size,
-                       padding_mode=padding_mode, float64=True)
-    check_dtype(signal, float64=True)
-    check_device(x, signal, generator_weight)
-    width = generator_weight.shape[1] * generator_groups
-    x, signal, generator_weight = autocast(x, signal[:, signal_offset:signal_offset + width],
-                                           generator_weight)
-    return GeneratedPatchConv2dFunction.apply(x, signal, generator_weight, out_channels,
-                                              generator_groups, row_start, groups, kernel_size,
-                                              padding_mode)
-
-
-class GeneratedPatchConv2dFunction(torch.autograd.Function):
-    """``generated_patch_conv2d`` on the signal slice its generator reads: saves x, the signal
-    slice and the generator weight; recomputes the per-patch kernels in the backward."""
+class PatchConv2dFunction(torch.autograd.Function):
+    """``patch_conv2d`` with its Triton backward: the forward saves x and the per-patch kernels
+    (the only tensors the gradients need); the backward launches the input-gradient and the
+    kernel/bias-gradient kernels, each only when its gradient is needed. Both kernels gather
+    (no atomics), so gradients are bitwise reproducible."""
 
     @staticmethod
-    def _kernels(x, signal, weight, out_channels, generator_groups, row_start, groups, kernel_size):
-        """The per-patch kernels, (B, GH, GW, Cout, Cin / groups, k, k)."""
-        b, cin = x.shape[:2]
-        count = out_channels * (cin // groups) * kernel_size * kernel_size
-        params = torch.ops.hyperseg.generate_weights(signal, weight, generator_groups, row_start, count)
-        return params.view(b, *signal.shape[2:4], out_channels, cin // groups, kernel_size, kernel_size)
-
-    @staticmethod
-    def forward(ctx, x, signal, weight, out_channels, generator_groups, row_start, groups,
-                kernel_size, padding_mode):
-        x, signal, weight = x.contiguous(), signal.contiguous(), weight.contiguous()
-        ctx.save_for_backward(x, signal, weight)
-        ctx.config = (out_channels, generator_groups, row_start, groups, kernel_size, padding_mode)
-        kernels = GeneratedPatchConv2dFunction._kernels(x, signal, weight, *ctx.config[:5])
-        return torch.ops.hyperseg.patch_conv2d(x, kernels, None, padding_mode, groups)
+    def forward(ctx, x, weight, bias, padding_mode, groups):
+        x = x.contiguous()
+        weight = weight.contiguous()
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.padding_mode = padding_mode
+        ctx.groups = groups
+        return torch.ops.hyperseg.patch_conv2d(x, weight, bias, padding_mode, groups)
 
     @staticmethod
     def backward(ctx, dout):
-        x, signal, weight = ctx.saved_tensors
-        out_channels, generator_groups, row_start, groups, kernel_size, padding_mode = ctx.config
-        need_x, need_signal, need_weight = ctx.needs_input_grad[:3]
-        kernels = GeneratedPatchConv2dFunction._kernels(x, signal, weight, *ctx.config[:5])
-        need_kernels = need_signal or need_weight
-        dx, dkernels, _ = torch.ops.hyperseg.patch_conv2d_backward(
-            dout, x, kernels, need_x, need_kernels, False, padding_mode, groups)
-        dsignal = dweight = None
-        if need_kernels:
-            dparams = dkernels.flatten(3)                      # (B, GH, GW, rows generated)
-            dsignal, dweight = torch.ops.hyperseg.generate_weights_backward(
-                dparams, signal, weight, generator_groups, row_start, dparams.shape[3],
-                need_signal, need_weight)
-        return (dx if need_x else None, dsignal if need_signal else None,
-                dweight if need_weight else None, None, None, None, None, None, None)
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_b = need_b and ctx.has_bias
+        dx, dw, db = torch.ops.hyperseg.patch_conv2d_backward(
+            dout, x, weight, need_x, need_w or need_b, need_b, ctx.padding_mode, ctx.groups)
+        return (dx if need_x else None, dw if need_w else None,
+                db.to(ctx.bias_dtype) if need_b else None, None, None)
+
+
+def patch_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+                 padding_mode: str = "reflect", groups: int = 1) -> torch.Tensor:
+    """Triton patch-wise dynamic convolution; the semantics of ``hyperseg.ops.patch_conv2d``.
+
+    x (B, Cin, H, W); weight (B, GH, GW, Cout, Cin // groups, k, k) with k in {1, 3, 5};
+    bias (B, GH, GW, Cout) or None. Non-contiguous inputs are copied to contiguous ones.
+    float32, float16, bfloat16 or float64 (for gradcheck); the output has x's dtype (the weights
+    may have another). Inside an autocast region the inputs are cast to its dtype first, as for
+    ``F.conv2d``. Differentiable in x, weight and bias, with Triton backward kernels
+    (``PatchConv2dFunction``), which accumulate in float32 (float64 for float64).
+    """
+    if weight.dim() != 7:
+        raise ValueError(f"weight must have shape (B, GH, GW, Cout, Cin/groups, k, k), got {tuple(weight.shape)}")
+    check_common(x, weight.shape[1:3], weight.shape[-2], groups, padding_mode, float64=True)
+    check_patch_weight(x, weight, bias, groups)
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    check_device(x, weight, bias)
+    x, weight, bias = autocast(x, weight, bias)
+    return PatchConv2dFunction.apply(x, weight, bias, padding_mode, groups)
+
+
+def _input_grad_neighbours(a, block_p: int, pixel_blocks: int) -> int:
+    """Sum over a patch's pixel blocks and the taps of the neighbouring patches whose kernels the
+    dense input-gradient program visits (one dot each): the patches the tap's source pixels
+    fall in (clipping at the image border ignored: an upper bound)."""
+    ph, pw = a["H"] // a["GH"], a["W"] // a["GW"]
+    k, r = a["K"], a["K"] // 2
+    visits = 0
+    for block in range(pixel_blocks):
+        y_first = (block * block_p) // pw
+        y_last = min(ph - 1, (block * block_p + block_p - 1) // pw)
+        for t in range(k * k):
+            dy, dx = t // k - r, t % k - r
+            rows = (y_last - dy) // ph - (y_first - dy) // ph + 1
+            cols = (pw - 1 - dx) // pw - (0 - dx) // pw + 1
+            visits += rows * cols
+    return visits
+
+
+def executed_work(name: str, launch) -> Optional[dict]:
+    """Multiply-adds a recorded launch executes, padded tiles included, and the useful ones (the
+    interface of ``bench/kernel_report.py``). Forward: dense, a BLOCK_CO x BLOCK_CI x BLOCK_P dot
+    per input-channel block and tap; depthwise, K*K multiply-adds on the (BLOCK_CO x BLOCK_P)
+    tile. Input gradient: per tap, a BLOCK_CI x BLOCK_CO x BLOCK_P dot per output-channel block and
+    neighbouring patch visited (the image-border mirror slots left out); depthwise BLOCK_CI x
+    BLOCK_P. Weight gradient: per tap and pixel block, a BLOCK_CO x BLOCK_CI x BLOCK_P dot
+    (depthwise BLOCK_CO x BLOCK_P). Useful, for all three: B x H x W x COUT x CIN_G x K*K."""
+    a = launch.args
+    programs = launch.grid[0] * launch.grid[1] * launch.grid[2]
+    kk = a["K"] * a["K"]
+    useful = launch.grid[0] // (a["GH"] * a["GW"]) * a["H"] * a["W"] * a["COUT"] * a["CIN_G"] * kk
+    tensor_cores = a["DOT_MODE"] in (0, 3) and not a["DEPTHWISE"]
+    if name == "_patch_conv_kernel":
+        if a["DEPTHWISE"]:
+            conv = kk * a["BLOCK_CO"] * a["BLOCK_P"]
+        else:
+            conv = triton.cdiv(a["CIN_G"], a["BLOCK_CI"]) * kk * a["BLOCK_CO"] * a["BLOCK_CI"] * a["BLOCK_P"]
+        macs, part = programs * conv, "conv"
+    elif name == "_patch_conv_input_grad_kernel":
+        if a["DEPTHWISE"]:
+            macs = programs * kk * a["BLOCK_CI"] * a["BLOCK_P"]
+        else:
+            visits = _input_grad_neighbours(a, a["BLOCK_P"], launch.grid[2])
+            macs = (launch.grid[0] * launch.grid[1] * visits * triton.cdiv(a["COUT_G"], a["BLOCK_CO"])
+                    * a["BLOCK_CI"] * a["BLOCK_CO"] * a["BLOCK_P"])
+        part = "input_grad"
+    elif name == "_patch_conv_weight_grad_kernel":
+        pixel_blocks = triton.cdiv((a["H"] // a["GH"]) * (a["W"] // a["GW"]), a["BLOCK_P"])
+        tile = a["BLOCK_CO"] * a["BLOCK_P"] * (1 if a["DEPTHWISE"] else a["BLOCK_CI"])
+        macs, part = programs * kk * pixel_blocks * tile, "weight_grad"
+    else:
+        return None
+    return {"macs": macs, "tensor_core_macs": macs if tensor_cores else 0, "useful_macs": useful,
+            "parts": {part: macs}}

@@ -1,0 +1,83 @@
+"""Patch-wise convolution with kernels generated from the signal, differentiable: the op the meta
+blocks train on. Reference semantics: ``hyperseg.ops.meta_patch_conv`` without norm and
+activation.
+
+It launches no kernel of its own: the forward and backward passes compose the custom ops of
+``patch_conv`` (``hyperseg::patch_conv2d``, ``hyperseg::patch_conv2d_backward``) and
+``generate_weights`` (``hyperseg::generate_weights``, ``hyperseg::generate_weights_backward``),
+which importing those modules registers.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import generate_weights as _generate_weights_ops  # noqa: F401  (registers its custom ops)
+from . import patch_conv as _patch_conv_ops  # noqa: F401  (registers its custom ops)
+from ._common import autocast, check_device, check_dtype, check_generated_op
+
+
+class GeneratedPatchConv2dFunction(torch.autograd.Function):
+    """``generated_patch_conv2d`` on the signal slice its generator reads: saves x, the signal
+    slice and the generator weight; recomputes the per-patch kernels in the backward."""
+
+    @staticmethod
+    def _kernels(x, signal, weight, out_channels, generator_groups, row_start, groups, kernel_size):
+        """The per-patch kernels, (B, GH, GW, Cout, Cin / groups, k, k)."""
+        b, cin = x.shape[:2]
+        count = out_channels * (cin // groups) * kernel_size * kernel_size
+        params = torch.ops.hyperseg.generate_weights(signal, weight, generator_groups, row_start, count)
+        return params.view(b, *signal.shape[2:4], out_channels, cin // groups, kernel_size, kernel_size)
+
+    @staticmethod
+    def forward(ctx, x, signal, weight, out_channels, generator_groups, row_start, groups,
+                kernel_size, padding_mode):
+        x, signal, weight = x.contiguous(), signal.contiguous(), weight.contiguous()
+        ctx.save_for_backward(x, signal, weight)
+        ctx.config = (out_channels, generator_groups, row_start, groups, kernel_size, padding_mode)
+        kernels = GeneratedPatchConv2dFunction._kernels(x, signal, weight, *ctx.config[:5])
+        return torch.ops.hyperseg.patch_conv2d(x, kernels, None, padding_mode, groups)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, signal, weight = ctx.saved_tensors
+        out_channels, generator_groups, row_start, groups, kernel_size, padding_mode = ctx.config
+        need_x, need_signal, need_weight = ctx.needs_input_grad[:3]
+        kernels = GeneratedPatchConv2dFunction._kernels(x, signal, weight, *ctx.config[:5])
+        need_kernels = need_signal or need_weight
+        dx, dkernels, _ = torch.ops.hyperseg.patch_conv2d_backward(
+            dout, x, kernels, need_x, need_kernels, False, padding_mode, groups)
+        dsignal = dweight = None
+        if need_kernels:
+            dparams = dkernels.flatten(3)                      # (B, GH, GW, rows generated)
+            dsignal, dweight = torch.ops.hyperseg.generate_weights_backward(
+                dparams, signal, weight, generator_groups, row_start, dparams.shape[3],
+                need_signal, need_weight)
+        return (dx if need_x else None, dsignal if need_signal else None,
+                dweight if need_weight else None, None, None, None, None, None, None)
+
+
+def generated_patch_conv2d(x: torch.Tensor, signal: torch.Tensor, generator_weight: torch.Tensor, *,
+                           out_channels: int, signal_offset: int = 0, generator_groups: int = 1,
+                           row_start: int = 0, groups: int = 1, kernel_size: int = 1,
+                           padding_mode: str = "reflect") -> torch.Tensor:
+    """Patch-wise convolution with kernels generated from the signal, differentiable in x, the
+    signal and the generator weight: the training op of the meta blocks. Semantics of
+    ``hyperseg.ops.meta_patch_conv`` without scale, shift and activation (BatchNorm in train mode
+    needs the batch statistics of the convolution's output).
+
+    The per-patch kernels are generated (``generate_weights``) for the forward pass and dropped;
+    the backward pass generates them again rather than keeping them alive between the passes, then
+    runs the ``patch_conv2d`` backward kernels and the generator's backward kernels.
+    """
+    check_generated_op(x, signal, generator_weight, out_channels=out_channels,
+                       signal_offset=signal_offset, generator_groups=generator_groups,
+                       row_start=row_start, groups=groups, kernel_size=kernel_size,
+                       padding_mode=padding_mode, float64=True)
+    check_dtype(signal, float64=True)
+    check_device(x, signal, generator_weight)
+    width = generator_weight.shape[1] * generator_groups
+    x, signal, generator_weight = autocast(x, signal[:, signal_offset:signal_offset + width],
+                                           generator_weight)
+    return GeneratedPatchConv2dFunction.apply(x, signal, generator_weight, out_channels,
+                                              generator_groups, row_start, groups, kernel_size,
+                                              padding_mode)
