@@ -6,7 +6,7 @@ import textwrap
 import pytest
 
 import hyperseg
-import hyperseg.__main__ as cli
+import hyperseg.commands as cli_commands
 from hyperseg.__main__ import build_parser, main
 
 
@@ -114,7 +114,7 @@ def test_export_and_eval_check_their_output_files_before_loading_a_model(tmp_pat
                                                                          monkeypatch):
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded")
-    monkeypatch.setattr(cli, "_load_model", no_model)
+    monkeypatch.setattr(cli_commands, "_load_model", no_model)
     assert main(["export", "--model", "hyperseg-m", "--onnx", str(tmp_path / "no/m.onnx")]) == 2
     assert f"the folder '{tmp_path / 'no'}' of" in capsys.readouterr().err
     assert main(["eval", "--model", "hyperseg-m", "--data", "synthetic:8,size=64",

@@ -374,7 +374,7 @@ def test_16_bit_pngs_are_scaled_not_clipped(tmp_path):
 def _no_model(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the model was loaded")
-    monkeypatch.setattr("hyperseg.__main__._load_model", fail)
+    monkeypatch.setattr("hyperseg.commands._load_model", fail)
 
 
 def test_predict_checks_inputs_and_output_before_loading_the_model(images, tmp_path, capsys,
