@@ -147,3 +147,14 @@ def test_the_package_imports_its_modules_on_first_use():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_crop_takes_hxw_or_n_with_sides_of_32_or_more(capsys):
+    parser = build_parser()
+    assert parser.parse_args(["train", "--out", "o", "--crop", "64"]).crop == (64, 64)
+    assert parser.parse_args(["train", "--out", "o", "--crop", "64x96"]).crop == (64, 96)
+    for value, message in (("16", "expected HxW or N with sides >= 32, got '16'"),
+                           ("big", "expected HxW or N, got 'big'")):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["train", "--out", "o", "--crop", value])
+        assert message in capsys.readouterr().err
