@@ -21,7 +21,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from .options import DATA_SPEC_HELP
+from .images import ImageError, read_image, upright_size
+from .options import DATA_SPEC_HELP, parse_size
 from .palettes import CAMVID_PALETTE
 from .zoo import CAMVID_CLASSES, CITYSCAPES_CLASSES, VOC_CLASSES
 
@@ -45,8 +46,6 @@ class DatasetError(ValueError):
 # ------------------------------------------------------------------------------------------------
 
 def _read_image(path: str) -> tv_tensors.Image:
-    from .predict import ImageError, read_image
-
     try:
         image = read_image(path)
     except ImageError as err:
@@ -390,15 +389,10 @@ def read_classes_file(path: str) -> Tuple[Tuple[str, ...], Tuple[Tuple[int, int,
 def _upright_size(path: str) -> Tuple[int, int]:
     """(H, W) of an image file as ``_read_image`` returns it (EXIF orientation applied), from its
     header alone."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
-        with Image.open(path) as image:
-            w, h = image.size
-            turned = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise DatasetError(f"{path}: not a readable image ({err})") from None
-    return (w, h) if turned else (h, w)
+        return upright_size(path)
+    except ImageError as err:
+        raise DatasetError(f"{path}: {err}") from None
 
 
 def _files_by_stem(folder: str, extensions: Sequence[str]) -> Dict[str, str]:
@@ -693,16 +687,11 @@ class DataSpec:
 
 
 def _parse_size(text: str) -> Tuple[int, int]:
-    parts = text.lower().split("x")
+    """A synthetic ``size=`` value: N or HxW (its sides are checked by ``SyntheticShapes``)."""
     try:
-        values = [int(p) for p in parts]
-    except ValueError:
-        raise DatasetError(f"size must be N or HxW, got {text!r}") from None
-    if len(values) == 1:
-        values *= 2
-    if len(values) != 2:
-        raise DatasetError(f"size must be N or HxW, got {text!r}")
-    return values[0], values[1]
+        return parse_size(text, native=False, square=True, min_side=None)
+    except ValueError as err:
+        raise DatasetError(str(err)) from None
 
 
 def parse_data_spec(text: str) -> DataSpec:

@@ -9,6 +9,7 @@ labels are padded at the bottom and right to 512 x 512 (the padding ignored).
 """
 from __future__ import annotations
 
+import json
 import math
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -22,7 +23,7 @@ from torch.utils.data import DataLoader
 from . import distributed
 from .datasets import TransformedDataset, collate, eval_transform
 from .metrics import ConfusionMatrix
-from .options import DEFAULT_TTA_SCALES, TTA_MODES  # noqa: F401  (TTA_MODES: part of the API)
+from .options import DEFAULT_TTA_SCALES, TTA_MODES, default_workers  # noqa: F401 (API: TTA_MODES)
 from .predict import tta_forward, tta_mode
 
 # How each dataset's validation images are preprocessed (see eval_transform), and at what size
@@ -136,3 +137,39 @@ def format_table(summary: dict) -> str:
     lines.append(f"{'pixel accuracy':{width}s}  {pct(summary['pixel_accuracy'])}")
     lines.append(f"{'mean class acc.':{width}s}  {pct(summary['mean_class_accuracy'])}")
     return "\n".join(lines)
+
+
+def evaluate_split(model, dataset, kind: str, *, size: Union[None, str, Tuple[int, int]] = None,
+                   batch_size: int = 1, device: Optional[torch.device] = None,
+                   workers: Optional[int] = None, world_size: int = 1, tta: Optional[str] = None,
+                   tta_scales: Sequence[float] = DEFAULT_TTA_SCALES, quiet: bool = False) -> dict:
+    """The metrics (``summarize``) of ``model`` on a split ``dataset`` of kind ``kind``,
+    preprocessed as the official evaluation does (``evaluation_dataset``, at ``size`` if given);
+    ``workers`` None: ``default_workers`` of ``world_size`` processes. Raises ValueError when
+    the labels have more classes than the model predicts."""
+    if dataset.num_classes > model.num_classes:
+        raise ValueError(f"the {kind} labels have {dataset.num_classes} classes but "
+                         f"{model.config.name} predicts {model.num_classes}")
+    data = evaluation_dataset(dataset, kind, model.config, size)
+    if workers is None:
+        workers = default_workers(world_size)
+    matrix = evaluate(model, data, batch_size=batch_size, device=device, workers=workers,
+                      tta=tta, tta_scales=tta_scales, quiet=quiet)
+    return summarize(matrix, class_names(model.config, dataset),
+                     getattr(dataset, "void_class", None))
+
+
+def report_results(model, dataset, summary: dict, *, data: str, split: str,
+                   tta: Optional[str] = None, weights: Optional[str] = None,
+                   json_path: Optional[str] = None) -> None:
+    """Print the results of ``evaluate_split`` as ``hyperseg eval`` does (a title line and
+    ``format_table``), and write them with the run's description to ``json_path`` if given."""
+    extra = f", tta {tta}" if tta else ""
+    print(f"{model.config.name} on {data} ({split}, {len(dataset)} images{extra})")
+    print(format_table(summary))
+    if json_path:
+        report = {"model": model.config.name, "weights": weights, "data": data, "split": split,
+                  "images": len(dataset), "tta": tta, **summary}
+        with open(json_path, "w") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")

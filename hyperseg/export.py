@@ -8,8 +8,8 @@
 The graph is the pure-PyTorch reference decoder (``backend="torch"``): the Triton kernels are
 GPU code that ONNX cannot represent, so the export always runs the torch backend (the model's own
 ``backend`` setting is restored afterwards). The exported graph has the model's dtype and fixed
-input and output shapes: ``images`` (B, 3, H, W), normalised with ``model.config.mean`` /
-``std``, and ``logits`` (B, num_classes, H, W).
+height and width (and batch size, unless ``dynamic_batch``): ``images`` (B, 3, H, W), normalised
+with ``model.config.mean`` / ``std``, and ``logits`` (B, num_classes, H, W).
 
 The graph is captured with ``torch.export`` (``torch.onnx.export(..., dynamo=True)``). The older
 TorchScript exporter (``dynamo=False``) cannot export the patch-wise ops: it has no ONNX

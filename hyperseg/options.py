@@ -13,8 +13,8 @@ BACKENDS = ("auto", "torch", "triton")            # decoder implementations (hyp
 MIN_SIDE = 32                                     # the smallest input side the network takes
 # GPU classes (substrings of torch.cuda.get_device_name) on which a committed GPU run of
 # bench/train_step.py (bench/results/train-step-*.json) measured the Triton training step faster
-# than the torch reference: backend="auto" trains on the kernels there and only there. Empty
-# until a GPU has run it; tests/test_auto_backend.py keeps this list and the results in step.
+# than the torch reference: backend="auto" trains on the kernels there and only there (and on the
+# torch reference elsewhere); tests/test_auto_backend.py keeps this list and the results in step.
 TRAINING_KERNELS_FASTER_ON: Tuple[str, ...] = ()
 LOSSES = ("bootstrapped_ce", "ce")                # training losses (hyperseg.losses)
 AMP_MODES = ("off", "fp16", "bf16")               # mixed precision in training
@@ -29,24 +29,40 @@ DATA_SPEC_HELP = ("cityscapes:PATH, camvid:PATH, voc:PATH, folder:PATH (your ima
                   "[,seed=S] (N training images, default 512 of 128x128 with 4 classes)")
 
 
-def parse_size(text: str) -> Union[str, Tuple[int, int]]:
-    """``"HxW"`` -> (H, W); ``"native"`` -> "native" (keep each image's size)."""
-    text = text.strip().lower()
-    if text == "native":
+def parse_size(text: str, *, native: bool = True, square: bool = False,
+               min_side: Optional[int] = MIN_SIDE) -> Union[str, Tuple[int, int]]:
+    """The "HxW" parser of the package and the command line (sizes, crops, synthetic data).
+
+    ``"HxW"`` (or ``"H*W"``; case and surrounding spaces do not matter) -> (H, W). With
+    ``native``, ``"native"`` -> "native" (keep each image's size); with ``square``, ``"N"`` ->
+    (N, N). A side below ``min_side`` raises ``check_size``'s ValueError (None: no limit, the
+    caller checks). Any other text raises ValueError("size must be ..., got ...").
+    """
+    given, text = text, text.strip().lower()
+    if native and text == "native":
         return "native"
-    parts = text.replace("*", "x").split("x")
     try:
-        h, w = (int(p) for p in parts)
+        values = [int(p) for p in text.replace("*", "x").split("x")]
     except ValueError:
-        raise ValueError(f"size must be HxW (e.g. 512x1024) or 'native', got {text!r}") from None
-    return check_size((h, w))
+        values = []
+    if square and len(values) == 1:
+        values *= 2
+    if len(values) != 2:
+        if square:
+            raise ValueError(f"size must be N or HxW, got {given!r}")
+        forms = "HxW (e.g. 512x1024) or 'native'" if native else "HxW (e.g. 512x1024)"
+        raise ValueError(f"size must be {forms}, got {text!r}")
+    if min_side is None:
+        return values[0], values[1]
+    return check_size(values, min_side)
 
 
-def check_size(size) -> Tuple[int, int]:
-    """(H, W) as ints, or ValueError when a side is below ``MIN_SIDE``."""
+def check_size(size, min_side: int = MIN_SIDE) -> Tuple[int, int]:
+    """(H, W) as ints, or ValueError when a side is below ``min_side`` (``MIN_SIDE``)."""
     h, w = size
-    if h < MIN_SIDE or w < MIN_SIDE:
-        raise ValueError(f"the network input must be at least {MIN_SIDE} x {MIN_SIDE}, got {h} x {w}")
+    if h < min_side or w < min_side:
+        raise ValueError(f"the network input must be at least {min_side} x {min_side}, got {h} x "
+                         f"{w}")
     return int(h), int(w)
 
 

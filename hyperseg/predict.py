@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+# ImageError and read_image live in hyperseg.images and are part of this module's API too
+from .images import ImageError, read_image, to_rgb  # noqa: F401
 from .options import (DEFAULT_TTA_SCALES, IMAGE_EXTENSIONS, MIN_SIDE, TTA_MODES,  # noqa: F401
                       check_size, image_path_problem, is_image_file, parse_size)
 from .palettes import colorize, overlay, palette
@@ -32,56 +34,9 @@ TTA = Union[None, bool, str]
 ImageLike = Union[str, "os.PathLike[str]", "PIL.Image.Image", np.ndarray, Tensor]
 
 
-class ImageError(ValueError):
-    """An image that cannot be read or used."""
-
-
 # ------------------------------------------------------------------------------------------------
-# Images in
+# Images in (files are read by hyperseg.images)
 # ------------------------------------------------------------------------------------------------
-
-def read_image(path) -> "PIL.Image.Image":
-    """Read a JPEG or PNG file as an RGB PIL image, turned upright by its EXIF orientation.
-
-    Raises ``ImageError`` (with the reason) for a missing file, another extension, or a file that
-    is not a readable image.
-    """
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    import warnings
-
-    path = os.fspath(path)
-    problem = image_path_problem(path)
-    if problem:
-        raise ImageError(problem)
-    try:
-        with warnings.catch_warnings():
-            # images up to Pillow's hard limit (about 179 megapixels) are read, in bounded memory
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                image = ImageOps.exif_transpose(image)
-                image.load()
-                return _to_rgb(image)
-    except Image.DecompressionBombError as err:
-        raise ImageError(f"refusing to read the image: {err}") from None
-    except UnidentifiedImageError:
-        raise ImageError("not a readable JPEG/PNG image") from None
-    except (OSError, SyntaxError, ValueError) as err:   # truncated or corrupt data, permissions
-        raise ImageError(f"cannot read the image: {err}") from None
-
-
-def _to_rgb(image: "PIL.Image.Image") -> "PIL.Image.Image":
-    """An RGB (8 bits per channel) copy of ``image``. Pillow reads a 16-bit grayscale PNG as
-    mode "I;16" (or "I") and its ``convert("RGB")`` clips every value above 255 to white; such
-    an image is scaled to 8 bits as Pillow does for 16-bit colour PNGs (the high byte)."""
-    from PIL import Image
-
-    if image.mode.startswith("I"):
-        values = np.asarray(image).astype(np.int64)
-        gray = (np.clip(values, 0, 65535) >> 8).astype(np.uint8)
-        return Image.fromarray(gray).convert("RGB")
-    return image.convert("RGB")
-
 
 def to_tensor(image: ImageLike) -> Tensor:
     """Any accepted image as a (3, H, W) float32 CPU tensor in [0, 1].
@@ -94,7 +49,7 @@ def to_tensor(image: ImageLike) -> Tensor:
     if isinstance(image, (str, os.PathLike)):
         image = read_image(image)
     if isinstance(image, Image.Image):
-        array = np.asarray(_to_rgb(image), dtype=np.uint8)
+        array = np.asarray(to_rgb(image), dtype=np.uint8)
         return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255)
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
@@ -124,7 +79,7 @@ def to_uint8(image: Tensor) -> np.ndarray:
 def to_uint8_tensor(image: "PIL.Image.Image") -> Tensor:
     """A PIL image as a (3, H, W) uint8 tensor: a quarter of the memory of ``to_tensor``'s floats
     (``segment`` takes it as it is; large images are kept this way)."""
-    return torch.from_numpy(np.asarray(_to_rgb(image), dtype=np.uint8).copy()).permute(2, 0, 1)
+    return torch.from_numpy(np.asarray(to_rgb(image), dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
 def _as_float(image: Tensor) -> Tensor:

@@ -476,6 +476,23 @@ def resume_config(out: str, model: Optional[str], data: Optional[str],
     return saved
 
 
+def model_of_weights(path: str) -> Tuple[str, Optional[str]]:
+    """The zoo name and timm backbone (None: the official one) of the model in a checkpoint, for
+    a run that starts from ``--weights FILE`` without ``--model``."""
+    from .checkpoint import read_checkpoint
+
+    config = read_checkpoint(path).config
+    if config is None:
+        raise TrainError(f"--weights {path!r} does not say which model it holds: give --model NAME")
+    base, _, backbone = config.name.partition("+")
+    try:
+        get_config(base)
+    except ValueError:
+        raise TrainError(f"--weights {path!r} holds a {config.name} model, which is no zoo model "
+                         f"(so it has no training recipe): give --model NAME") from None
+    return base, backbone or None
+
+
 def _default_device(name: Optional[str]) -> torch.device:
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -524,6 +541,19 @@ def train(config: TrainConfig, out: str, *, resume: bool = False,
         return _Trainer(config, out, resume, options, context).run()
     finally:
         distributed.teardown(context)
+
+
+@dataclass
+class _Optimization:
+    """What a training step updates, and where the run stands."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    criterion: Callable
+    step: int = 0                             # optimizer steps done
+    best: Optional[float] = None              # the best validation mIoU so far
+    carried: Tuple[float, int] = (0.0, 0)     # a stopped epoch's loss sum and steps so far
 
 
 class _Trainer:
@@ -667,97 +697,138 @@ class _Trainer:
 
     def _run(self, spec, train_set, val_set, num_classes: int, model: HyperSeg,
              state: Optional[dict]) -> HyperSeg:
+        """Train from the step of ``state`` (a resumed run) or 0 to the stop (--steps or the end
+        of the schedule), one epoch (or the part of it before the stop) at a time."""
+        config = self.config
+        net = self._parallel(model)
+        opt = self._optimization(model, state)
+        train_data, val_data = self._training_data(spec, train_set, val_set, model)
+        sampler = StepBatchSampler(len(train_set), config.steps_per_epoch,
+                                   config.recipe.batch_size, config.accumulate, self.ctx.rank,
+                                   self.ctx.world_size, config.seed)
+        workers = self.options.workers
+        if workers is None:
+            workers = default_workers(self.ctx.world_size)
+        total = config.total_steps
+        stop = total if self.options.steps is None else min(total, self.options.steps)
+        self._log_start(model, num_classes, train_set, opt.step)
+        if opt.step >= stop:
+            self.log(f"nothing to do: the run is at step {opt.step} of {stop}")
+            return model
+        while opt.step < stop:
+            epoch = opt.step // config.steps_per_epoch
+            sampler.set_position(epoch, opt.step % config.steps_per_epoch)
+            loader = DataLoader(train_data, batch_sampler=sampler, num_workers=workers,
+                                collate_fn=collate, pin_memory=self.device.type == "cuda",
+                                worker_init_fn=_ignore_interrupts if workers else None)
+            self._epoch(net, model, loader, opt, epoch, stop, val_data, workers)
+        self.log(self._outputs_line(opt.step, total, opt.best, val_data is not None))
+        model.eval()
+        return model
+
+    def _parallel(self, model: HyperSeg) -> torch.nn.Module:
+        """The module the training step runs: ``model``, with SyncBatchNorm (--sync-bn) and in
+        DistributedDataParallel under torchrun."""
+        net: torch.nn.Module = model
+        if self.config.sync_bn:
+            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if self.ctx.distributed:
+            net = torch.nn.parallel.DistributedDataParallel(
+                net, device_ids=[self.device] if self.device.type == "cuda" else None)
+        return net
+
+    def _optimization(self, model: HyperSeg, state: Optional[dict]) -> "_Optimization":
+        """Adam, the poly schedule, the GradScaler and the loss of the recipe, restored from the
+        training ``state`` of a resumed run (with the RNGs, the step and the best mIoU)."""
+        config, recipe = self.config, self.config.recipe
+        optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr, betas=recipe.betas)
+        opt = _Optimization(
+            optimizer=optimizer,
+            scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, poly_schedule(config)),
+            scaler=torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16"),
+            criterion=build_loss(recipe.loss))
+        if state is not None:
+            opt.optimizer.load_state_dict(state["optimizer"])
+            opt.scheduler.load_state_dict(state["scheduler"])
+            opt.scaler.load_state_dict(state["scaler"])
+            set_rng_state(state["rng"])
+            opt.step, opt.best = int(state["step"]), state["best_miou"]
+            opt.carried = tuple(state.get("epoch_loss", (0.0, 0)))   # a stopped epoch's loss
+        return opt
+
+    def _training_data(self, spec, train_set, val_set, model: HyperSeg):
+        """The training set with the recipe's augmentation, and the validation set preprocessed
+        as the official evaluation (None without a validation split)."""
         from .evaluate import evaluation_dataset
 
-        config, ctx, device = self.config, self.ctx, self.device
-        recipe = config.recipe
-        micro = micro_batch_size(config, ctx.world_size)
-        net: torch.nn.Module = model
-        if config.sync_bn:
-            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        if ctx.distributed:
-            net = torch.nn.parallel.DistributedDataParallel(
-                net, device_ids=[device] if device.type == "cuda" else None)
-        optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr, betas=recipe.betas)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_schedule(config))
-        scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
-        criterion = build_loss(recipe.loss)
-        step, best, carried = 0, None, (0.0, 0)
-        if state is not None:
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
-            set_rng_state(state["rng"])
-            step, best = int(state["step"]), state["best_miou"]
-            carried = tuple(state.get("epoch_loss", (0.0, 0)))   # a stopped epoch's loss so far
-
+        recipe = self.config.recipe
         aug = Augmentation(crop=tuple(recipe.crop), scale_range=recipe.scale_range,
                            scale_probability=recipe.scale_probability, rotation=recipe.rotation,
                            pad=recipe.pad, hflip=recipe.hflip, color_jitter=recipe.color_jitter)
         train_data = TransformedDataset(train_set, train_transform(aug, model.config.mean,
                                                                    model.config.std))
         val_data = None if val_set is None else evaluation_dataset(val_set, spec.kind, model.config)
-        sampler = StepBatchSampler(len(train_set), config.steps_per_epoch, recipe.batch_size,
-                                   config.accumulate, ctx.rank, ctx.world_size, config.seed)
-        workers = self.options.workers
-        if workers is None:
-            workers = default_workers(ctx.world_size)
+        return train_data, val_data
 
-        per_epoch, total = config.steps_per_epoch, config.total_steps
-        stop = total if self.options.steps is None else min(total, self.options.steps)
+    def _log_start(self, model: HyperSeg, num_classes: int, train_set, step: int) -> None:
+        config, ctx, recipe = self.config, self.ctx, self.config.recipe
+        micro = micro_batch_size(config, ctx.world_size)
         self.log(f"training {model.config.name} ({num_classes} classes) on {config.data}: "
-                 f"{len(train_set)} images, {recipe.epochs} epochs x {per_epoch} steps, batch "
-                 f"{recipe.batch_size} = {ctx.world_size} process(es) x {config.accumulate} x "
-                 f"{micro}, crop {recipe.crop[0]}x{recipe.crop[1]}, lr {recipe.lr:g}, "
+                 f"{len(train_set)} images, {recipe.epochs} epochs x {config.steps_per_epoch} "
+                 f"steps, batch {recipe.batch_size} = {ctx.world_size} process(es) x "
+                 f"{config.accumulate} x {micro}, crop {recipe.crop[0]}x{recipe.crop[1]}, lr "
+                 f"{recipe.lr:g}, "
                  f"{'resuming at step ' + str(step) if self.resume else 'from step 0'}, "
-                 f"device {device}")
-        if step >= stop:
-            self.log(f"nothing to do: the run is at step {step} of {stop}")
-            return model
+                 f"device {self.device}")
 
-        while step < stop:
-            epoch = step // per_epoch
-            sampler.set_position(epoch, step % per_epoch)
-            loader = DataLoader(train_data, batch_sampler=sampler, num_workers=workers,
-                                collate_fn=collate, pin_memory=device.type == "cuda",
-                                worker_init_fn=_ignore_interrupts if workers else None)
-            epoch_stop = min((epoch + 1) * per_epoch, stop)
-            step, loss_sum, loss_steps = self._train_epoch(
-                net, loader, optimizer, scheduler, scaler, criterion, step, epoch_stop, epoch,
-                carried)
-            carried = (0.0, 0)
-            finished_epoch = step % per_epoch == 0
-            mean_loss = self._mean_over_ranks(loss_sum, loss_steps)
-            done = epoch + 1 if finished_epoch else epoch + (step % per_epoch) / per_epoch
-            record = {"epoch": done, "step": step, "loss": mean_loss,
-                      "lr": scheduler.get_last_lr()[0]}
-            distributed.broadcast_buffers(model)
-            improved = False
-            # validate every val_every epochs, and whenever the run stops (at --steps or the end)
-            if val_data is not None and not self.interrupted and (step == stop or (
-                    finished_epoch and (epoch + 1) % config.val_every == 0)):
-                from .evaluate import evaluate
-                matrix = evaluate(model, val_data, batch_size=max(1, micro), device=device,
-                                  workers=workers, quiet=True)
-                record.update(miou=matrix.miou(), pixel_accuracy=matrix.pixel_accuracy())
-                improved = best is None or record["miou"] > best
-                best = record["miou"] if improved else best
-                model.train()
-            if ctx.is_main:
-                # a stopped epoch carries its loss so far into the resumed run (exactly, in one
-                # process), so the epoch's record is the same as without the stop
-                partial = (0.0, 0) if finished_epoch else (
-                    float(loss_sum) if ctx.world_size == 1 else mean_loss * loss_steps, loss_steps)
-                self._checkpoint(model, optimizer, scheduler, scaler, step, best, improved, record,
-                                 partial)
-                self.checkpointed = True
-            distributed.barrier()
-            self.log(_epoch_line(record, recipe.epochs, best))
-            if self.interrupted:
-                raise TrainInterrupted(self.out, step)
-        self.log(self._outputs_line(step, total, best, val_data is not None))
-        model.eval()
-        return model
+    def _epoch(self, net, model: HyperSeg, loader, opt: "_Optimization", epoch: int, stop: int,
+               val_data, workers: int) -> None:
+        """Train the rest of ``epoch`` (up to ``stop``), validate when it is due, checkpoint,
+        log the epoch's line; raise TrainInterrupted after a Ctrl-C."""
+        config, ctx = self.config, self.ctx
+        per_epoch = config.steps_per_epoch
+        step, loss_sum, loss_steps = self._train_epoch(
+            net, loader, opt.optimizer, opt.scheduler, opt.scaler, opt.criterion, opt.step,
+            min((epoch + 1) * per_epoch, stop), epoch, opt.carried)
+        opt.step, opt.carried = step, (0.0, 0)
+        finished_epoch = step % per_epoch == 0
+        mean_loss = self._mean_over_ranks(loss_sum, loss_steps)
+        done = epoch + 1 if finished_epoch else epoch + (step % per_epoch) / per_epoch
+        record = {"epoch": done, "step": step, "loss": mean_loss,
+                  "lr": opt.scheduler.get_last_lr()[0]}
+        distributed.broadcast_buffers(model)
+        improved = False
+        # validate every val_every epochs, and whenever the run stops (at --steps or the end)
+        if val_data is not None and not self.interrupted and (step == stop or (
+                finished_epoch and (epoch + 1) % config.val_every == 0)):
+            improved = self._validate(model, val_data, opt, record, workers)
+        if ctx.is_main:
+            # a stopped epoch carries its loss so far into the resumed run (exactly, in one
+            # process), so the epoch's record is the same as without the stop
+            partial = (0.0, 0) if finished_epoch else (
+                float(loss_sum) if ctx.world_size == 1 else mean_loss * loss_steps, loss_steps)
+            self._checkpoint(model, opt.optimizer, opt.scheduler, opt.scaler, step, opt.best,
+                             improved, record, partial)
+            self.checkpointed = True
+        distributed.barrier()
+        self.log(_epoch_line(record, config.recipe.epochs, opt.best))
+        if self.interrupted:
+            raise TrainInterrupted(self.out, step)
+
+    def _validate(self, model: HyperSeg, val_data, opt: "_Optimization", record: dict,
+                  workers: int) -> bool:
+        """Evaluate on the validation set into ``record`` and keep the best mIoU in ``opt``;
+        returns whether it improved."""
+        from .evaluate import evaluate
+
+        micro = micro_batch_size(self.config, self.ctx.world_size)
+        matrix = evaluate(model, val_data, batch_size=max(1, micro), device=self.device,
+                          workers=workers, quiet=True)
+        record.update(miou=matrix.miou(), pixel_accuracy=matrix.pixel_accuracy())
+        improved = opt.best is None or record["miou"] > opt.best
+        opt.best = record["miou"] if improved else opt.best
+        model.train()
+        return improved
 
     @contextmanager
     def _stop_on_interrupt(self):

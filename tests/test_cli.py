@@ -6,7 +6,7 @@ import textwrap
 import pytest
 
 import hyperseg
-import hyperseg.__main__ as cli
+import hyperseg.commands as cli_commands
 from hyperseg.__main__ import build_parser, main
 
 
@@ -114,7 +114,7 @@ def test_export_and_eval_check_their_output_files_before_loading_a_model(tmp_pat
                                                                          monkeypatch):
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded")
-    monkeypatch.setattr(cli, "_load_model", no_model)
+    monkeypatch.setattr(cli_commands, "_load_model", no_model)
     assert main(["export", "--model", "hyperseg-m", "--onnx", str(tmp_path / "no/m.onnx")]) == 2
     assert f"the folder '{tmp_path / 'no'}' of" in capsys.readouterr().err
     assert main(["eval", "--model", "hyperseg-m", "--data", "synthetic:8,size=64",
@@ -147,3 +147,14 @@ def test_the_package_imports_its_modules_on_first_use():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_crop_takes_hxw_or_n_with_sides_of_32_or_more(capsys):
+    parser = build_parser()
+    assert parser.parse_args(["train", "--out", "o", "--crop", "64"]).crop == (64, 64)
+    assert parser.parse_args(["train", "--out", "o", "--crop", "64x96"]).crop == (64, 96)
+    for value, message in (("16", "expected HxW or N with sides >= 32, got '16'"),
+                           ("big", "expected HxW or N, got 'big'")):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["train", "--out", "o", "--crop", value])
+        assert message in capsys.readouterr().err

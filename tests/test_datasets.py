@@ -305,3 +305,19 @@ def test_collate_stacks_equal_sizes_and_lists_others():
     assert images.shape == (2, 3, 4, 4) and labels.shape == (2, 4, 4)
     images, labels = collate([a, b])
     assert isinstance(images, list) and len(labels) == 2
+
+
+def test_datasets_read_images_without_the_prediction_module():
+    """datasets.py reads its images through hyperseg.images, the layer below hyperseg.predict
+    (which re-exports read_image and ImageError)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, hyperseg.datasets, hyperseg.images as images; "
+            "assert 'hyperseg.predict' not in sys.modules, 'datasets imported predict'; "
+            "import importlib; predict = importlib.import_module('hyperseg.predict'); "
+            "assert predict.read_image is images.read_image; "
+            "assert predict.ImageError is images.ImageError")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr

@@ -374,7 +374,7 @@ def test_16_bit_pngs_are_scaled_not_clipped(tmp_path):
 def _no_model(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the model was loaded")
-    monkeypatch.setattr("hyperseg.__main__._load_model", fail)
+    monkeypatch.setattr("hyperseg.commands._load_model", fail)
 
 
 def test_predict_checks_inputs_and_output_before_loading_the_model(images, tmp_path, capsys,
@@ -408,3 +408,16 @@ def test_predict_that_segments_nothing_leaves_no_output_folder(images, tmp_path,
     err = capsys.readouterr().err
     assert "no image was segmented" in err and "segmented 0" not in err
     assert not out.exists()
+
+
+def test_one_size_parser_serves_sizes_crops_and_synthetic_data():
+    """options.parse_size: HxW or 'native' for --size; N or HxW without a lower bound for
+    synthetic data (checked by the dataset) and --crop (checked by the command line)."""
+    assert parse_size("512x1024") == (512, 1024)
+    assert parse_size(" Native ") == "native"
+    assert parse_size("64", native=False, square=True, min_side=None) == (64, 64)
+    assert parse_size("8x16", native=False, square=True, min_side=None) == (8, 16)
+    with pytest.raises(ValueError, match="size must be N or HxW, got 'native'"):
+        parse_size("native", native=False, square=True, min_side=None)
+    with pytest.raises(ValueError, match=r"HxW \(e.g. 512x1024\), got '64'"):
+        parse_size("64", native=False)

@@ -197,7 +197,7 @@ def test_the_predict_command_takes_videos_and_images_together(clip, tmp_path, ca
 def _no_model(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the model was loaded")
-    monkeypatch.setattr("hyperseg.__main__._load_model", fail)
+    monkeypatch.setattr("hyperseg.commands._load_model", fail)
 
 
 def test_without_pyav_a_video_asks_for_the_video_extra(model, clip, tmp_path, capsys,
