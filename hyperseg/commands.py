@@ -101,8 +101,7 @@ def _device(name: Optional[str]):
 def _load_model(args: argparse.Namespace, backend: str, what: str):
     """The model of ``--weights`` (architecture from the file, or ``--model``'s), or an untrained
     ``--model`` with a loud warning on stderr."""
-    from .checkpoint import load
-    from .model import build
+    from .model import build, load
 
     if getattr(args, "pretrained", False):
         model = build(args.model, pretrained=True, weights_dir=args.weights_dir, backend=backend)
@@ -155,7 +154,8 @@ def run_convert(args: argparse.Namespace) -> int:
     string, parsed, never evaluated) or a hyperseg .safetensors file. TARGET's folder must exist."""
     _check_checkpoint_file(args.source, None)
     _check_output_file(args.target, "TARGET")
-    from .checkpoint import load, save
+    from .checkpoint import save
+    from .model import load
 
     model = load(args.source, backend="torch")
     save(model, args.target)

@@ -580,8 +580,7 @@ class _Trainer:
         return spec, train_set, val_set
 
     def _model(self, num_classes: int, train_set, state: Optional[dict]) -> HyperSeg:
-        from .checkpoint import load
-        from .model import build
+        from .model import build, load
 
         config = self.config
         if self.resume:
