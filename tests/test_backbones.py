@@ -9,7 +9,7 @@ import hyperseg
 from hyperseg.backbone import BackboneError, TimmBackbone
 from hyperseg.checkpoint import Checkpoint, CheckpointError, load_matching, read_checkpoint
 from hyperseg.zoo import get_config
-from test_checkpoint import write_official
+from checkpoint_utils import write_official
 
 # One small model of each family.
 FAMILIES = ("efficientnet_b0", "mobilenetv3_small_050", "resnet18")

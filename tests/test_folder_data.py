@@ -237,7 +237,7 @@ def test_fine_tune_an_official_checkpoint_on_a_folder_then_evaluate_and_predict(
 
     import hyperseg
     from hyperseg.__main__ import main
-    from test_checkpoint import OFFICIAL_ARCH, write_official
+    from checkpoint_utils import OFFICIAL_ARCH, write_official
 
     root = tmp_path / "data"
     for split, n in (("train", 2), ("val", 1)):
@@ -301,7 +301,7 @@ def test_train_weights_without_model_need_a_zoo_model(tmp_path, capsys):
 
     import hyperseg
     from hyperseg.__main__ import main
-    from test_checkpoint import write_official
+    from checkpoint_utils import write_official
 
     torch.manual_seed(0)
     model = hyperseg.build("hyperseg-s-camvid", backend="torch")

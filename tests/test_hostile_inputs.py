@@ -23,7 +23,7 @@ from PIL import Image
 import hyperseg
 from hyperseg.__main__ import main
 from hyperseg.checkpoint import CheckpointError
-from test_checkpoint import OFFICIAL_ARCH, write_official
+from checkpoint_utils import OFFICIAL_ARCH, write_official
 
 SIZE = ["--size", "64x128"]
 

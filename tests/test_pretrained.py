@@ -15,7 +15,7 @@ from hyperseg import zoo
 from hyperseg.__main__ import main
 from hyperseg.checkpoint import CheckpointError
 from hyperseg.pretrained import DownloadError, load_pretrained, weights_path, weights_url
-from test_checkpoint import OFFICIAL_ARCH, randomize_buffers, same_state, write_official
+from checkpoint_utils import OFFICIAL_ARCH, randomize_buffers, same_state, write_official
 
 NAME = "hyperseg-s-camvid"
 FILE = "camvid_efficientnet_b1_hyperseg-s.pth"

@@ -20,7 +20,7 @@ from PIL import Image
 
 import hyperseg
 from hyperseg.__main__ import main
-from test_checkpoint import OFFICIAL_ARCH, write_official
+from checkpoint_utils import OFFICIAL_ARCH, write_official
 from video_utils import two_colour_frames, write_video
 
 README = Path(__file__).resolve().parents[1] / "README.md"
