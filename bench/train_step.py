@@ -139,6 +139,41 @@ def report_blocks(models, x, args, device, autocast_dtype, sync, results) -> Non
               f"floor {row['floor_us']:.1f} us")
 
 
+def worst_gradient_error(models) -> float:
+    """The largest difference between the two decoders' gradients, relative to each gradient's
+    largest value, or to 1e-3 of the decoder's largest gradient for gradients that are (nearly)
+    zero and hold rounding noise only."""
+    pairs = [(p.grad, q.grad) for p, q in zip(models["torch"].decoder.parameters(),
+                                              models["triton"].decoder.parameters())]
+    largest = max(r.abs().max().item() for r, _ in pairs)
+    return max((g - r).abs().max().item() / max(r.abs().max().item(), 1e-3 * largest)
+               for r, g in pairs)
+
+
+def time_steps(models, step, args, device, sync, results) -> None:
+    """Median time (and on CUDA the peak memory) of a whole training step per backend."""
+    import torch
+    for name, net in models.items():
+        for _ in range(args.warmup):
+            step(net)
+        sync()
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(args.repeats):
+            sync()
+            start = time.perf_counter()
+            step(net)
+            sync()
+            times.append(time.perf_counter() - start)
+        entry = {"median_ms": 1e3 * statistics.median(times), "times_ms": [1e3 * t for t in times]}
+        if device == "cuda":
+            entry["peak_memory_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
+        results["backends"][name] = entry
+        memory = f", peak {entry['peak_memory_mib']:.0f} MiB" if "peak_memory_mib" in entry else ""
+        print(f"  {name:6s} train step median {entry['median_ms']:.1f} ms{memory}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.interpret:
@@ -179,12 +214,7 @@ def main(argv=None) -> int:
         with SavedBytes(net.decoder) as meter:
             step(net)
         saved[name] = meter.mib
-    # errors relative to each gradient's largest value, or to 1e-3 of the decoder's largest
-    # gradient for gradients that are (nearly) zero and hold rounding noise only
-    pairs = [(p.grad, q.grad) for p, q in zip(models["torch"].decoder.parameters(),
-                                              models["triton"].decoder.parameters())]
-    largest = max(r.abs().max().item() for r, _ in pairs)
-    worst = max((g - r).abs().max().item() / max(r.abs().max().item(), 1e-3 * largest) for r, g in pairs)
+    worst = worst_gradient_error(models)
     tolerance = 1e-3 if autocast_dtype is None else 1e-1
     results = {"model": args.model, "size": list(args.size), "batch": args.batch, "amp": args.amp,
                "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)",
@@ -196,25 +226,7 @@ def main(argv=None) -> int:
     print("decoder memory kept for backward: " + ", ".join(f"{k} {v:.1f} MiB" for k, v in saved.items()))
     report_blocks(models, x, args, device, autocast_dtype, sync, results)
 
-    for name, net in models.items():
-        for _ in range(args.warmup):
-            step(net)
-        sync()
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        times = []
-        for _ in range(args.repeats):
-            sync()
-            start = time.perf_counter()
-            step(net)
-            sync()
-            times.append(time.perf_counter() - start)
-        entry = {"median_ms": 1e3 * statistics.median(times), "times_ms": [1e3 * t for t in times]}
-        if device == "cuda":
-            entry["peak_memory_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
-        results["backends"][name] = entry
-        memory = f", peak {entry['peak_memory_mib']:.0f} MiB" if "peak_memory_mib" in entry else ""
-        print(f"  {name:6s} train step median {entry['median_ms']:.1f} ms{memory}")
+    time_steps(models, step, args, device, sync, results)
     ratio = results["backends"]["torch"]["median_ms"] / results["backends"]["triton"]["median_ms"]
     results["triton_speedup"] = ratio
     print(f"  triton vs torch: {ratio:.2f}x" + ("  (interpreter: not a performance figure)"
