@@ -789,6 +789,10 @@ class _Trainer:
         step, loss_sum, loss_steps = self._train_epoch(
             net, loader, opt.optimizer, opt.scheduler, opt.scaler, opt.criterion, opt.step,
             min((epoch + 1) * per_epoch, stop), epoch, opt.carried)
+        if self.interrupted and step == opt.step and (self.checkpointed or self.resume):
+            # Ctrl-C before this call's first step: the checkpoint on disk is of this very step
+            # (with any stopped epoch's loss), so there is nothing to record or write
+            raise TrainInterrupted(self.out, step)
         opt.step, opt.carried = step, (0.0, 0)
         finished_epoch = step % per_epoch == 0
         mean_loss = self._mean_over_ranks(loss_sum, loss_steps)

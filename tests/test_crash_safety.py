@@ -186,6 +186,30 @@ def test_ctrl_c_then_a_kill_during_the_commit_then_resume_gives_the_uninterrupte
     _assert_same_run(out, reference)
 
 
+def test_ctrl_c_at_an_epoch_boundary_then_resume_gives_the_uninterrupted_run(
+        tmp_path, reference, monkeypatch):
+    """Ctrl-C that lands after an epoch's checkpoint and before the next epoch's first step: the
+    run stops with the checkpoint it has (that step's), records no empty epoch (no NaN loss, no
+    epoch it did not finish), and the resumed run ends as the uninterrupted one."""
+    import hyperseg.train as training
+
+    original = training._Trainer._train_epoch
+
+    def interrupted_before_epoch_2(self, *args):
+        if args[8] == 1:                       # the epoch argument: the second epoch
+            self.interrupted = True
+        return original(self, *args)
+    monkeypatch.setattr(training._Trainer, "_train_epoch", interrupted_before_epoch_2)
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), *RUN]) == 130
+    records = [json.loads(line) for line in (out / METRICS).read_text().splitlines()]
+    assert [(r["epoch"], r["step"]) for r in records] == [(1, 2)]
+    assert read_state(str(out / STATE), torch.device("cpu"))["step"] == 2
+    monkeypatch.setattr(training._Trainer, "_train_epoch", original)
+    assert main(["train", "--out", str(out), "--resume", "--workers", "0", "--quiet"]) == 0
+    _assert_same_run(out, reference)
+
+
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     import hyperseg.train as training
 
