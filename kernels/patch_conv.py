@@ -93,9 +93,11 @@ def _launch(x, out, weight, bias, groups, padding_mode):
     cout_g = cout // groups
     depthwise = cin_g == 1 and cout_g == 1
     block_p = pixel_block(ph * pw)
-    # a GPU tile holds at most 2048 (depthwise: elementwise taps) or 64 x BLOCK_P (dense: a dot
-    # per input-channel block) accumulators: 16 or 32 per thread at 4 warps, no spills
-    block_co = (channel_block(cout, max(16, 2048 // block_p)) if depthwise
+    # a GPU tile holds at most 2048 (depthwise: elementwise taps; 1024 for 16-bit inputs, whose
+    # conversions need more registers) or 64 x BLOCK_P (dense: a dot per input-channel block)
+    # accumulators: 16 or 32 per thread at 4 warps, no spills
+    accumulators = 2048 if x.element_size() >= 4 else 1024
+    block_co = (channel_block(cout, max(16, accumulators // block_p)) if depthwise
                 else channel_block(cout_g, 64))
     block_ci = channel_block(cin_g, 32)
     n_co = triton.cdiv(cout, block_co) if depthwise else groups * triton.cdiv(cout_g, block_co)
@@ -111,6 +113,32 @@ def _launch(x, out, weight, bias, groups, padding_mode):
 # ------------------------------------------------------------------------------------------------
 # Backward: the gradients of x, of the per-patch kernels and of the per-patch bias
 # ------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _input_grad_1x1(acc, pid_patch, g, ci, ci_local, ci_mask, pix, q_mask, w_ptr, dout_base, HW,
+                    COUT, CIN_G, COUT_G, DEPTHWISE: tl.constexpr, DOT_MODE: tl.constexpr,
+                    ACC: tl.constexpr, BLOCK_CO: tl.constexpr):
+    # A 1x1 convolution reads each input pixel only at the same output pixel, with its own
+    # patch's kernel: no halo, no neighbours, no border cases (straight-line code, which keeps
+    # the accumulator in registers).
+    w_base = w_ptr + pid_patch.to(tl.int64) * COUT * CIN_G
+    if DEPTHWISE:
+        wv = tl.load(w_base + ci, mask=ci_mask, other=0.0)
+        gv = tl.load(dout_base + ci.to(tl.int64)[:, None] * HW + pix[None, :],
+                     mask=ci_mask[:, None] & q_mask[None, :], other=0.0)
+        acc += wv.to(ACC)[:, None] * gv.to(ACC)
+    else:
+        for co0 in range(0, COUT_G, BLOCK_CO):
+            co_local = co0 + tl.arange(0, BLOCK_CO)
+            co_mask = co_local < COUT_G
+            co = g * COUT_G + co_local
+            wt = tl.load(w_base + co[None, :] * CIN_G + ci_local[:, None],
+                         mask=ci_mask[:, None] & co_mask[None, :], other=0.0)
+            gv = tl.load(dout_base + co.to(tl.int64)[:, None] * HW + pix[None, :],
+                         mask=co_mask[:, None] & q_mask[None, :], other=0.0)
+            acc = dot_acc(wt, gv, acc, DOT_MODE)
+    return acc
+
 
 @triton.jit
 def _input_grad_tap(acc, t, vy, vx, ok, vy_lo, vy_hi, vx_lo, vx_hi, b, g, ci, ci_local, ci_mask,
@@ -197,31 +225,36 @@ def _patch_conv_input_grad_kernel(
         ci_mask = ci_local < CIN_G
         ci = g * CIN_G + ci_local
     acc = tl.zeros((BLOCK_CI, BLOCK_P), dtype=ACC)
-    # the block's bounding box; mirror images exist only for pixels within R of the border
-    y_first = gi * PH + (pid_p * BLOCK_P) // PW
-    y_last = tl.minimum(gi * PH + PH - 1, gi * PH + (pid_p * BLOCK_P + BLOCK_P - 1) // PW)
-    near_y = (y_first <= R) | (y_last >= H - 1 - R)
-    near_x = (gj * PW <= R) | (gj * PW + PW - 1 >= W - 1 - R)
-    for s in range(SLOTS * SLOTS):
-        vy, vx, ok = qy, qx, q_mask
-        vy_lo, vy_hi, vx_lo, vx_hi = y_first, y_last, gj * PW, gj * PW + PW - 1
-        if s > 0:
-            if ((s // SLOTS == 0) | near_y) & ((s % SLOTS == 0) | near_x):
-                vy, in_y = mirror_source(qy, s // SLOTS, H, PAD_MODE, R)
-                vx, in_x = mirror_source(qx, s % SLOTS, W, PAD_MODE, R)
-                ok = q_mask & in_y & in_x
-                # bounding box of the valid virtual indices (empty: no mirror image in this block)
-                vy_lo = tl.min(tl.where(ok, vy, H + R), axis=0)
-                vy_hi = tl.max(tl.where(ok, vy, -R - 1), axis=0)
-                vx_lo = tl.min(tl.where(ok, vx, W + R), axis=0)
-                vx_hi = tl.max(tl.where(ok, vx, -R - 1), axis=0)
-            else:
-                vy_lo = vy_hi + 1
-        if vy_lo <= vy_hi:
-            for t in range(KK):
-                acc = _input_grad_tap(acc, t, vy, vx, ok, vy_lo, vy_hi, vx_lo, vx_hi, b, g, ci,
-                                      ci_local, ci_mask, w_ptr, dout_base, H, W, GH, GW, PH, PW,
-                                      COUT, CIN_G, COUT_G, K, DEPTHWISE, DOT_MODE, ACC, BLOCK_CO)
+    if K == 1:
+        acc = _input_grad_1x1(acc, pid_patch, g, ci, ci_local, ci_mask, qy * W + qx, q_mask, w_ptr,
+                              dout_base, HW, COUT, CIN_G, COUT_G, DEPTHWISE, DOT_MODE, ACC,
+                              BLOCK_CO)
+    else:
+        # the block's bounding box; mirror images exist only for pixels within R of the border
+        y_first = gi * PH + (pid_p * BLOCK_P) // PW
+        y_last = tl.minimum(gi * PH + PH - 1, gi * PH + (pid_p * BLOCK_P + BLOCK_P - 1) // PW)
+        near_y = (y_first <= R) | (y_last >= H - 1 - R)
+        near_x = (gj * PW <= R) | (gj * PW + PW - 1 >= W - 1 - R)
+        for s in range(SLOTS * SLOTS):
+            vy, vx, ok = qy, qx, q_mask
+            vy_lo, vy_hi, vx_lo, vx_hi = y_first, y_last, gj * PW, gj * PW + PW - 1
+            if s > 0:
+                if ((s // SLOTS == 0) | near_y) & ((s % SLOTS == 0) | near_x):
+                    vy, in_y = mirror_source(qy, s // SLOTS, H, PAD_MODE, R)
+                    vx, in_x = mirror_source(qx, s % SLOTS, W, PAD_MODE, R)
+                    ok = q_mask & in_y & in_x
+                    # bounding box of the valid virtual indices (empty: no mirror image in this block)
+                    vy_lo = tl.min(tl.where(ok, vy, H + R), axis=0)
+                    vy_hi = tl.max(tl.where(ok, vy, -R - 1), axis=0)
+                    vx_lo = tl.min(tl.where(ok, vx, W + R), axis=0)
+                    vx_hi = tl.max(tl.where(ok, vx, -R - 1), axis=0)
+                else:
+                    vy_lo = vy_hi + 1
+            if vy_lo <= vy_hi:
+                for t in range(KK):
+                    acc = _input_grad_tap(acc, t, vy, vx, ok, vy_lo, vy_hi, vx_lo, vx_hi, b, g, ci,
+                                          ci_local, ci_mask, w_ptr, dout_base, H, W, GH, GW, PH, PW,
+                                          COUT, CIN_G, COUT_G, K, DEPTHWISE, DOT_MODE, ACC, BLOCK_CO)
     dx_off = b.to(tl.int64) * CIN * HW + ci.to(tl.int64)[:, None] * HW + (qy * W + qx)[None, :]
     tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=ci_mask[:, None] & q_mask[None, :])
 
@@ -310,14 +343,16 @@ def _launch_backward(dout, x, weight, *, dx, dw, db, groups, padding_mode):
     block_p = pixel_block(ph * pw)
     if dx is not None:
         # depthwise gathers a weight and a gradient per (channel, pixel) and tap: 16 channels;
-        # dense holds a (BLOCK_CI x BLOCK_P) accumulator and a (BLOCK_CO x BLOCK_P) operand: 32
-        # (channel blocks not tight here: smaller dense tiles in this gather make ptxas spill)
-        block_ci = channel_block(cin if depthwise else cin_g, 16 if depthwise else 32, tight=False)
+        # dense holds a (BLOCK_CI x BLOCK_P) accumulator and a (BLOCK_CO x BLOCK_P) operand: 32.
+        # 1x1 (straight-line code) takes the blocks that pad least; k x k keeps covering blocks
+        # (smaller tiles in its gather over neighbours and border mirrors make ptxas spill)
+        tight = k == 1
+        block_ci = channel_block(cin if depthwise else cin_g, 16 if depthwise else 32, tight=tight)
         n_ci = triton.cdiv(cin, block_ci) if depthwise else groups * triton.cdiv(cin_g, block_ci)
         _patch_conv_input_grad_kernel[(b * gh * gw, n_ci, triton.cdiv(ph * pw, block_p))](
             dout, weight, dx, h, w, gh, gw, cin, cout, cin_g, cout_g,
             SLOTS=mirror_slots(padding_mode, k // 2), BLOCK_CI=block_ci,
-            BLOCK_CO=channel_block(cout_g, 32 if block_p > 16 else 16, tight=False), BLOCK_P=block_p,
+            BLOCK_CO=channel_block(cout_g, 32 if block_p > 16 else 16, tight=tight), BLOCK_P=block_p,
             num_warps=4, **common)
     if dw is not None:
         block_co = channel_block(cout if depthwise else cout_g, 32)
