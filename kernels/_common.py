@@ -99,6 +99,17 @@ def dot_acc(a, b, acc, DOT_MODE: tl.constexpr):
 
 
 @triton.jit
+def mac(a, b, acc, DOT_MODE: tl.constexpr, FMA: tl.constexpr):
+    """``acc + a @ b``: ``dot_acc`` on tensor cores, or with ``FMA`` broadcast multiply-adds in
+    acc's precision, for tiles with a dimension below tl.dot's 16 (the pixels of tiny patches,
+    the channels of narrow groups): a dot would pad it to 16 and execute the padding."""
+    if FMA:
+        return acc + tl.sum(a.to(acc.dtype)[:, :, None] * b.to(acc.dtype)[None, :, :], axis=1)
+    else:
+        return dot_acc(a, b, acc, DOT_MODE)
+
+
+@triton.jit
 def generate_params(dst_ptr, n_rows, row0, sig_base, gen_ptr, sig_offset, rpg, GHW,
                     SPG: tl.constexpr, GEN_STRIDE: tl.constexpr, BLOCK_R: tl.constexpr,
                     BLOCK_S: tl.constexpr):
@@ -286,12 +297,13 @@ def channel_block(n: int, gpu_high: int, tight: bool = True) -> int:
 MAX_PIXEL_BLOCK = None
 
 
-def pixel_block(n: int) -> int:
+def pixel_block(n: int, low: int = 16) -> int:
     """Pixels per program. On a GPU 64 bounds the registers a tile needs; the interpreter pays a
     fixed cost per program and vectorises within one, so there a whole patch (up to 1024) is one
-    tile."""
+    tile. ``low``: 16 for tiles that feed tl.dot; 1 where smaller patches run on multiply-adds
+    (``mac``), so that their pixels are not padded to 16."""
     high = MAX_PIXEL_BLOCK or (1024 if interpreting() else 64)
-    return block(n, high=high)
+    return block(n, low=min(low, high), high=high)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ._common import (PADDING_CODES, accumulator, autocast, block, border_index, channel_block,
-                      check_common, check_device, dot_acc,
+                      check_common, check_device, dot_acc, mac,
                       dot_mode, mirror_slots, mirror_source, output_like, patch_pixels, pixel_block)
 from ..layout import check_patch_weight
 
@@ -27,7 +27,7 @@ def _patch_conv_kernel(
         H, W, GH, GW, CIN, COUT, CIN_G, COUT_G,
         K: tl.constexpr, PAD_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
         DEPTHWISE: tl.constexpr, DOT_MODE: tl.constexpr, ACC: tl.constexpr,
-        BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_P: tl.constexpr):
+        BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_P: tl.constexpr, FMA: tl.constexpr):
     # Program (patch, channel block, pixel block): axis 0 is one patch of one image, axis 1 a
     # block of output channels within one group (depthwise: a block of channels), axis 2 a block
     # of the patch's pixels in row-major order, so a tile row of x is pw contiguous pixels.
@@ -75,7 +75,7 @@ def _patch_conv_kernel(
                 # index of (co, ci, t) in the (COUT, CIN_G, K, K) kernel of this patch
                 widx = (co[:, None] * CIN_G + ci_local[None, :]) * KK + t
                 wv = tl.load(w_base + widx, mask=w_mask, other=0.0)
-                acc = dot_acc(wv, xv, acc, DOT_MODE)
+                acc = mac(wv, xv, acc, DOT_MODE, FMA)
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + pid_patch.to(tl.int64) * COUT + co, mask=co_mask, other=0.0)
@@ -85,6 +85,27 @@ def _patch_conv_kernel(
              mask=co_mask[:, None] & p_mask[None, :])
 
 
+def uses_fma(depthwise: bool, kernel_size: int, cin_g: int, cout_g: int, block_p: int) -> bool:
+    """Whether a dense 1x1 convolution runs on multiply-adds (``mac`` with FMA) rather than a
+    tl.dot: when its patches have fewer than 16 pixels or its groups fewer than 16 input or
+    output channels, a dot would pad that dimension to 16 and execute the padding (2x or more)."""
+    return not depthwise and kernel_size == 1 and min(block_p, cin_g, cout_g) < 16
+
+
+def fma_channel_blocks(cin_g: int, cout_g: int, block_p: int):
+    """(BLOCK_CI, BLOCK_CO) of a multiply-add tile: blocks that cover small channel counts
+    exactly, their (channels x channels x pixels) product within 4,096 values (32 per thread at
+    4 warps)."""
+    block_ci = min(channel_block(cin_g, 16), triton.next_power_of_2(cin_g))
+    block_co = min(channel_block(cout_g, 64), triton.next_power_of_2(cout_g))
+    while block_ci * block_co * block_p > 4096 and max(block_ci, block_co) > 1:
+        if block_ci >= block_co:
+            block_ci //= 2
+        else:
+            block_co //= 2
+    return block_ci, block_co
+
+
 def _launch(x, out, weight, bias, groups, padding_mode):
     b, cin, h, w = x.shape
     cout = out.shape[1]
@@ -92,7 +113,7 @@ def _launch(x, out, weight, bias, groups, padding_mode):
     ph, pw = h // gh, w // gw
     cout_g = cout // groups
     depthwise = cin_g == 1 and cout_g == 1
-    block_p = pixel_block(ph * pw)
+    block_p = pixel_block(ph * pw, low=1 if depthwise or kernel_size == 1 else 16)
     # a GPU tile holds at most 2048 (depthwise: elementwise taps; 1024 for 16-bit inputs, whose
     # conversions need more registers) or 64 x BLOCK_P (dense: a dot per input-channel block)
     # accumulators: 16 or 32 per thread at 4 warps, no spills
@@ -100,13 +121,16 @@ def _launch(x, out, weight, bias, groups, padding_mode):
     block_co = (channel_block(cout, max(16, accumulators // block_p)) if depthwise
                 else channel_block(cout_g, 64))
     block_ci = channel_block(cin_g, 32)
+    fma = uses_fma(depthwise, kernel_size, cin_g, cout_g, block_p)
+    if fma:
+        block_ci, block_co = fma_channel_blocks(cin_g, cout_g, block_p)
     n_co = triton.cdiv(cout, block_co) if depthwise else groups * triton.cdiv(cout_g, block_co)
     grid = (b * gh * gw, n_co, triton.cdiv(ph * pw, block_p))
     _patch_conv_kernel[grid](
         x, out, weight, bias if bias is not None else x, h, w, gh, gw, cin, cout, cin_g, cout_g,
         K=kernel_size, PAD_MODE=PADDING_CODES[padding_mode], HAS_BIAS=bias is not None,
         DEPTHWISE=depthwise, DOT_MODE=dot_mode(x.dtype), ACC=accumulator(x.dtype),
-        BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_P=block_p, num_warps=4)
+        BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_P=block_p, FMA=fma, num_warps=4)
     return out
 
 
@@ -117,7 +141,7 @@ def _launch(x, out, weight, bias, groups, padding_mode):
 @triton.jit
 def _input_grad_1x1(acc, pid_patch, g, ci, ci_local, ci_mask, pix, q_mask, w_ptr, dout_base, HW,
                     COUT, CIN_G, COUT_G, DEPTHWISE: tl.constexpr, DOT_MODE: tl.constexpr,
-                    ACC: tl.constexpr, BLOCK_CO: tl.constexpr):
+                    ACC: tl.constexpr, BLOCK_CO: tl.constexpr, FMA: tl.constexpr):
     # A 1x1 convolution reads each input pixel only at the same output pixel, with its own
     # patch's kernel: no halo, no neighbours, no border cases (straight-line code, which keeps
     # the accumulator in registers).
@@ -136,7 +160,7 @@ def _input_grad_1x1(acc, pid_patch, g, ci, ci_local, ci_mask, pix, q_mask, w_ptr
                          mask=ci_mask[:, None] & co_mask[None, :], other=0.0)
             gv = tl.load(dout_base + co.to(tl.int64)[:, None] * HW + pix[None, :],
                          mask=co_mask[:, None] & q_mask[None, :], other=0.0)
-            acc = dot_acc(wt, gv, acc, DOT_MODE)
+            acc = mac(wt, gv, acc, DOT_MODE, FMA)
     return acc
 
 
@@ -196,7 +220,7 @@ def _patch_conv_input_grad_kernel(
         H, W, GH, GW, CIN, COUT, CIN_G, COUT_G,
         K: tl.constexpr, PAD_MODE: tl.constexpr, SLOTS: tl.constexpr, DEPTHWISE: tl.constexpr,
         DOT_MODE: tl.constexpr, ACC: tl.constexpr,
-        BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr):
+        BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr, FMA: tl.constexpr):
     # Program (patch, input-channel block, pixel block), the forward's layout with input and
     # output channels swapped: the gradient of a block of input pixels q of one patch, gathered
     # from every output pixel that read them (a gather, not a scatter: no atomics, deterministic).
@@ -228,7 +252,7 @@ def _patch_conv_input_grad_kernel(
     if K == 1:
         acc = _input_grad_1x1(acc, pid_patch, g, ci, ci_local, ci_mask, qy * W + qx, q_mask, w_ptr,
                               dout_base, HW, COUT, CIN_G, COUT_G, DEPTHWISE, DOT_MODE, ACC,
-                              BLOCK_CO)
+                              BLOCK_CO, FMA)
     else:
         # the block's bounding box; mirror images exist only for pixels within R of the border
         y_first = gi * PH + (pid_p * BLOCK_P) // PW
@@ -265,7 +289,7 @@ def _patch_conv_weight_grad_kernel(
         H, W, GH, GW, CIN, COUT, CIN_G, COUT_G,
         K: tl.constexpr, PAD_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, DEPTHWISE: tl.constexpr,
         DOT_MODE: tl.constexpr, ACC: tl.constexpr,
-        BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_P: tl.constexpr):
+        BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_P: tl.constexpr, FMA: tl.constexpr):
     # Program (patch, channel block): a block of one patch's kernel, tap by tap,
     # dW[co, ci, t] = sum over the patch's pixels p of dout[co, p] * x[ci, border_index(p + d_t)],
     # accumulated pixel block by pixel block in a fixed order (deterministic). Tiles hold runs of
@@ -315,7 +339,7 @@ def _patch_conv_weight_grad_kernel(
             if DEPTHWISE:
                 acc += tl.sum(gv.to(ACC) * xv.to(ACC), axis=1)
             else:
-                acc = dot_acc(gv, tl.trans(xv), acc, DOT_MODE)
+                acc = mac(gv, tl.trans(xv), acc, DOT_MODE, FMA)
             if HAS_BIAS:
                 if t == 0:
                     bias_sum += tl.sum(gv.to(ACC), axis=1)
@@ -340,7 +364,8 @@ def _launch_backward(dout, x, weight, *, dx, dw, db, groups, padding_mode):
     depthwise = cin_g == 1 and cout_g == 1
     common = dict(K=k, PAD_MODE=PADDING_CODES[padding_mode], DEPTHWISE=depthwise,
                   DOT_MODE=dot_mode(x.dtype), ACC=accumulator(x.dtype))
-    block_p = pixel_block(ph * pw)
+    block_p = pixel_block(ph * pw, low=1 if depthwise or k == 1 else 16)
+    fma = uses_fma(depthwise, k, cin_g, cout_g, block_p)
     if dx is not None:
         # depthwise gathers a weight and a gradient per (channel, pixel) and tap: 16 channels;
         # dense holds a (BLOCK_CI x BLOCK_P) accumulator and a (BLOCK_CO x BLOCK_P) operand: 32.
@@ -348,21 +373,25 @@ def _launch_backward(dout, x, weight, *, dx, dw, db, groups, padding_mode):
         # (smaller tiles in its gather over neighbours and border mirrors make ptxas spill)
         tight = k == 1
         block_ci = channel_block(cin if depthwise else cin_g, 16 if depthwise else 32, tight=tight)
+        block_co = channel_block(cout_g, 32 if block_p > 16 else 16, tight=tight)
+        if fma:
+            block_ci, block_co = fma_channel_blocks(cin_g, cout_g, block_p)
         n_ci = triton.cdiv(cin, block_ci) if depthwise else groups * triton.cdiv(cin_g, block_ci)
         _patch_conv_input_grad_kernel[(b * gh * gw, n_ci, triton.cdiv(ph * pw, block_p))](
             dout, weight, dx, h, w, gh, gw, cin, cout, cin_g, cout_g,
-            SLOTS=mirror_slots(padding_mode, k // 2), BLOCK_CI=block_ci,
-            BLOCK_CO=channel_block(cout_g, 32 if block_p > 16 else 16, tight=tight), BLOCK_P=block_p,
-            num_warps=4, **common)
+            SLOTS=mirror_slots(padding_mode, k // 2), BLOCK_CI=block_ci, BLOCK_CO=block_co,
+            BLOCK_P=block_p, FMA=fma, num_warps=4, **common)
     if dw is not None:
         block_co = channel_block(cout if depthwise else cout_g, 32)
         block_ci = channel_block(cin_g, 32)
+        if fma:
+            block_ci, block_co = fma_channel_blocks(cin_g, cout_g, block_p)
         n_c = (triton.cdiv(cout, block_co) if depthwise
                else groups * triton.cdiv(cout_g, block_co) * triton.cdiv(cin_g, block_ci))
         _patch_conv_weight_grad_kernel[(b * gh * gw, n_c)](
             x, dout, dw, db if db is not None else dw, h, w, gh, gw, cin, cout, cin_g, cout_g,
             HAS_BIAS=db is not None, BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_P=block_p,
-            num_warps=4, **common)
+            FMA=fma, num_warps=4, **common)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -493,7 +522,7 @@ def executed_work(name: str, launch) -> Optional[dict]:
     programs = launch.grid[0] * launch.grid[1] * launch.grid[2]
     kk = a["K"] * a["K"]
     useful = launch.grid[0] // (a["GH"] * a["GW"]) * a["H"] * a["W"] * a["COUT"] * a["CIN_G"] * kk
-    tensor_cores = a["DOT_MODE"] in (0, 3) and not a["DEPTHWISE"]
+    tensor_cores = a["DOT_MODE"] in (0, 3) and not a["DEPTHWISE"] and not a.get("FMA")
     if name == "_patch_conv_kernel":
         if a["DEPTHWISE"]:
             conv = kk * a["BLOCK_CO"] * a["BLOCK_P"]

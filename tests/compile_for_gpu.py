@@ -61,8 +61,13 @@ def forward_variants(dtype):
     modes = (3, 1) if dtype == "fp32" else (0,)
     for depthwise, k in itertools.product((False, True), (1, 3, 5)):
         constexprs = dict(K=k, PAD_MODE=1, HAS_BIAS=True, DEPTHWISE=depthwise, DOT_MODE=int(dtype == "fp32"),
-                          ACC=tl.float32, BLOCK_CO=32, BLOCK_CI=32, BLOCK_P=64)
+                          ACC=tl.float32, BLOCK_CO=32, BLOCK_CI=32, BLOCK_P=64, FMA=False)
         yield f"patch_conv depthwise={depthwise} k={k}", _patch_conv_kernel, constexprs
+    # 1x1 on multiply-adds: tiny patches (4 pixels), and 8 output channels
+    for block_co, block_ci, block_p in ((32, 16, 4), (8, 8, 64)):
+        yield (f"patch_conv fma {block_co}x{block_ci}x{block_p}", _patch_conv_kernel,
+               dict(K=1, PAD_MODE=0, HAS_BIAS=True, DEPTHWISE=False, DOT_MODE=int(dtype == "fp32"),
+                    ACC=tl.float32, BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_P=block_p, FMA=True))
     for mode in modes:
         for patch, spg in (((1, 1), 13), ((2, 2), 6)):
             yield (f"meta_conv_many_patches patch={patch} spg={spg} dot_mode={mode}",
@@ -94,10 +99,17 @@ def backward_variants(dtype):
         slots = {0: 1, 1: 3, 2: 2 * (k // 2) + 1}[pad] if k > 1 else 1
         yield (f"patch_conv input grad depthwise={depthwise} k={k} pad={pad}", _patch_conv_input_grad_kernel,
                dict(K=k, PAD_MODE=pad, SLOTS=slots, DEPTHWISE=depthwise, DOT_MODE=mode, ACC=acc,
-                    BLOCK_CI=32, BLOCK_CO=32, BLOCK_P=64))
+                    BLOCK_CI=32, BLOCK_CO=32, BLOCK_P=64, FMA=False))
         yield (f"patch_conv weight grad depthwise={depthwise} k={k} pad={pad}", _patch_conv_weight_grad_kernel,
                dict(K=k, PAD_MODE=pad, HAS_BIAS=True, DEPTHWISE=depthwise, DOT_MODE=mode, ACC=acc,
-                    BLOCK_CO=32, BLOCK_CI=32, BLOCK_P=64))
+                    BLOCK_CO=32, BLOCK_CI=32, BLOCK_P=64, FMA=False))
+    for block_co, block_ci, block_p in ((32, 16, 4), (8, 8, 64)):
+        yield (f"patch_conv input grad fma {block_co}x{block_ci}x{block_p}", _patch_conv_input_grad_kernel,
+               dict(K=1, PAD_MODE=0, SLOTS=1, DEPTHWISE=False, DOT_MODE=mode, ACC=acc,
+                    BLOCK_CI=block_ci, BLOCK_CO=block_co, BLOCK_P=block_p, FMA=True))
+        yield (f"patch_conv weight grad fma {block_co}x{block_ci}x{block_p}", _patch_conv_weight_grad_kernel,
+               dict(K=1, PAD_MODE=0, HAS_BIAS=True, DEPTHWISE=False, DOT_MODE=mode, ACC=acc,
+                    BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_P=block_p, FMA=True))
     yield "generate_weights", _generate_weights_kernel, dict(ACC=acc, BLOCK_N=32, BLOCK_R=64)
     yield ("generate_weights signal grad", _generate_weights_signal_grad_kernel,
            dict(ACC=acc, BLOCK_N=32, BLOCK_S=32))

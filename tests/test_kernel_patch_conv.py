@@ -18,6 +18,10 @@ PATCH_CONV_CASES = [
     (3, (3, 5), (5, 7), 10, 4, 2, 3, "reflect", "bf16", False),
     (2, (2, 3), (4, 4), 34, 34, 34, 3, "zeros", "fp16", True),
     (1, (2, 3), (7, 3), 5, 3, 1, 5, "replicate", "fp32", True),
+    # 1x1 on a dot (>= 16 channels and pixels), and on multiply-adds (4-pixel patches; 6 output
+    # channels per group)
+    (2, (2, 2), (4, 8), 34, 40, 1, 1, "zeros", "fp32", True),
+    (1, (2, 3), (2, 2), 40, 12, 2, 1, "reflect", "fp16", True),
 ]
 
 

@@ -22,6 +22,10 @@ BACKWARD_CASES = [
     (2, (2, 3), (4, 4), 34, 34, 34, 3, "zeros", "fp16", True),
     (1, (2, 3), (7, 3), 5, 3, 1, 5, "replicate", "fp32", True),
     (1, (2, 2), (3, 3), 8, 8, 8, 5, "reflect", "fp32", True),
+    # 1x1 on a dot (>= 16 channels and pixels), and on multiply-adds (4-pixel patches; 6 output
+    # channels per group)
+    (2, (2, 2), (4, 8), 34, 40, 1, 1, "zeros", "fp32", True),
+    (1, (2, 3), (2, 2), 40, 12, 2, 1, "reflect", "fp16", True),
 ]
 
 
@@ -52,7 +56,8 @@ def test_patch_conv2d_backward_matches_reference(b, grid, patch, cin, cout, grou
 
 
 def test_patch_conv2d_backward_several_pixel_and_channel_blocks(small_pixel_blocks, small_channel_blocks):
-    for groups, k, mode in ((2, 3, "reflect"), (20, 3, "replicate")):
+    # k x k dense, depthwise, 1x1 on a dot, 1x1 on multiply-adds (5 and 10 channels per group)
+    for groups, k, mode in ((2, 3, "reflect"), (20, 3, "replicate"), (1, 1, "zeros"), (4, 1, "reflect")):
         x, weight, bias = _inputs(1, (1, 2), (5, 6), 20, 40 if groups != 20 else 20, groups, k,
                                   torch.float32)
         dout = torch.randn(1, weight.shape[3], 5, 12, device=DEVICE)
