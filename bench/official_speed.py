@@ -11,7 +11,9 @@ The official model (v1_0 architectures only: their level modules generate their 
 ``baseline.official_level`` does) is built from its training configuration with random weights,
 and this package's model gets the same weights through ``hyperseg.official.official_names``.
 Each level's official module and ``baseline.official_level`` run on the same input; then the whole
-official model, our model with the official decoder (``baseline.official_forward``) and our model.
+official model, our backbone and context head with the official decoder
+(``baseline.official_forward``), and our model (torch backend, fp32, not compiled) in contiguous
+and in channels_last format.
 Rounds alternate the variants; the figures are medians. The official code imports ``ffmpeg``
 (video I/O only): an empty ``ffmpeg.py`` on the path is enough.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import copy
 import importlib
 import os
 import statistics
@@ -108,6 +111,8 @@ def main(argv=None) -> int:
     inputs, signal = baseline.decoder_inputs(ours, x)
     levels = list(ours.decoder.levels(inputs, signal))
     decoder = baseline.OfficialDecoder(ours)
+    fast = copy.deepcopy(ours)
+    fast.channels_last = True                     # hyperseg.build's default
     print(f"{args.model} {args.size[0]}x{args.size[1]} fp32 CPU: {cpu_name()}, "
           f"{os.cpu_count()} cores; medians of {args.rounds} alternating rounds")
     for threads in [int(t) for t in args.threads.split(",")]:
@@ -130,7 +135,8 @@ def main(argv=None) -> int:
         if not args.no_whole:
             fns = {"official model": lambda: official(x),
                    "ours + baseline decoder": lambda: baseline.official_forward(ours, x, None, decoder),
-                   "ours (torch backend)": lambda: ours(x)}
+                   "ours, contiguous": lambda: ours(x),
+                   "ours, channels_last": lambda: fast(x)}
             med = alternate(fns, max(3, args.rounds // 2))
             for key, ms in med.items():
                 print(f"whole model, {key:26s} {ms:9.1f} ms  official / this {med['official model'] / ms:.3f}")

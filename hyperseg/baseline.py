@@ -143,7 +143,8 @@ def official_block(block, x, weight):
 
 def official_level(level, signal=None):
     """One ``hyperseg.decoder.DecoderLevel`` (from ``Decoder.levels``) as the official level
-    module runs it: weight generation, then the block on the level's input."""
+    module runs it: weight generation, then the block on the level's input. (v1_0_unify: each
+    level runs its shared generator here; ``OfficialDecoder`` runs it once for all its levels.)"""
     signal = level.signal if signal is None else signal
     weight = official_weights(level.generator, signal, level.row_start, level.block.num_params)
     return official_block(level.block, level.input, weight)
@@ -153,7 +154,9 @@ class OfficialDecoder:
     """Mirrors the official ``MultiScaleDecoder.forward`` on ``model``'s decoder: per level, the
     backbone feature concatenated with the previous output (bilinearly resized to it), the image
     coordinates in front, then the level's weight generation and block as ``official_level``;
-    the last output resized to the image.
+    the last output resized to the image. A generator shared by several levels (v1_0_unify: the
+    official ``WeightLayer`` from ``unify_level`` on) runs once, at its first level, and the later
+    levels take their rows of its output, as the official decoder does.
 
     Each level's block, generator and first row are read once, here, from ``Decoder.levels`` run
     on the smallest valid image, so that a call runs the official algorithm alone."""
@@ -174,6 +177,7 @@ class OfficialDecoder:
 
     def __call__(self, inputs, signal):
         p = None
+        generated = {}            # v1_0_unify: a shared generator runs once, its levels slice it
         for index, (block, generator, row_start) in enumerate(self.levels):
             feat = inputs[-index - 1]
             if p is None:
@@ -183,8 +187,11 @@ class OfficialDecoder:
                     p = F.interpolate(p, feat.shape[2:], mode="bilinear", align_corners=False)
                 p = torch.cat((feat, p), dim=1)
             p = torch.cat([coordinates(p.shape[0], p.shape[2], p.shape[3], p), p], dim=1)
-            p = official_block(block, p, official_weights(generator, signal, row_start,
-                                                          block.num_params))
+            if id(generator) not in generated:
+                generated[id(generator)] = official_weights(generator, signal, 0,
+                                                            generator.weight.shape[0])
+            weight = generated[id(generator)][:, row_start:row_start + block.num_params]
+            p = official_block(block, p, weight)
         if p.shape[2:] != inputs[0].shape[2:]:
             p = F.interpolate(p, inputs[0].shape[2:], mode="bilinear", align_corners=False)
         return p

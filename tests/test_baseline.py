@@ -8,9 +8,10 @@ from hyperseg import baseline
 from hyperseg.calibration import calibrate_batchnorm
 from hyperseg.decoder import REFERENCE, MetaConv, MetaInvertedResidual
 
-# hyperseg-m-cityscapes (v1_0): kernel-1 MetaConv and v1 inverted residuals; hyperseg-l-voc
-# (v0_1): v0.1 inverted residuals.
+# hyperseg-m-cityscapes (v1_0): kernel-1 MetaConv and v1 inverted residuals; hyperseg-s-cityscapes
+# (v1_0_unify): a generator shared by levels; hyperseg-l-voc (v0_1): v0.1 inverted residuals.
 CASES = [pytest.param("hyperseg-m-cityscapes", (64, 128), id="m-v1"),
+         pytest.param("hyperseg-s-cityscapes", (64, 128), id="s-v1_0_unify"),
          pytest.param("hyperseg-l-voc", (64, 64), id="l-voc-v0_1")]
 
 
