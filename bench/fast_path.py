@@ -19,11 +19,19 @@ import sys
 import time
 
 
+def _size(text: str):
+    """``hyperseg.options.parse_size`` ("HxW") with argparse's error type."""
+    from hyperseg.options import parse_size
+    try:
+        return parse_size(text, native=False)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error))
+
+
 def parse_args(argv=None):
-    from hyperseg.__main__ import _size_arg
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="hyperseg-m")
-    p.add_argument("--size", type=_size_arg, default=(512, 1024), metavar="HxW")
+    p.add_argument("--size", type=_size, default=(512, 1024), metavar="HxW")
     p.add_argument("--repeats", type=int, default=7, help="timed passes per variant (default 7)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
@@ -40,7 +48,10 @@ def variants(model, with_compile: bool) -> dict:
     out["eager"] = eager
     out["channels_last"] = copy.deepcopy(model)
     out["channels_last"].channels_last = True
-    out["official decoder"] = lambda x: baseline.official_forward(eager, x)
+    official = baseline.OfficialDecoder(eager)
+    # our backbone and context head with the official decoder (hyperseg.baseline); the real
+    # official model's whole-model time is measured by bench/official_speed.py
+    out["official decoder"] = lambda x: baseline.official_forward(eager, x, decoder=official)
     if with_compile:
         for name, last in (("compile", False), ("compile+channels_last", True)):
             m = copy.deepcopy(model)
@@ -56,6 +67,7 @@ def main(argv=None) -> int:
 
     import hyperseg
     from hyperseg.calibration import calibrate_batchnorm
+    from hyperseg.timing import time_cpu
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -64,7 +76,6 @@ def main(argv=None) -> int:
     x = torch.randn(1, 3, *args.size)
     calibrate_batchnorm(model, x)
     fns = variants(model, not args.no_compile)
-    times = {name: [] for name in fns}
     first = {}
     with torch.inference_mode():
         for name, fn in fns.items():           # warm-up; the first pass compiles
@@ -76,11 +87,9 @@ def main(argv=None) -> int:
         reference = fns["eager"](x)
         errors = {name: ((fn(x) - reference).abs().max() / reference.abs().max()).item()
                   for name, fn in fns.items()}
-        for _ in range(args.repeats):
-            for name, fn in fns.items():
-                t0 = time.perf_counter()
-                fn(x)
-                times[name].append(time.perf_counter() - t0)
+        timed = time_cpu({name: (lambda fn=fn: fn(x)) for name, fn in fns.items()},
+                         args.repeats, 0)                  # round robin over the variants
+    times = {name: [t / 1e3 for t in timed[name]["times_ms"]] for name in fns}
     base = statistics.median(times["eager"])
     result = {"model": model.config.name, "size": list(args.size), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "repeats": args.repeats, "variants": {}}

@@ -19,16 +19,14 @@ from __future__ import annotations
 import copy
 import os
 import platform
-import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
-import numpy as np
 import torch
 
-from .model import build, calibrate_batchnorm
-
-PERCENTILES = (50, 90, 99)
-MIB = float(1 << 20)
+from .baseline import OfficialDecoder, official_forward
+from .calibration import calibrate_batchnorm
+from .model import build
+from .timing import time_frames
 
 
 def versions() -> Dict[str, Optional[str]]:
@@ -67,51 +65,6 @@ def device_name(device: torch.device) -> str:
     return f"{cpu_name()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _peak_rss_bytes() -> int:
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024     # KiB on Linux
-
-
-def time_frames(fn: Callable[[], object], device: torch.device, frames: int,
-                warmup: int) -> dict:
-    """Run ``fn`` ``warmup`` times, then ``frames`` timed times, synchronising the device around
-    each; latencies, FPS and peak memory (see the module doc)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    rss_before = _peak_rss_bytes()
-    first = None
-    for i in range(warmup):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        if i == 0:
-            first = time.perf_counter() - t0
-    latencies: List[float] = []
-    for _ in range(frames):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        latencies.append(time.perf_counter() - t0)
-    ms = np.array(latencies) * 1e3
-    out = {"fps": frames / float(np.sum(latencies)), "mean_ms": float(ms.mean()),
-           "first_pass_s": first, "frames": frames, "warmup": warmup}
-    out.update({f"p{q}_ms": float(np.percentile(ms, q)) for q in PERCENTILES})
-    if device.type == "cuda":
-        out["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / MIB
-        out["memory_measure"] = "torch.cuda.max_memory_allocated"
-    else:
-        out["peak_memory_mib"] = max(0, _peak_rss_bytes() - rss_before) / MIB
-        out["memory_measure"] = "peak RSS growth (ru_maxrss)"
-    return out
-
-
 def run_benchmark(name: str, *, size: Optional[Tuple[int, int]] = None, device=None,
                   backend: str = "auto", precision: str = "fp32", channels_last: bool = True,
                   compile=False, frames: int = 50, warmup: int = 5,
@@ -144,9 +97,9 @@ def run_benchmark(name: str, *, size: Optional[Tuple[int, int]] = None, device=N
     with torch.inference_mode():
         result["hyperseg"] = time_frames(lambda: model(x), device, frames, warmup)
         if reference is not None:
-            from .baseline import official_forward
-            result["official_decoder"] = time_frames(lambda: official_forward(reference, x),
-                                                     device, frames, warmup)
+            decoder = OfficialDecoder(reference)
+            result["official_decoder"] = time_frames(
+                lambda: official_forward(reference, x, decoder=decoder), device, frames, warmup)
             result["speedup_vs_official_decoder"] = (result["hyperseg"]["fps"] /
                                                      result["official_decoder"]["fps"])
     return result
