@@ -92,13 +92,13 @@ def uses_fma(depthwise: bool, kernel_size: int, cin_g: int, cout_g: int, block_p
     return not depthwise and kernel_size == 1 and min(block_p, cin_g, cout_g) < 16
 
 
-def fma_channel_blocks(cin_g: int, cout_g: int, block_p: int):
+def fma_channel_blocks(cin_g: int, cout_g: int, block_p: int, limit: int = 4096):
     """(BLOCK_CI, BLOCK_CO) of a multiply-add tile: blocks that cover small channel counts
-    exactly, their (channels x channels x pixels) product within 4,096 values (32 per thread at
-    4 warps)."""
+    exactly, their (channels x channels x pixels) product within ``limit`` values (4,096: 32 per
+    thread at 4 warps)."""
     block_ci = min(channel_block(cin_g, 16), triton.next_power_of_2(cin_g))
     block_co = min(channel_block(cout_g, 64), triton.next_power_of_2(cout_g))
-    while block_ci * block_co * block_p > 4096 and max(block_ci, block_co) > 1:
+    while block_ci * block_co * block_p > limit and max(block_ci, block_co) > 1:
         if block_ci >= block_co:
             block_ci //= 2
         else:
@@ -122,8 +122,9 @@ def _launch(x, out, weight, bias, groups, padding_mode):
                 else channel_block(cout_g, 64))
     block_ci = channel_block(cin_g, 32)
     fma = uses_fma(depthwise, kernel_size, cin_g, cout_g, block_p)
-    if fma:
-        block_ci, block_co = fma_channel_blocks(cin_g, cout_g, block_p)
+    if fma:         # 16-bit inputs: half the tile (their conversions made ptxas spill 8-32 B)
+        block_ci, block_co = fma_channel_blocks(cin_g, cout_g, block_p,
+                                                4096 if x.element_size() >= 4 else 2048)
     n_co = triton.cdiv(cout, block_co) if depthwise else groups * triton.cdiv(cout_g, block_co)
     grid = (b * gh * gw, n_co, triton.cdiv(ph * pw, block_p))
     _patch_conv_kernel[grid](
@@ -355,6 +356,12 @@ def _patch_conv_weight_grad_kernel(
                  mask=co_mask & first_ci_block)
 
 
+def _input_grad_warps(depthwise: bool, x) -> int:
+    """8 warps for the depthwise input gradient of 16-bit inputs (with 4, ptxas spilled 8 B of
+    its mirror-slot gather at reflect borders), 4 otherwise."""
+    return 8 if depthwise and x.element_size() < 4 else 4
+
+
 def _launch_backward(dout, x, weight, *, dx, dw, db, groups, padding_mode):
     """Fill ``dx`` (if not None) and ``dw`` / ``db`` (if not None) from ``dout``."""
     b, cin, h, w = x.shape
@@ -380,7 +387,7 @@ def _launch_backward(dout, x, weight, *, dx, dw, db, groups, padding_mode):
         _patch_conv_input_grad_kernel[(b * gh * gw, n_ci, triton.cdiv(ph * pw, block_p))](
             dout, weight, dx, h, w, gh, gw, cin, cout, cin_g, cout_g,
             SLOTS=mirror_slots(padding_mode, k // 2), BLOCK_CI=block_ci, BLOCK_CO=block_co,
-            BLOCK_P=block_p, FMA=fma, num_warps=4, **common)
+            BLOCK_P=block_p, FMA=fma, num_warps=_input_grad_warps(depthwise, x), **common)
     if dw is not None:
         block_co = channel_block(cout if depthwise else cout_g, 32)
         block_ci = channel_block(cin_g, 32)
