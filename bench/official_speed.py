@@ -25,9 +25,7 @@ import contextlib
 import copy
 import importlib
 import os
-import statistics
 import sys
-import time
 import types
 
 import torch
@@ -38,6 +36,7 @@ from hyperseg.benchmark import cpu_name
 from hyperseg.calibration import calibrate_batchnorm
 from hyperseg.official import official_names
 from hyperseg.options import parse_size
+from hyperseg.timing import time_cpu
 
 CONFIGS = {"hyperseg-m-cityscapes": ("cityscapes_efficientnet_b1_hyperseg-m", 19),
            "hyperseg-s-camvid": ("camvid_efficientnet_b1_hyperseg-s", 12),
@@ -76,16 +75,7 @@ def build_official(root: str, name: str) -> torch.nn.Module:
 
 def alternate(fns: dict, rounds: int) -> dict:
     """{key: median ms}: one run of each function per round, in turn, after one warm-up each."""
-    for fn in fns.values():
-        fn()
-    times = {key: [] for key in fns}
-    for _ in range(rounds):
-        for key, fn in fns.items():
-            t0 = time.perf_counter()
-            out = fn()
-            times[key].append((time.perf_counter() - t0) * 1e3)
-            del out
-    return {key: statistics.median(t) for key, t in times.items()}
+    return {key: t["median_ms"] for key, t in time_cpu(fns, rounds, warmup=1).items()}
 
 
 def main(argv=None) -> int:
