@@ -208,17 +208,17 @@ class MetaBlock(nn.Module):
     block with one of ``IMPLEMENTATIONS``, looked up in the block's table of methods."""
 
     num_params: int
+    # implementation -> the method that runs it
+    METHODS = {REFERENCE: "reference", FUSED: "fused", AUTOGRAD_KERNELS: "autograd_kernels"}
 
     def forward(self, x: Tensor, signal: Tensor, generator: "WeightGenerator", row_start: int,
                 implementation: str = REFERENCE) -> Tensor:
-        table = {REFERENCE: self.reference, FUSED: self.fused,
-                 AUTOGRAD_KERNELS: self.autograd_kernels}
-        if implementation not in table:
+        if implementation not in self.METHODS:
             raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
         if implementation != REFERENCE and kernels is None:
             raise NotImplementedError(f"the {implementation!r} implementation needs the Triton kernels "
                                       f"of hyperseg.kernels, which could not be imported")
-        return table[implementation](x, signal, generator, row_start)
+        return getattr(self, self.METHODS[implementation])(x, signal, generator, row_start)
 
     def reference(self, x, signal, generator, row_start) -> Tensor:
         raise NotImplementedError
@@ -484,8 +484,6 @@ class Decoder(nn.Module):
         """Logits at the size of ``inputs[0]`` (the image), from the backbone features
         ``inputs[1:]`` and the context signal; every block runs with ``implementation`` (one of
         ``IMPLEMENTATIONS``, chosen by ``HyperSeg.decoder_implementation``)."""
-        if implementation not in IMPLEMENTATIONS:
-            raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
         p = None
         for level in range(len(self.blocks)):
             p = self.run_level(level, self.level_input(level, inputs, p), signal, implementation)

@@ -79,9 +79,11 @@ def check_activation(activation: Optional[str]) -> None:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
-def check_patch_weight(x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: int) -> None:
+def check_patch_weight(x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                       groups: int) -> Tuple[int, int]:
     """x (B, Cin, H, W), weight (B, GH, GW, Cout, Cin / groups, k, k) with odd square k, bias
-    (B, GH, GW, Cout) or None: the arguments of a patch-wise convolution."""
+    (B, GH, GW, Cout) or None: the arguments of a patch-wise convolution. Returns the patch size
+    (ph, pw)."""
     if x.dim() != 4 or weight.dim() != 7:
         raise ValueError(f"expected x (B, Cin, H, W) and weight (B, GH, GW, Cout, Cin/groups, k, k), "
                          f"got {tuple(x.shape)} and {tuple(weight.shape)}")
@@ -96,7 +98,7 @@ def check_patch_weight(x: Tensor, weight: Tensor, bias: Optional[Tensor], groups
                          f"in {groups} group(s)")
     if bias is not None and tuple(bias.shape) != (b, gh, gw, cout):
         raise ValueError(f"bias must have shape {(b, gh, gw, cout)}, got {tuple(bias.shape)}")
-    check_grid(x, (gh, gw))
+    return check_grid(x, (gh, gw))
 
 
 def check_generator(signal: Tensor, generator_weight: Tensor, signal_offset: int,

@@ -151,10 +151,9 @@ def patch_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
         (B, Cout, H, W): every patch convolved with its own kernel; the k // 2 halo comes from
         the neighbouring patches inside the image and from ``padding_mode`` at its border.
     """
-    check_patch_weight(x, weight, bias, groups)
+    ph, pw = check_patch_weight(x, weight, bias, groups)
     b, cin, _, _ = x.shape
     _, gh, gw, cout, cin_g, kh, kw = weight.shape
-    ph, pw = check_grid(x, (gh, gw))
     halo = kh // 2
 
     patches = split_patches(pad_border(x, halo, padding_mode), (gh, gw), halo)

@@ -13,6 +13,7 @@ import torch
 
 from . import generate_weights as _generate_weights_ops  # noqa: F401  (registers its custom ops)
 from . import patch_conv as _patch_conv_ops  # noqa: F401  (registers its custom ops)
+from ..layout import patch_conv_rows
 from ._common import autocast, check_device, check_dtype, check_generated_op
 
 
@@ -24,7 +25,7 @@ class GeneratedPatchConv2dFunction(torch.autograd.Function):
     def _kernels(x, signal, weight, out_channels, generator_groups, row_start, groups, kernel_size):
         """The per-patch kernels, (B, GH, GW, Cout, Cin / groups, k, k)."""
         b, cin = x.shape[:2]
-        count = out_channels * (cin // groups) * kernel_size * kernel_size
+        count = patch_conv_rows(cin, out_channels, groups, kernel_size)
         params = torch.ops.hyperseg.generate_weights(signal, weight, generator_groups, row_start, count)
         return params.view(b, *signal.shape[2:4], out_channels, cin // groups, kernel_size, kernel_size)
 

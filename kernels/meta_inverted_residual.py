@@ -273,7 +273,7 @@ def executed_work(name: str, launch) -> Optional[dict]:
     k = a["K"]
     r = k // 2
     hidden_p = pad(a["HIDDEN"], a["BLOCK_H"])
-    count = a["HIDDEN"] * a["CIN"] + a["HIDDEN"] * k * k + a["COUT"] * a["HIDDEN"]
+    count = sum(inverted_residual_sizes(a["CIN"], a["HIDDEN"], a["COUT"], k))
     bands = -(-a["PH"] // a["BAND"])
     halo = pad((a["BAND"] + 2 * r) * (a["PW"] + 2 * r), a["HALO_CHUNK"])
     block_p = a["BAND"] * a["BLOCK_W"]

@@ -25,7 +25,7 @@ from ._common import (ACTIVATION_CODES, PADDING_CODES, activate, autotuned, bord
                       check_device, check_generated_op, dot_acc, dot_mode,
                       generator_layout, launch_options, output_like, patch_params_to_scratch,
                       signal_block)
-from ..layout import check_activation
+from ..layout import check_activation, patch_conv_rows
 
 
 @triton.jit
@@ -287,7 +287,7 @@ def _meta_patch_conv_op(x: torch.Tensor, signal: torch.Tensor, generator_weight:
         return out
     depthwise = groups == cin == out_channels
     cfg = patch_plan(cin, out_channels, groups, patch, depthwise)
-    count = out_channels * (cin // groups) * kernel_size ** 2
+    count = patch_conv_rows(cin, out_channels, groups, kernel_size)
     wscr = x.new_empty((b * gh * gw, count), dtype=torch.float32)
     _tuned_patch_kernel[(b * gh * gw,)](
         x, out, signal, gen, wscr, scale, shift, h, w, gh, gw, signal.shape[1], signal_offset,

@@ -68,3 +68,11 @@ def test_block_weights_come_from_the_generator_rows():
     full = decoder.generators[3](signal)
     n3 = decoder.blocks[3].num_params
     torch.testing.assert_close(decoder.block_weights(4, signal), full[..., n3:n3 + decoder.blocks[4].num_params])
+
+
+def test_a_block_refuses_an_unknown_implementation():
+    from hyperseg.decoder import GeneratorSpec, WeightGenerator
+    block = MetaConv(4, 4)
+    generator = WeightGenerator(GeneratorSpec(0, 8, 1, block.num_params, block.num_params, (0,)))
+    with pytest.raises(ValueError, match=r"implementation must be one of .* got 'cudnn'"):
+        block(torch.randn(1, 4, 4, 4), torch.randn(1, 8, 2, 2), generator, 0, "cudnn")

@@ -207,3 +207,26 @@ def test_inverted_residual_in_bands_of_patch_rows_is_identical(chunk_rows):
     whole = ops.patch_inverted_residual(x, expand, dw, project, residual=True, **norms)
     bands = ops.patch_inverted_residual(x, expand, dw, project, residual=True, chunk_rows=chunk_rows, **norms)
     torch.testing.assert_close(bands, whole, rtol=1e-12, atol=1e-12)
+
+
+def test_meta_block_argument_errors():
+    """The norm and version arguments of the whole-block references are checked."""
+    x, signal = torch.randn(1, 4, 4, 4), torch.randn(1, 8, 2, 2)
+    gen = torch.randn(4 * 4 * 9 + 4 * 4, 8, 1, 1)
+    scale, shift = torch.ones(4), torch.zeros(4)
+    with pytest.raises(ValueError, match="give both scale and shift, or neither"):
+        ops.meta_patch_conv(x, signal, gen, out_channels=4, scale=scale)
+    with pytest.raises(ValueError, match="give either scale and shift or norm, not both"):
+        ops.meta_patch_conv(x, signal, gen, out_channels=4, scale=scale, shift=shift,
+                            norm=torch.nn.BatchNorm2d(4))
+    with pytest.raises(TypeError, match=r"a norm must be a callable .* got str"):
+        ops.meta_inverted_residual(x, signal, gen, hidden=4, out_channels=4, norm1="batchnorm")
+    with pytest.raises(ValueError, match="version must be 'v1' or 'v0_1', got 'v2'"):
+        ops.meta_inverted_residual(x, signal, gen, hidden=4, out_channels=4, version="v2")
+    # a callable norm and a (scale, shift) pair of the same BatchNorm give the same block
+    bn = torch.nn.BatchNorm2d(4).eval()
+    bn.running_mean.uniform_(-1, 1)
+    by_module = ops.meta_inverted_residual(x, signal, gen, hidden=4, out_channels=4, norm1=bn)
+    by_pair = ops.meta_inverted_residual(x, signal, gen, hidden=4, out_channels=4,
+                                         norm1=ops.fold_batchnorm(bn))
+    torch.testing.assert_close(by_module, by_pair)
