@@ -6,7 +6,8 @@ Also per decoder block: forward + backward time of each backend beside the block
 gradient and the weight gradient each move and compute about what the forward does), and the
 memory the decoder keeps for the backward pass (bytes of the distinct tensors autograd saves
 during the decoder's forward, measured with torch.autograd.graph.saved_tensors_hooks: exact on
-any device, CPU included), beside CUDA's peak allocation on a GPU.
+any device, CPU included), and the peak memory of a whole step: CUDA's peak allocation on a GPU,
+the replayed allocation events of torch.profiler on CPU.
 
     python bench/train_step.py                              # hyperseg-m, 512x1024, batch 2, CUDA
     python bench/train_step.py --amp fp16 --json step.json
@@ -139,15 +140,42 @@ def report_blocks(models, x, args, device, autocast_dtype, sync, results) -> Non
               f"floor {row['floor_us']:.1f} us")
 
 
-def worst_gradient_error(models) -> float:
-    """The largest difference between the two decoders' gradients, relative to each gradient's
-    largest value, or to 1e-3 of the decoder's largest gradient for gradients that are (nearly)
-    zero and hold rounding noise only."""
-    pairs = [(p.grad, q.grad) for p, q in zip(models["torch"].decoder.parameters(),
-                                              models["triton"].decoder.parameters())]
-    largest = max(r.abs().max().item() for r, _ in pairs)
-    return max((g - r).abs().max().item() / max(r.abs().max().item(), 1e-3 * largest)
-               for r, g in pairs)
+def gradient_errors(reference, other) -> dict:
+    """{decoder parameter: largest difference between the two models' gradients}, relative to
+    the reference gradient's largest value, or to 1e-3 of the reference decoder's largest
+    gradient for gradients that are (nearly) zero and hold rounding noise only."""
+    pairs = [(name, p.grad.double(), q.grad.double()) for (name, p), q in
+             zip(reference.decoder.named_parameters(), other.decoder.parameters())]
+    largest = max(r.abs().max().item() for _, r, _ in pairs)
+    return {name: (g - r).abs().max().item() / max(r.abs().max().item(), 1e-3 * largest)
+            for name, r, g in pairs}
+
+
+def gradient_check(errors: dict, noise, tolerance: float):
+    """(passed, worst excess): each triton-vs-torch error within the tolerance, or within 3x the
+    reference's own rounding error (``noise``: torch at the step's precision against torch in
+    float64), where the gradient is dominated by rounding: an untrained model's small
+    gradients cancel, and there two correct float32 implementations differ by percents."""
+    excess = {name: err / max(tolerance, 3 * (noise or {}).get(name, 0.0))
+              for name, err in errors.items()}
+    worst = max(excess.values())
+    return worst <= 1.0, worst
+
+
+def step_peaks(models, step):
+    """{backend: peak MiB of one training step on CPU above the level before it}, from the
+    allocation events ``hyperseg.timing.MemoryMeter`` replays (None when that meter does not
+    work with this torch). The Triton interpreter's own numpy temporaries are not torch
+    allocations and are not counted: on a GPU a kernel allocates nothing but its outputs."""
+    from hyperseg.timing import MemoryMeter
+    meter = MemoryMeter("cpu")
+    if not meter.works:
+        return None
+    peaks = {}
+    for name, net in models.items():
+        step(net)                       # gradients allocated once, as in every later step
+        peaks[name] = meter.peak(lambda: step(net))[0] / 2 ** 20
+    return peaks
 
 
 def time_steps(models, step, args, device, sync, results) -> None:
@@ -205,6 +233,11 @@ def main(argv=None) -> int:
         loss.backward()
         return loss
 
+    def exact_step(net):
+        net.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        F.cross_entropy(net(x.double()), target, ignore_index=255).backward()
+
     models = {"torch": model, "triton": copy.deepcopy(model)}
     models["triton"].backend = "triton"
     # the same gradients first (decoder generators: the parameters the kernels differentiate),
@@ -214,16 +247,38 @@ def main(argv=None) -> int:
         with SavedBytes(net.decoder) as meter:
             step(net)
         saved[name] = meter.mib
-    worst = worst_gradient_error(models)
+    errors = gradient_errors(models["torch"], models["triton"])
+    worst = max(errors.values())
     tolerance = 1e-3 if autocast_dtype is None else 1e-1
+    noise = None
+    if worst > tolerance:
+        # how far the reference itself is from float64 there (only paid for when needed)
+        exact = copy.deepcopy(models["torch"]).double()
+        exact_step(exact)
+        noise = gradient_errors(exact, models["torch"])
+    passed, excess = gradient_check(errors, noise, tolerance)
     results = {"model": args.model, "size": list(args.size), "batch": args.batch, "amp": args.amp,
                "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)",
                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
                "worst_decoder_grad_rel_err": worst, "backends": {}}
     print(f"{args.model} {args.size[0]}x{args.size[1]} batch {args.batch} amp {args.amp} on {results['device']}")
-    print(f"decoder gradients, triton vs torch: worst relative error {worst:.2e} (tolerance {tolerance:g})")
+    results["decoder_grad_check_passed"] = passed
+    line = f"decoder gradients, triton vs torch: worst relative error {worst:.2e} (tolerance {tolerance:g}"
+    if noise is not None:
+        results["reference_grad_rounding"] = max(noise.values())
+        line += (f", or 3x the reference's own error against float64, up to {max(noise.values()):.2e}"
+                 f" here: {'within' if passed else 'NOT within'} it")
+    print(line + ")")
     results["decoder_saved_mib"] = saved
     print("decoder memory kept for backward: " + ", ".join(f"{k} {v:.1f} MiB" for k, v in saved.items()))
+    if device == "cpu":
+        # the peak of one whole step above the memory held before it; the backends share all but
+        # the decoder, so the difference is the decoder's
+        peaks = step_peaks(models, step)
+        if peaks is not None:
+            results["step_peak_mib"] = peaks
+            print("peak of one training step (torch.profiler allocations): "
+                  + ", ".join(f"{k} {v:.1f} MiB" for k, v in peaks.items()))
     report_blocks(models, x, args, device, autocast_dtype, sync, results)
 
     time_steps(models, step, args, device, sync, results)
@@ -234,7 +289,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
-    return 0 if worst <= tolerance else 1
+    return 0 if passed else 1
 
 
 if __name__ == "__main__":

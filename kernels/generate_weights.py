@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 from ..layout import check_generator
-from ._common import (accumulator, autocast, block, channel_block, check_device, check_dtype, dot_acc,
-                      dot_mode)
+from ._common import (accumulator, autocast, block, channel_block, check_device, check_dtype, dot_mode,
+                      mac)
 
 
 @triton.jit
@@ -45,20 +45,22 @@ def _generate_weights_kernel(
 
 @triton.jit
 def _generate_weights_signal_grad_kernel(
-        dout_ptr, gen_ptr, dsig_ptr, N, GHW, S, SPG, RPG, start, count,
+        dout_ptr, gen_ptr, dsig_ptr, N, GHW, S, SPG, RPG, start, count, C0, C1,
         ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
     # Program (patch block, signal-channel block): dsignal[n, c] = sum over the rows r of c's
     # group that were generated (start <= r < start + count) of gen[r, c % SPG] * dout[n, r - start].
-    # Each program owns its outputs (no atomics); the rows are visited in a fixed order.
+    # The blocks cover channels C0 .. C1 only, the groups that hold generated rows (the launcher
+    # zeroes the others). Each program owns its outputs (no atomics); the rows are visited in a
+    # fixed order.
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    c = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    c = C0 + tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
     n_mask = n < N
-    c_mask = c < S
+    c_mask = c < C1
     group = c // SPG
     s = c % SPG
     # rows j (within a group) that any channel of this block reads
-    first_group = (tl.program_id(1) * BLOCK_S) // SPG
-    last_group = tl.minimum(tl.program_id(1) * BLOCK_S + BLOCK_S - 1, S - 1) // SPG
+    first_group = (C0 + tl.program_id(1) * BLOCK_S) // SPG
+    last_group = tl.minimum(C0 + tl.program_id(1) * BLOCK_S + BLOCK_S - 1, C1 - 1) // SPG
     j_lo = tl.maximum(start - last_group * RPG, 0)
     j_hi = tl.minimum(start + count - first_group * RPG, RPG)
     acc = tl.zeros((BLOCK_N, BLOCK_S), dtype=ACC)
@@ -77,10 +79,12 @@ def _generate_weights_signal_grad_kernel(
 def _generate_weights_weight_grad_kernel(
         dout_ptr, sig_ptr, dgen_ptr, N, GHW, S, SPG, RPG, start, count,
         DOT_MODE: tl.constexpr, ACC: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr):
+        BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, FMA: tl.constexpr):
     # Program (group and row block within it, signal block): dgen[r, s] = sum over all patches n
     # of dout[n, r - start] * signal[n, group * SPG + s], one dot per block of patches, in a
-    # fixed order (deterministic). Rows that were not generated get a zero gradient.
+    # fixed order (deterministic). Rows that were not generated get a zero gradient. With FMA
+    # (fewer than 16 signal inputs per group, which a dot would pad to 16) the product is summed
+    # from broadcast multiply-adds over a (BLOCK_R, BLOCK_N, BLOCK_S) tile instead.
     n_row_blocks = tl.cdiv(RPG, BLOCK_R)
     group = tl.program_id(0) // n_row_blocks
     j = (tl.program_id(0) % n_row_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -100,9 +104,17 @@ def _generate_weights_weight_grad_kernel(
             sig_n = (n // GHW).to(tl.int64) * S * GHW + n % GHW
             v = tl.load(sig_ptr + sig_n[:, None] + chan[None, :] * GHW,
                         mask=n_mask[:, None] & s_mask[None, :], other=0.0)
-            acc = dot_acc(d, v, acc, DOT_MODE)
+            acc = mac(d, v, acc, DOT_MODE, FMA)
     tl.store(dgen_ptr + r.to(tl.int64)[:, None] * SPG + s[None, :], acc.to(dgen_ptr.dtype.element_ty),
              mask=r_out[:, None] & s_mask[None, :])
+
+
+def signal_channels(start: int, count: int, spg: int, rpg: int) -> Tuple[int, int]:
+    """The signal channels c0 .. c1 read by generated rows start .. start + count: those of the
+    groups the rows fall in (empty when count is 0)."""
+    if count <= 0:
+        return 0, 0
+    return start // rpg * spg, ((start + count - 1) // rpg + 1) * spg
 
 
 def _shapes(signal: torch.Tensor, weight: torch.Tensor, groups: int):
@@ -141,18 +153,32 @@ def _generate_weights_backward_op(dout: torch.Tensor, signal: torch.Tensor, weig
     acc, mode = accumulator(signal.dtype), dot_mode(signal.dtype)
     dsig = dgen = None
     if signal_grad:
-        dsig = torch.empty_like(signal)
-        block_n, block_s = channel_block(n, 32), channel_block(width, 32)
-        _generate_weights_signal_grad_kernel[(triton.cdiv(n, block_n), triton.cdiv(width, block_s))](
-            dout, weight, dsig, n, ghw, width, spg, rpg, start, count,
-            ACC=acc, BLOCK_N=block_n, BLOCK_S=block_s, num_warps=4)
+        # only the groups holding generated rows have a gradient: the kernel covers their
+        # channels c0 .. c1, the others are zeros
+        c0, c1 = signal_channels(start, count, spg, rpg)
+        dsig = (torch.empty_like if (c0, c1) == (0, width) else torch.zeros_like)(signal)
+        block_n, block_s = channel_block(n, 32), channel_block(c1 - c0, 32)
+        if c1 > c0:
+            _generate_weights_signal_grad_kernel[(triton.cdiv(n, block_n), triton.cdiv(c1 - c0, block_s))](
+                dout, weight, dsig, n, ghw, width, spg, rpg, start, count, c0, c1,
+                ACC=acc, BLOCK_N=block_n, BLOCK_S=block_s, num_warps=4)
     if weight_grad:
         dgen = torch.empty_like(weight)
-        block_r, block_s, block_n = channel_block(rpg, 32), channel_block(spg, 32), channel_block(n, 32)
+        fma = spg < 16
+        if fma:
+            # the signal inputs padded to a power of two only; a 3-D tile of at most 4,096
+            # products (2,048 for 16-bit inputs, whose conversions take registers too)
+            tile = 4096 if signal.element_size() >= 4 else 2048
+            block_s = triton.next_power_of_2(spg)
+            block_r = min(channel_block(rpg, 32), max(1, tile // (16 * block_s)))
+            block_n = min(channel_block(n, 32), max(1, tile // (block_r * block_s)))
+        else:
+            block_r, block_s, block_n = channel_block(rpg, 32), channel_block(spg, 32), channel_block(n, 32)
         grid = (groups * triton.cdiv(rpg, block_r), triton.cdiv(spg, block_s))
         _generate_weights_weight_grad_kernel[grid](
             dout, signal, dgen, n, ghw, width, spg, rpg, start, count,
-            DOT_MODE=mode, ACC=acc, BLOCK_R=block_r, BLOCK_S=block_s, BLOCK_N=block_n, num_warps=4)
+            DOT_MODE=mode, ACC=acc, BLOCK_R=block_r, BLOCK_S=block_s, BLOCK_N=block_n, FMA=fma,
+            num_warps=4)
     return tuple(signal.new_empty(0) if t is None else t for t in (dsig, dgen))
 
 
@@ -214,8 +240,9 @@ def executed_work(name: str, launch) -> Optional[dict]:
     """Multiply-accumulates a recorded launch executes, padded tiles included, and the useful ones
     (the interface of ``bench/kernel_report.py``, see bench/README.md): the forward, BLOCK_N x
     BLOCK_R x SPG per program; the signal gradient, BLOCK_N x BLOCK_S per generator row its
-    channel block reads; the weight gradient, a BLOCK_R x BLOCK_S x BLOCK_N dot per patch block in
-    the programs whose rows were generated (the others only write zeros). Useful: patches x
+    channel block reads (channels C0 .. C1); the weight gradient, a BLOCK_R x BLOCK_S x BLOCK_N
+    dot (or multiply-add tile) per patch block in the programs whose rows were generated (the
+    others only write zeros). Useful: patches x
     generated rows x SPG, for each of the three."""
     a = launch.args
     programs = launch.grid[0] * launch.grid[1] * launch.grid[2]
@@ -227,8 +254,8 @@ def executed_work(name: str, launch) -> Optional[dict]:
     if name == "_generate_weights_signal_grad_kernel":
         rows = 0
         for block in range(launch.grid[1]):
-            first = block * a["BLOCK_S"] // spg
-            last = min(block * a["BLOCK_S"] + a["BLOCK_S"] - 1, a["S"] - 1) // spg
+            first = (a["C0"] + block * a["BLOCK_S"]) // spg
+            last = min(a["C0"] + block * a["BLOCK_S"] + a["BLOCK_S"] - 1, a["C1"] - 1) // spg
             rows += max(0, min(start + a["count"] - first * rpg, rpg) - max(start - last * rpg, 0))
         macs = launch.grid[0] * rows * a["BLOCK_N"] * a["BLOCK_S"]
         return {"macs": macs, "tensor_core_macs": 0, "useful_macs": useful, "parts": {"signal_grad": macs}}
@@ -238,7 +265,7 @@ def executed_work(name: str, launch) -> Optional[dict]:
                      if max((p // row_blocks) * rpg + (p % row_blocks) * a["BLOCK_R"], start)
                      < min((p // row_blocks) * rpg + min((p % row_blocks + 1) * a["BLOCK_R"], rpg), end))
         macs = active * launch.grid[1] * -(-a["N"] // a["BLOCK_N"]) * a["BLOCK_N"] * a["BLOCK_R"] * a["BLOCK_S"]
-        tensor = macs if a["DOT_MODE"] in (0, 3) else 0
+        tensor = macs if a["DOT_MODE"] in (0, 3) and not a["FMA"] else 0
         return {"macs": macs, "tensor_core_macs": tensor, "useful_macs": useful,
                 "parts": {"weight_grad": macs}}
     return None

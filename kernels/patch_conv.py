@@ -24,13 +24,16 @@ from ..layout import check_patch_weight
 @triton.jit
 def _patch_conv_kernel(
         x_ptr, out_ptr, w_ptr, bias_ptr,
-        H, W, GH, GW, CIN, COUT, CIN_G, COUT_G,
+        H, W, GH, GW, CIN, COUT, CIN_G, COUT_G, CI_DOT,
         K: tl.constexpr, PAD_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
         DEPTHWISE: tl.constexpr, DOT_MODE: tl.constexpr, ACC: tl.constexpr,
-        BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_P: tl.constexpr, FMA: tl.constexpr):
+        BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_P: tl.constexpr, FMA: tl.constexpr,
+        TAIL: tl.constexpr):
     # Program (patch, channel block, pixel block): axis 0 is one patch of one image, axis 1 a
     # block of output channels within one group (depthwise: a block of channels), axis 2 a block
     # of the patch's pixels in row-major order, so a tile row of x is pw contiguous pixels.
+    # Dense: input channels 0 .. CI_DOT in blocks of BLOCK_CI (dots); with TAIL the rest, fewer
+    # than 16, one rank-1 multiply-add each (a dot would pad them to 16).
     pid_patch = tl.program_id(0)
     pid_co = tl.program_id(1)
     pid_p = tl.program_id(2)
@@ -61,9 +64,9 @@ def _patch_conv_kernel(
         co_mask = co_local < COUT_G
         co = g * COUT_G + co_local
         acc = tl.zeros((BLOCK_CO, BLOCK_P), dtype=ACC)
-        for ci0 in range(0, CIN_G, BLOCK_CI):
+        for ci0 in range(0, CI_DOT, BLOCK_CI):
             ci_local = ci0 + tl.arange(0, BLOCK_CI)
-            ci_mask = ci_local < CIN_G
+            ci_mask = ci_local < CI_DOT
             ci = g * CIN_G + ci_local
             w_mask = co_mask[:, None] & ci_mask[None, :]
             for t in range(KK):
@@ -76,6 +79,15 @@ def _patch_conv_kernel(
                 widx = (co[:, None] * CIN_G + ci_local[None, :]) * KK + t
                 wv = tl.load(w_base + widx, mask=w_mask, other=0.0)
                 acc = mac(wv, xv, acc, DOT_MODE, FMA)
+        if TAIL:
+            for ci_t in range(CI_DOT, CIN_G):
+                x_row = x_base + (g * CIN_G + ci_t).to(tl.int64) * HW
+                for t in range(KK):
+                    sy, vy = border_index(yy + (t // K - R), H, PAD_MODE)
+                    sx, vx = border_index(xx + (t % K - R), W, PAD_MODE)
+                    xv = tl.load(x_row + sy * W + sx, mask=p_mask & vy & vx, other=0.0)
+                    wv = tl.load(w_base + (co * CIN_G + ci_t) * KK + t, mask=co_mask, other=0.0)
+                    acc += wv.to(ACC)[:, None] * xv.to(ACC)[None, :]
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + pid_patch.to(tl.int64) * COUT + co, mask=co_mask, other=0.0)
@@ -106,6 +118,20 @@ def fma_channel_blocks(cin_g: int, cout_g: int, block_p: int, limit: int = 4096)
     return block_ci, block_co
 
 
+def dot_channels(n: int, block: int) -> Tuple[int, int]:
+    """(channels in dots, channels per dot) for a reduction over ``n`` channels in tl.dot
+    blocks of up to ``block``: above 16 channels, the largest multiple of 16 goes into dots, in
+    the largest power-of-two block up to ``block`` that divides it, and the rest (fewer than 16,
+    which a dot would pad to 16: 22 channels cost 32) into rank-1 multiply-adds (the kernels'
+    TAIL). At most 16 channels: one covering dot, as before."""
+    if n <= 16 or n % 16 == 0:
+        return n, block
+    dots = n // 16 * 16
+    while dots % block:
+        block //= 2
+    return dots, block
+
+
 def _launch(x, out, weight, bias, groups, padding_mode):
     b, cin, h, w = x.shape
     cout = out.shape[1]
@@ -122,16 +148,20 @@ def _launch(x, out, weight, bias, groups, padding_mode):
                 else channel_block(cout_g, 64))
     block_ci = channel_block(cin_g, 32)
     fma = uses_fma(depthwise, kernel_size, cin_g, cout_g, block_p)
+    ci_dot = cin_g
     if fma:         # 16-bit inputs: half the tile (their conversions made ptxas spill 8-32 B)
         block_ci, block_co = fma_channel_blocks(cin_g, cout_g, block_p,
                                                 4096 if x.element_size() >= 4 else 2048)
+    elif not depthwise:
+        ci_dot, block_ci = dot_channels(cin_g, block_ci)
     n_co = triton.cdiv(cout, block_co) if depthwise else groups * triton.cdiv(cout_g, block_co)
     grid = (b * gh * gw, n_co, triton.cdiv(ph * pw, block_p))
     _patch_conv_kernel[grid](
         x, out, weight, bias if bias is not None else x, h, w, gh, gw, cin, cout, cin_g, cout_g,
-        K=kernel_size, PAD_MODE=PADDING_CODES[padding_mode], HAS_BIAS=bias is not None,
+        ci_dot, K=kernel_size, PAD_MODE=PADDING_CODES[padding_mode], HAS_BIAS=bias is not None,
         DEPTHWISE=depthwise, DOT_MODE=dot_mode(x.dtype), ACC=accumulator(x.dtype),
-        BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_P=block_p, FMA=fma, num_warps=4)
+        BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_P=block_p, FMA=fma, TAIL=ci_dot < cin_g,
+        num_warps=4)
     return out
 
 
@@ -141,11 +171,13 @@ def _launch(x, out, weight, bias, groups, padding_mode):
 
 @triton.jit
 def _input_grad_1x1(acc, pid_patch, g, ci, ci_local, ci_mask, pix, q_mask, w_ptr, dout_base, HW,
-                    COUT, CIN_G, COUT_G, DEPTHWISE: tl.constexpr, DOT_MODE: tl.constexpr,
-                    ACC: tl.constexpr, BLOCK_CO: tl.constexpr, FMA: tl.constexpr):
+                    COUT, CIN_G, COUT_G, CO_DOT, DEPTHWISE: tl.constexpr, DOT_MODE: tl.constexpr,
+                    ACC: tl.constexpr, BLOCK_CO: tl.constexpr, FMA: tl.constexpr,
+                    TAIL: tl.constexpr):
     # A 1x1 convolution reads each input pixel only at the same output pixel, with its own
     # patch's kernel: no halo, no neighbours, no border cases (straight-line code, which keeps
-    # the accumulator in registers).
+    # the accumulator in registers). Output channels 0 .. CO_DOT go through dots; with TAIL the
+    # rest (fewer than 16) through rank-1 multiply-adds.
     w_base = w_ptr + pid_patch.to(tl.int64) * COUT * CIN_G
     if DEPTHWISE:
         wv = tl.load(w_base + ci, mask=ci_mask, other=0.0)
@@ -153,15 +185,21 @@ def _input_grad_1x1(acc, pid_patch, g, ci, ci_local, ci_mask, pix, q_mask, w_ptr
                      mask=ci_mask[:, None] & q_mask[None, :], other=0.0)
         acc += wv.to(ACC)[:, None] * gv.to(ACC)
     else:
-        for co0 in range(0, COUT_G, BLOCK_CO):
+        for co0 in range(0, CO_DOT, BLOCK_CO):
             co_local = co0 + tl.arange(0, BLOCK_CO)
-            co_mask = co_local < COUT_G
+            co_mask = co_local < CO_DOT
             co = g * COUT_G + co_local
             wt = tl.load(w_base + co[None, :] * CIN_G + ci_local[:, None],
                          mask=ci_mask[:, None] & co_mask[None, :], other=0.0)
             gv = tl.load(dout_base + co.to(tl.int64)[:, None] * HW + pix[None, :],
                          mask=co_mask[:, None] & q_mask[None, :], other=0.0)
             acc = mac(wt, gv, acc, DOT_MODE, FMA)
+        if TAIL:
+            for co_t in range(CO_DOT, COUT_G):
+                co1 = g * COUT_G + co_t
+                wt = tl.load(w_base + co1 * CIN_G + ci_local, mask=ci_mask, other=0.0)
+                gv = tl.load(dout_base + co1.to(tl.int64) * HW + pix, mask=q_mask, other=0.0)
+                acc += wt.to(ACC)[:, None] * gv.to(ACC)[None, :]
     return acc
 
 
@@ -218,10 +256,11 @@ def _input_grad_tap(acc, t, vy, vx, ok, vy_lo, vy_hi, vx_lo, vx_hi, b, g, ci, ci
 @triton.jit
 def _patch_conv_input_grad_kernel(
         dout_ptr, w_ptr, dx_ptr,
-        H, W, GH, GW, CIN, COUT, CIN_G, COUT_G,
+        H, W, GH, GW, CIN, COUT, CIN_G, COUT_G, CO_DOT,
         K: tl.constexpr, PAD_MODE: tl.constexpr, SLOTS: tl.constexpr, DEPTHWISE: tl.constexpr,
         DOT_MODE: tl.constexpr, ACC: tl.constexpr,
-        BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr, FMA: tl.constexpr):
+        BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr, FMA: tl.constexpr,
+        TAIL: tl.constexpr):
     # Program (patch, input-channel block, pixel block), the forward's layout with input and
     # output channels swapped: the gradient of a block of input pixels q of one patch, gathered
     # from every output pixel that read them (a gather, not a scatter: no atomics, deterministic).
@@ -252,8 +291,8 @@ def _patch_conv_input_grad_kernel(
     acc = tl.zeros((BLOCK_CI, BLOCK_P), dtype=ACC)
     if K == 1:
         acc = _input_grad_1x1(acc, pid_patch, g, ci, ci_local, ci_mask, qy * W + qx, q_mask, w_ptr,
-                              dout_base, HW, COUT, CIN_G, COUT_G, DEPTHWISE, DOT_MODE, ACC,
-                              BLOCK_CO, FMA)
+                              dout_base, HW, COUT, CIN_G, COUT_G, CO_DOT, DEPTHWISE, DOT_MODE,
+                              ACC, BLOCK_CO, FMA, TAIL)
     else:
         # the block's bounding box; mirror images exist only for pixels within R of the border
         y_first = gi * PH + (pid_p * BLOCK_P) // PW
@@ -287,42 +326,70 @@ def _patch_conv_input_grad_kernel(
 @triton.jit
 def _patch_conv_weight_grad_kernel(
         x_ptr, dout_ptr, dw_ptr, db_ptr,
-        H, W, GH, GW, CIN, COUT, CIN_G, COUT_G,
+        H, W, GH, GW, CIN, COUT, CIN_G, COUT_G, CI_DOT,
         K: tl.constexpr, PAD_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, DEPTHWISE: tl.constexpr,
         DOT_MODE: tl.constexpr, ACC: tl.constexpr,
-        BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_P: tl.constexpr, FMA: tl.constexpr):
+        BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_P: tl.constexpr, FMA: tl.constexpr,
+        TAIL: tl.constexpr):
     # Program (patch, channel block): a block of one patch's kernel, tap by tap,
     # dW[co, ci, t] = sum over the patch's pixels p of dout[co, p] * x[ci, border_index(p + d_t)],
     # accumulated pixel block by pixel block in a fixed order (deterministic). Tiles hold runs of
     # pw contiguous pixels. The programs of the first input-channel block also sum dout over the
-    # patch: the bias gradient.
+    # patch: the bias gradient. Input channels 0 .. CI_DOT come in BLOCK_CI blocks (dots); with
+    # TAIL, one more block per output-channel block takes the rest (fewer than 16) one channel at
+    # a time, each a sum over pixels of dout times that channel's row.
     pid_patch = tl.program_id(0)
     pid_c = tl.program_id(1)
     HW = H * W
-    KK: tl.constexpr = K * K
-    R: tl.constexpr = K // 2
-    n_pix = (H // GH) * (W // GW)
     b = pid_patch // (GH * GW)
     x_base = x_ptr + b.to(tl.int64) * CIN * HW
     dout_base = dout_ptr + b.to(tl.int64) * COUT * HW
     if DEPTHWISE:
         co = pid_c * BLOCK_CO + tl.arange(0, BLOCK_CO)
         co_mask = co < COUT
+        g = 0
         ci = co
+        ci_local = co
         ci_mask = co_mask
         first_ci_block = True
     else:
         n_co_blocks = tl.cdiv(COUT_G, BLOCK_CO)
-        n_ci_blocks = tl.cdiv(CIN_G, BLOCK_CI)
+        n_ci_blocks = tl.cdiv(CI_DOT, BLOCK_CI) + (1 if TAIL else 0)
         g = pid_c // (n_co_blocks * n_ci_blocks)
         rest = pid_c % (n_co_blocks * n_ci_blocks)
         co_local = (rest // n_ci_blocks) * BLOCK_CO + tl.arange(0, BLOCK_CO)
         ci_local = (rest % n_ci_blocks) * BLOCK_CI + tl.arange(0, BLOCK_CI)
         co_mask = co_local < COUT_G
-        ci_mask = ci_local < CIN_G
+        ci_mask = ci_local < CI_DOT
         co = g * COUT_G + co_local
         ci = g * CIN_G + ci_local
         first_ci_block = rest % n_ci_blocks == 0
+    if TAIL:
+        tail_block = rest % n_ci_blocks == n_ci_blocks - 1
+    else:
+        tail_block = False
+    if tail_block:
+        _weight_grad_tail(pid_patch, g, co, co_mask, x_base, dout_base, dw_ptr, H, W, GH, GW, COUT,
+                          CIN_G, CI_DOT, K, PAD_MODE, ACC, BLOCK_CO, BLOCK_P)
+    else:
+        _weight_grad_block(pid_patch, co, co_mask, ci, ci_mask, ci_local, first_ci_block, x_base,
+                           dout_base, dw_ptr, db_ptr, H, W, GH, GW, COUT, CIN_G, K, PAD_MODE,
+                           HAS_BIAS, DEPTHWISE, DOT_MODE, ACC, BLOCK_CO, BLOCK_CI, BLOCK_P, FMA)
+
+
+@triton.jit
+def _weight_grad_block(pid_patch, co, co_mask, ci, ci_mask, ci_local, first_ci_block, x_base,
+                       dout_base, dw_ptr, db_ptr, H, W, GH, GW, COUT, CIN_G, K: tl.constexpr,
+                       PAD_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, DEPTHWISE: tl.constexpr,
+                       DOT_MODE: tl.constexpr, ACC: tl.constexpr, BLOCK_CO: tl.constexpr,
+                       BLOCK_CI: tl.constexpr, BLOCK_P: tl.constexpr, FMA: tl.constexpr):
+    # One (output-channel block x input-channel block) tile of a patch's kernel gradient (and
+    # with the first input-channel block, the bias gradient), tap by tap, pixel block by pixel
+    # block.
+    HW = H * W
+    KK: tl.constexpr = K * K
+    R: tl.constexpr = K // 2
+    n_pix = (H // GH) * (W // GW)
     bias_sum = tl.zeros((BLOCK_CO,), dtype=ACC)
     for t in range(KK):
         if DEPTHWISE:
@@ -356,6 +423,32 @@ def _patch_conv_weight_grad_kernel(
                  mask=co_mask & first_ci_block)
 
 
+@triton.jit
+def _weight_grad_tail(pid_patch, g, co, co_mask, x_base, dout_base, dw_ptr, H, W, GH, GW, COUT,
+                      CIN_G, CI_DOT, K: tl.constexpr, PAD_MODE: tl.constexpr, ACC: tl.constexpr,
+                      BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr):
+    # dW[co, ci, t] for the tail input channels CI_DOT .. CIN_G, one channel and tap at a time:
+    # a (BLOCK_CO x BLOCK_P) product of dout and the channel's pixel row, summed over pixels.
+    HW = H * W
+    KK: tl.constexpr = K * K
+    R: tl.constexpr = K // 2
+    n_pix = (H // GH) * (W // GW)
+    for ci_t in range(CI_DOT, CIN_G):
+        x_row = x_base + (g * CIN_G + ci_t).to(tl.int64) * HW
+        for t in range(KK):
+            acc = tl.zeros((BLOCK_CO,), dtype=ACC)
+            for p0 in range(0, n_pix, BLOCK_P):
+                _, _, _, yy, xx, p_mask = patch_pixels(pid_patch, p0 // BLOCK_P, H, W, GH, GW, BLOCK_P)
+                sy, vy = border_index(yy + (t // K - R), H, PAD_MODE)
+                sx, vx = border_index(xx + (t % K - R), W, PAD_MODE)
+                gv = tl.load(dout_base + co.to(tl.int64)[:, None] * HW + (yy * W + xx)[None, :],
+                             mask=co_mask[:, None] & p_mask[None, :], other=0.0)
+                xv = tl.load(x_row + sy * W + sx, mask=p_mask & vy & vx, other=0.0)
+                acc += tl.sum(gv.to(ACC) * xv.to(ACC)[None, :], axis=1)
+            w_off = ((pid_patch.to(tl.int64) * COUT + co) * CIN_G + ci_t) * KK + t
+            tl.store(dw_ptr + w_off, acc.to(dw_ptr.dtype.element_ty), mask=co_mask)
+
+
 def _input_grad_warps(depthwise: bool, x) -> int:
     """8 warps for the depthwise input gradient of 16-bit inputs (with 4, ptxas spilled 8 B of
     its mirror-slot gather at reflect borders), 4 otherwise."""
@@ -381,24 +474,32 @@ def _launch_backward(dout, x, weight, *, dx, dw, db, groups, padding_mode):
         tight = k == 1
         block_ci = channel_block(cin if depthwise else cin_g, 16 if depthwise else 32, tight=tight)
         block_co = channel_block(cout_g, 32 if block_p > 16 else 16, tight=tight)
+        co_dot = cout_g
         if fma:
             block_ci, block_co = fma_channel_blocks(cin_g, cout_g, block_p)
+        elif k == 1 and not depthwise:      # the reduction runs over output channels
+            co_dot, block_co = dot_channels(cout_g, block_co)
         n_ci = triton.cdiv(cin, block_ci) if depthwise else groups * triton.cdiv(cin_g, block_ci)
         _patch_conv_input_grad_kernel[(b * gh * gw, n_ci, triton.cdiv(ph * pw, block_p))](
-            dout, weight, dx, h, w, gh, gw, cin, cout, cin_g, cout_g,
+            dout, weight, dx, h, w, gh, gw, cin, cout, cin_g, cout_g, co_dot,
             SLOTS=mirror_slots(padding_mode, k // 2), BLOCK_CI=block_ci, BLOCK_CO=block_co,
-            BLOCK_P=block_p, FMA=fma, num_warps=_input_grad_warps(depthwise, x), **common)
+            BLOCK_P=block_p, FMA=fma, TAIL=co_dot < cout_g,
+            num_warps=_input_grad_warps(depthwise, x), **common)
     if dw is not None:
         block_co = channel_block(cout if depthwise else cout_g, 32)
         block_ci = channel_block(cin_g, 32)
+        ci_dot = cin_g
         if fma:
             block_ci, block_co = fma_channel_blocks(cin_g, cout_g, block_p)
+        elif not depthwise:
+            ci_dot, block_ci = dot_channels(cin_g, block_ci)
+        tail = ci_dot < cin_g
         n_c = (triton.cdiv(cout, block_co) if depthwise
-               else groups * triton.cdiv(cout_g, block_co) * triton.cdiv(cin_g, block_ci))
+               else groups * triton.cdiv(cout_g, block_co) * (triton.cdiv(ci_dot, block_ci) + tail))
         _patch_conv_weight_grad_kernel[(b * gh * gw, n_c)](
             x, dout, dw, db if db is not None else dw, h, w, gh, gw, cin, cout, cin_g, cout_g,
-            HAS_BIAS=db is not None, BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_P=block_p,
-            FMA=fma, num_warps=4, **common)
+            ci_dot, HAS_BIAS=db is not None, BLOCK_CO=block_co, BLOCK_CI=block_ci,
+            BLOCK_P=block_p, FMA=fma, TAIL=tail, num_warps=4, **common)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -524,31 +625,41 @@ def executed_work(name: str, launch) -> Optional[dict]:
     tile. Input gradient: per tap, a BLOCK_CI x BLOCK_CO x BLOCK_P dot per output-channel block and
     neighbouring patch visited (the image-border mirror slots left out); depthwise BLOCK_CI x
     BLOCK_P. Weight gradient: per tap and pixel block, a BLOCK_CO x BLOCK_CI x BLOCK_P dot
-    (depthwise BLOCK_CO x BLOCK_P). Useful, for all three: B x H x W x COUT x CIN_G x K*K."""
+    (depthwise BLOCK_CO x BLOCK_P). The dots cover the reduction's first CI_DOT (input gradient:
+    CO_DOT) channels; the tail channels past them add one (BLOCK_CO or BLOCK_CI) x BLOCK_P
+    multiply-add tile per channel and tap, on CUDA cores. Useful, for all three:
+    B x H x W x COUT x CIN_G x K*K."""
     a = launch.args
     programs = launch.grid[0] * launch.grid[1] * launch.grid[2]
     kk = a["K"] * a["K"]
     useful = launch.grid[0] // (a["GH"] * a["GW"]) * a["H"] * a["W"] * a["COUT"] * a["CIN_G"] * kk
     tensor_cores = a["DOT_MODE"] in (0, 3) and not a["DEPTHWISE"] and not a.get("FMA")
+    tail = 0
     if name == "_patch_conv_kernel":
         if a["DEPTHWISE"]:
             conv = kk * a["BLOCK_CO"] * a["BLOCK_P"]
         else:
-            conv = triton.cdiv(a["CIN_G"], a["BLOCK_CI"]) * kk * a["BLOCK_CO"] * a["BLOCK_CI"] * a["BLOCK_P"]
+            conv = triton.cdiv(a["CI_DOT"], a["BLOCK_CI"]) * kk * a["BLOCK_CO"] * a["BLOCK_CI"] * a["BLOCK_P"]
+            tail = programs * (a["CIN_G"] - a["CI_DOT"]) * kk * a["BLOCK_CO"] * a["BLOCK_P"]
         macs, part = programs * conv, "conv"
     elif name == "_patch_conv_input_grad_kernel":
         if a["DEPTHWISE"]:
             macs = programs * kk * a["BLOCK_CI"] * a["BLOCK_P"]
         else:
             visits = _input_grad_neighbours(a, a["BLOCK_P"], launch.grid[2])
-            macs = (launch.grid[0] * launch.grid[1] * visits * triton.cdiv(a["COUT_G"], a["BLOCK_CO"])
+            macs = (launch.grid[0] * launch.grid[1] * visits * triton.cdiv(a["CO_DOT"], a["BLOCK_CO"])
                     * a["BLOCK_CI"] * a["BLOCK_CO"] * a["BLOCK_P"])
+            tail = programs * (a["COUT_G"] - a["CO_DOT"]) * a["BLOCK_CI"] * a["BLOCK_P"]   # 1x1 only
         part = "input_grad"
     elif name == "_patch_conv_weight_grad_kernel":
         pixel_blocks = triton.cdiv((a["H"] // a["GH"]) * (a["W"] // a["GW"]), a["BLOCK_P"])
         tile = a["BLOCK_CO"] * a["BLOCK_P"] * (1 if a["DEPTHWISE"] else a["BLOCK_CI"])
+        if a["TAIL"]:       # one program per output-channel block takes the tail channels
+            tail_programs = launch.grid[0] * launch.grid[1] // (triton.cdiv(a["CI_DOT"], a["BLOCK_CI"]) + 1)
+            tail = tail_programs * (a["CIN_G"] - a["CI_DOT"]) * kk * pixel_blocks * a["BLOCK_CO"] * a["BLOCK_P"]
+            programs -= tail_programs
         macs, part = programs * kk * pixel_blocks * tile, "weight_grad"
     else:
         return None
-    return {"macs": macs, "tensor_core_macs": macs if tensor_cores else 0, "useful_macs": useful,
-            "parts": {part: macs}}
+    return {"macs": macs + tail, "tensor_core_macs": macs if tensor_cores else 0, "useful_macs": useful,
+            "parts": {part: macs, "tail": tail} if tail else {part: macs}}

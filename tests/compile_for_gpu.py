@@ -61,13 +61,15 @@ def forward_variants(dtype):
     modes = (3, 1) if dtype == "fp32" else (0,)
     for depthwise, k in itertools.product((False, True), (1, 3, 5)):
         constexprs = dict(K=k, PAD_MODE=1, HAS_BIAS=True, DEPTHWISE=depthwise, DOT_MODE=int(dtype == "fp32"),
-                          ACC=tl.float32, BLOCK_CO=32, BLOCK_CI=32, BLOCK_P=64, FMA=False)
+                          ACC=tl.float32, BLOCK_CO=32, BLOCK_CI=32, BLOCK_P=64, FMA=False,
+                          TAIL=not depthwise)
         yield f"patch_conv depthwise={depthwise} k={k}", _patch_conv_kernel, constexprs
     # 1x1 on multiply-adds: tiny patches (4 pixels), and 8 output channels
     for block_co, block_ci, block_p in ((32, 16, 4), (8, 8, 64)):
         yield (f"patch_conv fma {block_co}x{block_ci}x{block_p}", _patch_conv_kernel,
                dict(K=1, PAD_MODE=0, HAS_BIAS=True, DEPTHWISE=False, DOT_MODE=int(dtype == "fp32"),
-                    ACC=tl.float32, BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_P=block_p, FMA=True))
+                    ACC=tl.float32, BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_P=block_p, FMA=True,
+                    TAIL=False))
     for mode in modes:
         for patch, spg in (((1, 1), 13), ((2, 2), 6)):
             yield (f"meta_conv_many_patches patch={patch} spg={spg} dot_mode={mode}",
@@ -97,24 +99,29 @@ def backward_variants(dtype):
     acc = tl.float64 if dtype == "fp64" else tl.float32
     for depthwise, k, pad in ((False, 1, 1), (False, 3, 1), (True, 3, 0), (True, 5, 2)):
         slots = {0: 1, 1: 3, 2: 2 * (k // 2) + 1}[pad] if k > 1 else 1
+        # TAIL (rank-1 multiply-adds for the channels past the last multiple of 16): the input
+        # gradient has it in its 1x1 path only
+        tail = not depthwise
         yield (f"patch_conv input grad depthwise={depthwise} k={k} pad={pad}", _patch_conv_input_grad_kernel,
                dict(K=k, PAD_MODE=pad, SLOTS=slots, DEPTHWISE=depthwise, DOT_MODE=mode, ACC=acc,
-                    BLOCK_CI=32, BLOCK_CO=32, BLOCK_P=64, FMA=False))
+                    BLOCK_CI=32, BLOCK_CO=32, BLOCK_P=64, FMA=False, TAIL=tail and k == 1))
         yield (f"patch_conv weight grad depthwise={depthwise} k={k} pad={pad}", _patch_conv_weight_grad_kernel,
                dict(K=k, PAD_MODE=pad, HAS_BIAS=True, DEPTHWISE=depthwise, DOT_MODE=mode, ACC=acc,
-                    BLOCK_CO=32, BLOCK_CI=32, BLOCK_P=64, FMA=False))
+                    BLOCK_CO=32, BLOCK_CI=32, BLOCK_P=64, FMA=False, TAIL=tail))
     for block_co, block_ci, block_p in ((32, 16, 4), (8, 8, 64)):
         yield (f"patch_conv input grad fma {block_co}x{block_ci}x{block_p}", _patch_conv_input_grad_kernel,
                dict(K=1, PAD_MODE=0, SLOTS=1, DEPTHWISE=False, DOT_MODE=mode, ACC=acc,
-                    BLOCK_CI=block_ci, BLOCK_CO=block_co, BLOCK_P=block_p, FMA=True))
+                    BLOCK_CI=block_ci, BLOCK_CO=block_co, BLOCK_P=block_p, FMA=True, TAIL=False))
         yield (f"patch_conv weight grad fma {block_co}x{block_ci}x{block_p}", _patch_conv_weight_grad_kernel,
                dict(K=1, PAD_MODE=0, HAS_BIAS=True, DEPTHWISE=False, DOT_MODE=mode, ACC=acc,
-                    BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_P=block_p, FMA=True))
+                    BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_P=block_p, FMA=True, TAIL=False))
     yield "generate_weights", _generate_weights_kernel, dict(ACC=acc, BLOCK_N=32, BLOCK_R=64)
     yield ("generate_weights signal grad", _generate_weights_signal_grad_kernel,
            dict(ACC=acc, BLOCK_N=32, BLOCK_S=32))
     yield ("generate_weights weight grad", _generate_weights_weight_grad_kernel,
-           dict(DOT_MODE=mode, ACC=acc, BLOCK_R=32, BLOCK_S=32, BLOCK_N=32))
+           dict(DOT_MODE=mode, ACC=acc, BLOCK_R=32, BLOCK_S=32, BLOCK_N=32, FMA=False))
+    yield ("generate_weights weight grad fma", _generate_weights_weight_grad_kernel,
+           dict(DOT_MODE=mode, ACC=acc, BLOCK_R=32, BLOCK_S=4, BLOCK_N=32, FMA=True))
 
 
 def main(dtypes=("fp32", "fp16", "bf16", "fp64")):

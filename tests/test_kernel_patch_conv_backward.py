@@ -179,3 +179,34 @@ def test_generated_patch_conv2d_errors():
         kernels.generated_patch_conv2d(x, signal, gen, **{**ok, "row_start": 2})
     with pytest.raises(ValueError, match="tile"):
         kernels.generated_patch_conv2d(randn(1, 4, 9, 8), signal, gen, **ok)
+
+
+def test_dot_channels_split_a_reduction_into_dots_and_a_tail():
+    from hyperseg.kernels.patch_conv import dot_channels
+    # (channels, largest block) -> (channels in dots, block): the rest is the multiply-add tail
+    assert dot_channels(22, 32) == (16, 16)
+    assert dot_channels(52, 32) == (48, 16)
+    assert dot_channels(68, 16) == (64, 16)
+    assert dot_channels(64, 64) == (64, 64)      # a multiple of 16: no tail
+    assert dot_channels(12, 16) == (12, 16)      # at most 16: one covering dot
+    assert dot_channels(40, 64) == (32, 32)
+
+
+@pytest.mark.parametrize("groups,k,dtype", [(1, 1, "fp32"), (2, 1, "bf16"), (2, 3, "fp32")])
+def test_patch_conv2d_dots_and_channel_tail(small_pixel_blocks, small_channel_blocks, groups, k, dtype):
+    # 50 input channels (25 per group): 48 in three 16-channel dots and a 2-channel tail (groups 2:
+    # 16 + 9); 38 output channels: the 1x1 input gradient reduces over them, 32 + 6 (19: 16 + 3).
+    # 3x3 (forward and weight-gradient tails over the taps) on fewer pixels: the interpreter's
+    # dense 3x3 input gradient is slow.
+    dtype = DTYPES[dtype]
+    grid, patch = ((2, 2), (4, 8)) if k == 1 else ((1, 2), (4, 4))
+    x, weight, bias = _inputs(1, grid, patch, 50, 38, groups, k, dtype)
+    out = kernels.patch_conv2d(x, weight, bias, padding_mode="reflect", groups=groups)
+    leaves = [t.detach().float().requires_grad_() for t in (x, weight, bias)]
+    ref = ops.patch_conv2d(*leaves, padding_mode="reflect", groups=groups)
+    assert_grads_match(out.float(), ref, dtype, "output")
+    dout = randn(*out.shape, dtype=dtype)
+    got = torch.autograd.grad(out, (x, weight, bias), dout)
+    want = torch.autograd.grad(ref, leaves, dout.float())
+    for name, g, r in zip(("x", "weight", "bias"), got, want):
+        assert_grads_match(g, r, dtype, f"{name} (groups {groups}, k {k})")
