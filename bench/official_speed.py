@@ -13,8 +13,14 @@ and this package's model gets the same weights through ``hyperseg.official.offic
 Each level's official module and ``baseline.official_level`` run on the same input; then the whole
 official model, our backbone and context head with the official decoder
 (``baseline.official_forward``), and our model (torch backend, fp32, not compiled) in contiguous
-and in channels_last format.
-Rounds alternate the variants; the figures are medians. The official code imports ``ffmpeg``
+and in channels_last format. ``--compile`` adds our model with torch.compile and channels_last
+(the best CPU settings) to the same rounds: compiled afresh at each thread count (Inductor's CPU
+kernels are specialised on the thread count), in a fresh temporary Inductor cache unless
+``--inductor-cache DIR`` names one, so that the first pass, timed apart and printed, is a cold
+compile (after the first thread count, kernels whose code is the same may come from that cache);
+its logits are checked against the eager channels_last model's.
+Rounds alternate the variants; the figures are medians. Every whole-model variant's logits are
+compared with the official model's (max |err| printed). The official code imports ``ffmpeg``
 (video I/O only): an empty ``ffmpeg.py`` on the path is enough.
 """
 from __future__ import annotations
@@ -26,6 +32,7 @@ import copy
 import importlib
 import os
 import sys
+import tempfile
 import types
 
 import torch
@@ -37,6 +44,13 @@ from hyperseg.calibration import calibrate_batchnorm
 from hyperseg.official import official_names
 from hyperseg.options import parse_size
 from hyperseg.timing import time_cpu
+
+# Allowed max |err| of the compiled model's logits against the eager ones, relative to
+# max(1, max |eager logits|). Through the whole model fp32 rounding grows: measured against a
+# float64 pass, hyperseg-m's eager fp32 logits (ours contiguous or channels_last, and the official
+# model's) are off by up to 9e-5 relative at 512x1024 and 1.8e-3 at 64x128. The check catches a
+# wrong compiled graph (errors of order one), not rounding.
+COMPILE_TOLERANCE = 5e-3
 
 CONFIGS = {"hyperseg-m-cityscapes": ("cityscapes_efficientnet_b1_hyperseg-m", 19),
            "hyperseg-s-camvid": ("camvid_efficientnet_b1_hyperseg-s", 12),
@@ -78,6 +92,22 @@ def alternate(fns: dict, rounds: int) -> dict:
     return {key: t["median_ms"] for key, t in time_cpu(fns, rounds, warmup=1).items()}
 
 
+def max_error(out: torch.Tensor, ref: torch.Tensor) -> tuple:
+    """(max |out - ref|, that error relative to max(1, max |ref|))."""
+    err = (out - ref).abs().max().item()
+    return err, err / max(1.0, ref.abs().max().item())
+
+
+def compiled_copy(model: torch.nn.Module, x: torch.Tensor) -> tuple:
+    """(a torch.compile'd copy of ``model``, its first pass on ``x`` in seconds): the compile.
+    Dynamo's caches are reset first, so that nothing compiled at another thread count is reused."""
+    torch._dynamo.reset()
+    compiled = copy.deepcopy(model)
+    compiled.compile()
+    first = time_cpu({"first pass": lambda: compiled(x)}, 1, warmup=0)["first pass"]["median_ms"]
+    return compiled, first / 1e3
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--official", required=True, help="a clone of YuvalNirkin/hyperseg")
@@ -87,7 +117,19 @@ def main(argv=None) -> int:
     p.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--no-whole", action="store_true", help="blocks only")
+    p.add_argument("--compile", action="store_true",
+                   help="also time our model with torch.compile + channels_last (whole model; "
+                        "the first pass compiles, minutes on a CPU, timed apart)")
+    p.add_argument("--inductor-cache", metavar="DIR",
+                   help="with --compile: Inductor's cache (default: a fresh temporary directory, "
+                        "so that the first pass is a cold compile)")
     args = p.parse_args(argv)
+    if args.compile and args.no_whole:
+        p.error("--compile times the whole model: it cannot go with --no-whole")
+    if args.compile:      # Inductor reads the variable at each use (importing timm sets a default)
+        fresh = None if args.inductor_cache else tempfile.TemporaryDirectory(prefix="inductor-")
+        cache = args.inductor_cache or fresh.name           # fresh: removed when the script ends
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
     torch.set_grad_enabled(False)
     torch.manual_seed(0)
     ours = hyperseg.build(args.model, backend="torch", channels_last=False).eval()
@@ -104,7 +146,11 @@ def main(argv=None) -> int:
     fast = copy.deepcopy(ours)
     fast.channels_last = True                     # hyperseg.build's default
     print(f"{args.model} {args.size[0]}x{args.size[1]} fp32 CPU: {cpu_name()}, "
-          f"{os.cpu_count()} cores; medians of {args.rounds} alternating rounds")
+          f"{os.cpu_count()} cores; medians of {args.rounds} alternating rounds "
+          f"({max(3, args.rounds // 2)} for the whole model); torch {torch.__version__}")
+    if args.compile:
+        print(f"torch.compile: Inductor cache {cache}")
+    failed = False
     for threads in [int(t) for t in args.threads.split(",")]:
         torch.set_num_threads(threads)
         print(f"\n{threads} thread(s), load average at start {os.getloadavg()}")
@@ -127,11 +173,25 @@ def main(argv=None) -> int:
                    "ours + baseline decoder": lambda: baseline.official_forward(ours, x, None, decoder),
                    "ours, contiguous": lambda: ours(x),
                    "ours, channels_last": lambda: fast(x)}
+            if args.compile:
+                print(f"load average before compiling {os.getloadavg()}", flush=True)
+                compiled, first_s = compiled_copy(fast, x)
+                err, rel = max_error(compiled(x), fast(x))
+                ok = rel <= COMPILE_TOLERANCE
+                failed |= not ok
+                print(f"torch.compile + channels_last: first pass (compile) {first_s:.1f} s; "
+                      f"logits vs eager channels_last: max |err| {err:.1e}, relative {rel:.1e} "
+                      f"({'within' if ok else 'OVER'} {COMPILE_TOLERANCE:.0e})", flush=True)
+                fns["ours, compiled + channels_last"] = lambda: compiled(x)
+            reference = fns["official model"]()
+            errors = {key: max_error(fn(), reference) for key, fn in fns.items()}
             med = alternate(fns, max(3, args.rounds // 2))
             for key, ms in med.items():
-                print(f"whole model, {key:26s} {ms:9.1f} ms  official / this {med['official model'] / ms:.3f}")
-        print(f"load average at end {os.getloadavg()}")
-    return 0
+                print(f"whole model, {key:32s} {ms:9.1f} ms  official / this "
+                      f"{med['official model'] / ms:.3f}  max err vs official {errors[key][0]:.1e} "
+                      f"(relative {errors[key][1]:.1e})")
+        print(f"load average at end {os.getloadavg()}", flush=True)
+    return int(failed)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import hyperseg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,12 +122,16 @@ def test_train_step_refuses_cpu_without_the_interpreter():
     assert "--interpret" in proc.stderr
 
 
-def _train_step_module():
+def _bench_module(name):
     import importlib.util
-    spec = importlib.util.spec_from_file_location("train_step", ROOT / "bench" / "train_step.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _train_step_module():
+    return _bench_module("train_step")
 
 
 def test_train_step_counts_the_memory_a_module_keeps_for_backward():
@@ -155,3 +161,18 @@ def test_train_step_gradient_check_allows_the_references_own_rounding_only():
     assert check({"a": 2e-3}, None, 1e-3)[0] is False
     assert check({"a": 2e-2}, {"a": 1e-2}, 1e-3)[0] is True        # reference off by 1e-2 itself
     assert check({"a": 2e-2, "b": 2e-2}, {"a": 1e-2, "b": 1e-4}, 1e-3)[0] is False
+
+
+def test_official_speed_errors_and_options_need_no_official_clone(tmp_path):
+    """bench/official_speed.py runs against a local clone of the official code, absent here: its
+    error is relative to max(1, max |reference|), and --compile (a whole-model variant) is refused
+    with --no-whole before the clone is read."""
+    import torch
+    official_speed = _bench_module("official_speed")
+    err, rel = official_speed.max_error(torch.tensor([0.6, -4.2]), torch.tensor([0.5, -4.0]))
+    assert math.isclose(err, 0.2, rel_tol=1e-5) and math.isclose(rel, 0.05, rel_tol=1e-5)
+    err, rel = official_speed.max_error(torch.tensor([0.25, 0.0]), torch.tensor([0.5, 0.0]))
+    assert err == rel == 0.25                  # max |reference| below 1: the error itself
+    with pytest.raises(SystemExit) as exit_info:
+        official_speed.main(["--official", str(tmp_path / "absent"), "--compile", "--no-whole"])
+    assert exit_info.value.code == 2
