@@ -60,9 +60,9 @@ SMALL = {
 }
 # a GPU with >= 60 GiB: C * H * W > 2**31 in the input (in the output gradient for the backward)
 GPU_LARGE = {
-    "patch_conv2d": Geometry(32, 8192, 8256, 64, 64, 32),
+    "patch_conv2d": Geometry(48, 8192, 8256, 64, 64, 48),    # the last channels' c * H * W > 2**31
     "patch_conv2d_backward": Geometry(16, 1024, 2080, 32, 32, 1024),
-    "meta_patch_conv": Geometry(82, 5120, 5120, 64, 64, 16),
+    "meta_patch_conv": Geometry(82, 5184, 5184, 64, 64, 16),
     "meta_inverted_residual": Geometry(34, 8192, 8192, 128, 128, 8),
 }
 # CPU, through the interpreter: 2080 patches of 32x32 pixels and 1024 channels (one program per
@@ -185,14 +185,11 @@ def test_kernel_on_more_than_2_31_elements(op):
 
 
 def test_the_large_cases_are_large():
-    """The CPU cases' largest tensor (the largest of input and output channels times H * W) has
-    more than 2**31 elements and the offset of its last channel, channel * H * W, is beyond 2**31;
-    the GPU's, where it runs them, have more than 2**31 elements."""
-    for g, _ in CPU_LARGE.values():
-        assert (max(g.c, g.cout) - 1) * g.h * g.w >= 2 ** 31
-    if LARGE:
-        for g in GPU_LARGE.values():
-            assert max(g.c, g.cout) * g.h * g.w > 2 ** 31
+    """The large cases' largest tensor (the largest of input and output channels times H * W),
+    on CPU and on a GPU, has more than 2**31 elements and the offset of its last channel,
+    channel * H * W, is beyond 2**31 by itself (so a 32-bit product of the two wraps)."""
+    for g in [g for g, _ in CPU_LARGE.values()] + list(GPU_LARGE.values()):
+        assert (max(g.c, g.cout) - 1) * g.h * g.w >= 2 ** 31, g
 
 
 def _run_on_cpu(op):
