@@ -83,8 +83,8 @@ def _generate_weights_weight_grad_kernel(
     # Program (group and row block within it, signal block): dgen[r, s] = sum over all patches n
     # of dout[n, r - start] * signal[n, group * SPG + s], one dot per block of patches, in a
     # fixed order (deterministic). Rows that were not generated get a zero gradient. With FMA
-    # (fewer than 16 signal inputs per group, which a dot would pad to 16) the product is summed
-    # from broadcast multiply-adds over a (BLOCK_R, BLOCK_N, BLOCK_S) tile instead.
+    # (at most 8 signal inputs per group, which a dot would pad to 16: 2x or more) the product is
+    # summed from broadcast multiply-adds over a (BLOCK_R, BLOCK_N, BLOCK_S) tile instead.
     n_row_blocks = tl.cdiv(RPG, BLOCK_R)
     group = tl.program_id(0) // n_row_blocks
     j = (tl.program_id(0) % n_row_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -164,7 +164,7 @@ def _generate_weights_backward_op(dout: torch.Tensor, signal: torch.Tensor, weig
                 ACC=acc, BLOCK_N=block_n, BLOCK_S=block_s, num_warps=4)
     if weight_grad:
         dgen = torch.empty_like(weight)
-        fma = spg < 16
+        fma = spg <= 8         # padded to 16 by a dot (9 to 15: a dot still, on tensor cores)
         if fma:
             # the signal inputs padded to a power of two only; a 3-D tile of at most 4,096
             # products (2,048 for 16-bit inputs, whose conversions take registers too)

@@ -176,3 +176,15 @@ def test_official_speed_errors_and_options_need_no_official_clone(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         official_speed.main(["--official", str(tmp_path / "absent"), "--compile", "--no-whole"])
     assert exit_info.value.code == 2
+
+
+def test_train_step_collects_the_interpreters_cycles_only_within():
+    """bench/train_step.py's CPU peak: within ``interpreter_cycles_collected`` every interpreted
+    launch is followed by a garbage collection (its argument-copy closures form a reference cycle
+    holding the launch's tensors); outside, Triton's interpreter is as it was."""
+    from triton.runtime.interpreter import GridExecutor
+    train_step = _train_step_module()
+    original = GridExecutor.__call__
+    with train_step.interpreter_cycles_collected():
+        assert GridExecutor.__call__ is not original
+    assert GridExecutor.__call__ is original

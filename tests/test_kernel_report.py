@@ -19,8 +19,10 @@ sys.path.insert(0, str(BENCH))
 import kernel_report  # noqa: E402  (light: no triton, no hyperseg at import)
 
 # Every reported inference kernel meets kernel_report.CHECKS (no spills, no stack frame, at least
-# 16 warps per SM) and every block kernel_report.BLOCK_CHECKS (executed work within 2x of the
-# minimal), checked on hyperseg-m at its official size.
+# 16 warps per SM), every kernel only the training step launches kernel_report.TRAIN_CHECKS (no
+# spills, no stack frame, executed work within 2x of the useful), and every block
+# kernel_report.BLOCK_CHECKS (executed work within 2x of the minimal), checked on hyperseg-m at its
+# official size and recipe crop.
 ENFORCE_PROPERTIES = True
 
 
@@ -50,7 +52,8 @@ def small_report(tmp_path_factory):
         pytest.skip("triton without its NVIDIA backend or ptxas")
     tmp_path = tmp_path_factory.mktemp("kernel_report")
     out = tmp_path / "report.json"
-    result = _run(["--model", "hyperseg-m", "--size", "512x1024", "--dtype", "fp32", "--json", str(out),
+    result = _run(["--model", "hyperseg-m", "--size", "512x1024", "--dtype", "fp32", "--train",
+                   "--train-size", "512x1024", "--json", str(out),
                    "--cache-dir", str(tmp_path / "triton-cache")], tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return json.loads(out.read_text()), result.stdout
@@ -61,13 +64,16 @@ def test_every_launch_compiles_and_is_read(small_report):
     (entry,) = report["reports"]
     assert entry["model"] == "hyperseg-m-cityscapes" and entry["dtype"] == "fp32"
     kernels = entry["kernels"]
-    assert {p for k in kernels for p in k["phases"]} == {"inference"}
+    assert {p for k in kernels for p in k["phases"]} == {"inference", "train"}
     for kernel in kernels:
         assert kernel["compiled"], kernel.get("error")
         assert kernel["registers"] > 0 and kernel["warps_per_sm"] > 0
         assert kernel["sass"]["instructions"] > 0
     names = {k["kernel"] for k in kernels if "inference" in k["phases"]}
     assert names == {"_meta_conv_many_patches_kernel", "_meta_inverted_residual_kernel"}
+    train = {k["kernel"] for k in kernels if "train" in k["phases"]}
+    assert {"_patch_conv_input_grad_kernel", "_patch_conv_weight_grad_kernel",
+            "_generate_weights_weight_grad_kernel"} <= train
     assert "warps/SM" in stdout and "floor us" in stdout
     if ENFORCE_PROPERTIES:
         assert not property_failures(report), property_failures(report)
