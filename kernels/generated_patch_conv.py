@@ -47,7 +47,7 @@ class GeneratedPatchConv2dFunction(torch.autograd.Function):
         need_kernels = need_signal or need_weight
         dx, dkernels, _ = torch.ops.hyperseg.patch_conv2d_backward(
             dout, x, kernels, need_x, need_kernels, False, padding_mode, groups)
-        del kernels, dout        # not needed any more: free them before the generator's backward
+        del kernels              # regenerated for this backward only: freed before the generator's
         dsignal = dweight = None
         if need_kernels:
             dparams = dkernels.flatten(3)                      # (B, GH, GW, rows generated)

@@ -378,6 +378,19 @@ def _patch_conv_weight_grad_kernel(
 
 
 @triton.jit
+def _tap_pixels(pid_patch, p0, t, H, W, GH, GW, K: tl.constexpr, PAD_MODE: tl.constexpr,
+                BLOCK_P: tl.constexpr):
+    """The pixel block starting at p0 of a patch: its pixels' offsets in a channel plane and
+    their mask, and the offsets of the pixels tap t reads for them (borders resolved by PAD_MODE)
+    with the mask of those that exist."""
+    R: tl.constexpr = K // 2
+    _, _, _, yy, xx, p_mask = patch_pixels(pid_patch, p0 // BLOCK_P, H, W, GH, GW, BLOCK_P)
+    sy, vy = border_index(yy + (t // K - R), H, PAD_MODE)
+    sx, vx = border_index(xx + (t % K - R), W, PAD_MODE)
+    return yy * W + xx, p_mask, sy * W + sx, p_mask & vy & vx
+
+
+@triton.jit
 def _weight_grad_block(pid_patch, co, co_mask, ci, ci_mask, ci_local, first_ci_block, x_base,
                        dout_base, dw_ptr, db_ptr, H, W, GH, GW, COUT, CIN_G, K: tl.constexpr,
                        PAD_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, DEPTHWISE: tl.constexpr,
@@ -388,7 +401,6 @@ def _weight_grad_block(pid_patch, co, co_mask, ci, ci_mask, ci_local, first_ci_b
     # block.
     HW = H * W
     KK: tl.constexpr = K * K
-    R: tl.constexpr = K // 2
     n_pix = (H // GH) * (W // GW)
     bias_sum = tl.zeros((BLOCK_CO,), dtype=ACC)
     for t in range(KK):
@@ -397,13 +409,11 @@ def _weight_grad_block(pid_patch, co, co_mask, ci, ci_mask, ci_local, first_ci_b
         else:
             acc = tl.zeros((BLOCK_CO, BLOCK_CI), dtype=ACC)
         for p0 in range(0, n_pix, BLOCK_P):
-            _, _, _, yy, xx, p_mask = patch_pixels(pid_patch, p0 // BLOCK_P, H, W, GH, GW, BLOCK_P)
-            sy, vy = border_index(yy + (t // K - R), H, PAD_MODE)
-            sx, vx = border_index(xx + (t % K - R), W, PAD_MODE)
-            gv = tl.load(dout_base + co.to(tl.int64)[:, None] * HW + (yy * W + xx)[None, :],
+            pix, p_mask, src, s_mask = _tap_pixels(pid_patch, p0, t, H, W, GH, GW, K, PAD_MODE, BLOCK_P)
+            gv = tl.load(dout_base + co.to(tl.int64)[:, None] * HW + pix[None, :],
                          mask=co_mask[:, None] & p_mask[None, :], other=0.0)
-            xv = tl.load(x_base + ci.to(tl.int64)[:, None] * HW + (sy * W + sx)[None, :],
-                         mask=ci_mask[:, None] & (p_mask & vy & vx)[None, :], other=0.0)
+            xv = tl.load(x_base + ci.to(tl.int64)[:, None] * HW + src[None, :],
+                         mask=ci_mask[:, None] & s_mask[None, :], other=0.0)
             if DEPTHWISE:
                 acc += tl.sum(gv.to(ACC) * xv.to(ACC), axis=1)
             else:
@@ -431,19 +441,17 @@ def _weight_grad_tail(pid_patch, g, co, co_mask, x_base, dout_base, dw_ptr, H, W
     # a (BLOCK_CO x BLOCK_P) product of dout and the channel's pixel row, summed over pixels.
     HW = H * W
     KK: tl.constexpr = K * K
-    R: tl.constexpr = K // 2
     n_pix = (H // GH) * (W // GW)
     for ci_t in range(CI_DOT, CIN_G):
         x_row = x_base + (g * CIN_G + ci_t).to(tl.int64) * HW
         for t in range(KK):
             acc = tl.zeros((BLOCK_CO,), dtype=ACC)
             for p0 in range(0, n_pix, BLOCK_P):
-                _, _, _, yy, xx, p_mask = patch_pixels(pid_patch, p0 // BLOCK_P, H, W, GH, GW, BLOCK_P)
-                sy, vy = border_index(yy + (t // K - R), H, PAD_MODE)
-                sx, vx = border_index(xx + (t % K - R), W, PAD_MODE)
-                gv = tl.load(dout_base + co.to(tl.int64)[:, None] * HW + (yy * W + xx)[None, :],
+                pix, p_mask, src, s_mask = _tap_pixels(pid_patch, p0, t, H, W, GH, GW, K, PAD_MODE,
+                                                       BLOCK_P)
+                gv = tl.load(dout_base + co.to(tl.int64)[:, None] * HW + pix[None, :],
                              mask=co_mask[:, None] & p_mask[None, :], other=0.0)
-                xv = tl.load(x_row + sy * W + sx, mask=p_mask & vy & vx, other=0.0)
+                xv = tl.load(x_row + src, mask=s_mask, other=0.0)
                 acc += tl.sum(gv.to(ACC) * xv.to(ACC)[None, :], axis=1)
             w_off = ((pid_patch.to(tl.int64) * COUT + co) * CIN_G + ci_t) * KK + t
             tl.store(dw_ptr + w_off, acc.to(dw_ptr.dtype.element_ty), mask=co_mask)
