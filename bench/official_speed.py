@@ -126,6 +126,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.compile and args.no_whole:
         p.error("--compile times the whole model: it cannot go with --no-whole")
+    if not os.path.isdir(os.path.join(args.official, "configs", "train")):
+        p.error(f"--official {args.official}: not a clone of github.com/YuvalNirkin/hyperseg "
+                "(no configs/train folder)")
     if args.compile:      # Inductor reads the variable at each use (importing timm sets a default)
         fresh = None if args.inductor_cache else tempfile.TemporaryDirectory(prefix="inductor-")
         cache = args.inductor_cache or fresh.name           # fresh: removed when the script ends

@@ -163,7 +163,7 @@ def test_train_step_gradient_check_allows_the_references_own_rounding_only():
     assert check({"a": 2e-2, "b": 2e-2}, {"a": 1e-2, "b": 1e-4}, 1e-3)[0] is False
 
 
-def test_official_speed_errors_and_options_need_no_official_clone(tmp_path):
+def test_official_speed_errors_and_options_need_no_official_clone(tmp_path, capsys):
     """bench/official_speed.py runs against a local clone of the official code, absent here: its
     error is relative to max(1, max |reference|), and --compile (a whole-model variant) is refused
     with --no-whole before the clone is read."""
@@ -176,6 +176,11 @@ def test_official_speed_errors_and_options_need_no_official_clone(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         official_speed.main(["--official", str(tmp_path / "absent"), "--compile", "--no-whole"])
     assert exit_info.value.code == 2
+    # a folder that is not the official clone: a clear error before any model is built
+    with pytest.raises(SystemExit) as exit_info:
+        official_speed.main(["--official", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "not a clone of github.com/YuvalNirkin/hyperseg" in capsys.readouterr().err
 
 
 def test_train_step_collects_the_interpreters_cycles_only_within():
