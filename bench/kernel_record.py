@@ -39,7 +39,8 @@ class Launch:
     (``num_warps``, ``num_stages``...); ``signature`` / ``constexprs`` / ``attrs``: what
     ``ASTSource`` takes; ``key``: the JIT's cache key (one compiled kernel per key); ``variant``:
     the autotune config, or ""; ``phase``: "inference" or "train"; ``level``: the decoder level
-    that was running (None outside the decoder blocks)."""
+    that was running (None outside the decoder blocks); ``call``: the number of the kernel call
+    it belongs to (an autotuned call records one launch per config, all with one number)."""
     fn: Any
     args: Dict[str, Any]
     grid: Tuple[int, int, int]
@@ -51,6 +52,7 @@ class Launch:
     variant: str
     phase: str
     level: Optional[int]
+    call: int = 0
 
     @property
     def name(self) -> str:
@@ -70,6 +72,8 @@ class Recorder:
         self.phase = "inference"
         self.level: Optional[int] = None
         self.variant = ""
+        self.calls = 0                          # kernel calls so far
+        self.tuning = False                     # inside an autotuned call
         self.inputs: Dict[int, tuple] = {}      # level -> shape of the block's input (inference)
         self._binders: Dict[int, Any] = {}
         self._key_cache: Dict[Any, str] = {}
@@ -91,8 +95,10 @@ class Recorder:
         grid = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
         described = {k: TensorArg(tuple(v.shape), v.dtype, tuple(v.stride()))
                      if isinstance(v, torch.Tensor) else v for k, v in bound.items()}
+        if not self.tuning:
+            self.calls += 1
         self.launches.append(Launch(fn, described, grid, parsed, signature, constexprs, attrs, key,
-                                    self.variant, self.phase, self.level))
+                                    self.variant, self.phase, self.level, self.calls))
 
 
 def _kernel_modules():
@@ -123,12 +129,15 @@ def recording(recorder: Recorder):
             configs = self.prune_configs(kwargs)
         except Exception:     # a pruning that needs a GPU: all configs
             configs = self.configs
+        recorder.calls += 1
+        recorder.tuning = True
         for config in configs:
             recorder.variant = str(config)
             try:
                 self.fn.run(*args, **kwargs, **config.all_kwargs())
             finally:
                 recorder.variant = ""
+        recorder.tuning = False
         self.nargs = None
 
     try:

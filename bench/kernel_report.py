@@ -27,12 +27,17 @@ import time
 
 from kernel_roofline import DTYPE_BYTES, GPUS, PEAKS, block_floors, block_roofline  # noqa: F401
 
-# Properties every inference kernel must meet (``--check``): (field, operator, value).
+# Properties every inference kernel must meet (``--check``): (field, operator, value). The
+# activation loads and stores of the image interior sit on source lines tagged
+# ``# interior: vector`` (kernel_sass.VECTOR_TAG); each kernel has some, and every one compiles to
+# at least 8 bytes per thread (or, in a tile smaller than that per thread, to all its elements).
 CHECKS = [
     ("compiled", "==", True),
     ("spill_bytes", "==", 0),
     ("stack", "==", 0),
     ("warps_per_sm", ">=", 16),
+    ("vector_lines", ">=", 1),
+    ("narrow_vector_lines", "==", 0),
 ]
 # Properties every kernel of the training step must meet (``--train --check``): no spills, no
 # stack frame, executed multiply-adds within 2x of the useful ones (over all its launches; the
@@ -43,6 +48,7 @@ TRAIN_CHECKS = [
     ("spill_bytes", "==", 0),
     ("stack", "==", 0),
     ("redundancy", "<=", 2.0),
+    ("narrow_vector_lines", "==", 0),
 ]
 # Properties every decoder block must meet: executed work within 2x of the minimal (which counts
 # the v1 expand over each patch's halo as minimal).
@@ -230,10 +236,10 @@ def _blocks(model, size, batch, dtype, groups, kernels, recorded_inputs) -> list
         if shape is not None and tuple(shape[2:]) != (g["H"], g["W"]):
             raise RuntimeError(f"level {level}: recorded input {shape}, roofline assumed {g}")
         mine = [ln for ln in launches if ln.phase == "inference" and ln.level == level]
-        # an autotuned launch is recorded once per config; its work counts once (configs differ
-        # in warps, not in the work done)
-        first_config = {}
-        counted = [ln for ln in mine if first_config.setdefault(ln.name, ln.variant) == ln.variant]
+        # an autotuned call is recorded once per config; its work counts once (configs differ
+        # in warps and stages, not in the work done)
+        calls = set()
+        counted = [ln for ln in mine if ln.call not in calls and not calls.add(ln.call)]
         executed = _sum_work([_executed(ln) for ln in counted])
         row["kernels"] = sorted({spec_ids[ln.spec_key] for ln in mine})
         row["executed"] = executed
@@ -296,10 +302,19 @@ def _users(used_by: list) -> str:
     return " ".join(text)
 
 
+def _vector_cell(kernel: dict) -> str:
+    """Tagged interior access lines that compiled to vectors / all tagged ones ("-" for none)."""
+    tagged = kernel.get("vector_lines")
+    if not tagged:
+        return "-"
+    return f"{tagged - kernel['narrow_vector_lines']}/{tagged}"
+
+
 def kernel_table(entry: dict) -> list:
     lines = [f"{'#':>2} {'kernel':<34} {'used by':<22} {'grid':<13} {'w':>1} {'regs':>4} "
              f"{'spill st/ld':>11} {'stack':>5} {'smem KB':>7} {'warps/SM':>8} {'HGMMA':>5} "
-             f"{'HMMA':>4} {'FFMA':>5} {'LDG max':>7} {'LDL+STL':>7} {'comp s':>6} {'redund.':>7}"]
+             f"{'HMMA':>4} {'FFMA':>5} {'LDG max':>7} {'vector':>6} {'LDL+STL':>7} {'comp s':>6} "
+             f"{'redund.':>7}"]
     for k in entry["kernels"]:
         grid = "x".join(map(str, k["grids"][0])) + ("+" if len(k["grids"]) > 1 else "")
         name = _short(k["kernel"]) + (" (tuned)" if k["variant"] else "")   # w: the config's warps
@@ -312,7 +327,8 @@ def kernel_table(entry: dict) -> list:
             f"{head} {k['num_warps']:>1} {k['registers']:>4} "
             f"{str(k['spill_stores']) + '/' + str(k['spill_loads']):>11} {k['stack']:>5} "
             f"{k['shared'] / 1024:>7.1f} {k['warps_per_sm']:>8} {s['HGMMA']:>5} {s['HMMA']:>4} "
-            f"{s['FFMA']:>5} {str(s['widest_load']) + 'B':>7} {s['LDL'] + s['STL']:>7} "
+            f"{s['FFMA']:>5} {str(s['widest_load']) + 'B':>7} {_vector_cell(k):>6} "
+            f"{s['LDL'] + s['STL']:>7} "
             f"{k['compile_s']:>6.1f} "
             + (f"{k['redundancy']:>6.2f}x" if k.get("redundancy") is not None else f"{'':>7}"))
     return lines

@@ -70,17 +70,33 @@ def mirror_slots(padding_mode: str, halo: int) -> int:
 
 
 @triton.jit
-def patch_pixels(pid_patch, pid_p, H, W, GH, GW, BLOCK_P: tl.constexpr):
+def patch_pixels(pid_patch, pid_p, H, GH, GW, PW: tl.constexpr, BLOCK_P: tl.constexpr):
     """The pixels of one program: ``pid_patch`` numbers a patch of one image (b, gi, gj), and
-    ``pid_p`` a block of BLOCK_P of its pixels in row-major order. Returns the image index ``b``,
-    the patch's grid position (gi, gj), the pixels' image rows and columns, and their mask."""
+    ``pid_p`` a block of BLOCK_P of its pixels in row-major order; the image is GW * PW wide.
+    Returns the image index ``b``, the patch's grid position (gi, gj), the pixels' image rows and
+    columns, and their mask. With
+    the patch width a compile-time constant the compiler sees runs of PW contiguous columns
+    starting at a multiple of PW (vector loads and stores where PW allows)."""
     gj = pid_patch % GW
     gi = (pid_patch // GW) % GH
     b = pid_patch // (GH * GW)
     PH = H // GH
-    PW = W // GW
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     return b, gi, gj, gi * PH + p // PW, gj * PW + p % PW, p < PH * PW
+
+
+@triton.jit
+def tap_source(yy, xx, t, H, W, K: tl.constexpr, PAD_MODE: tl.constexpr):
+    """Offsets in a channel plane of the pixels tap t of a k x k convolution reads for output
+    pixels (yy, xx), borders resolved by PAD_MODE, and which of them exist. A 1x1 convolution
+    reads the pixels themselves (no border arithmetic, so runs of columns stay contiguous)."""
+    if K == 1:
+        return yy * W + xx, yy == yy
+    else:
+        R: tl.constexpr = K // 2
+        sy, vy = border_index(yy + (t // K - R), H, PAD_MODE)
+        sx, vx = border_index(xx + (t % K - R), W, PAD_MODE)
+        return sy * W + sx, vy & vx
 
 
 @triton.jit
@@ -168,8 +184,9 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def autotuned(kernel, key, warps=(4, 8), prune=None):
-    """``kernel`` autotuned over ``warps`` warps per program on a GPU: the first launch with a new
+def autotuned(kernel, key, warps=(4, 8), prune=None, stages=(3,)):
+    """``kernel`` autotuned over ``warps`` warps per program (and ``stages`` software-pipelining
+    stages: 3 is Triton's default) on a GPU: the first launch with a new
     ``key`` (argument names: the block's shape) times each configuration and keeps the fastest.
     ``prune(configs, args) -> configs`` drops configurations that do not suit a launch before any
     is timed. Under the interpreter (decided at import, like ``triton.jit`` itself) the plain
@@ -180,8 +197,8 @@ def autotuned(kernel, key, warps=(4, 8), prune=None):
     prune_by = None
     if prune is not None:
         prune_by = {"early_config_prune": lambda configs, args, **kwargs: prune(configs, {**args, **kwargs})}
-    return triton.autotune([triton.Config({}, num_warps=w) for w in warps], key=list(key),
-                           prune_configs_by=prune_by)(kernel)
+    configs = [triton.Config({}, num_warps=w, num_stages=n) for w in warps for n in stages]
+    return triton.autotune(configs, key=list(key), prune_configs_by=prune_by)(kernel)
 
 
 def launch_options(kernel, num_warps: int) -> dict:

@@ -22,10 +22,17 @@ from ._common import (accumulator, autocast, block, channel_block, check_device,
 @triton.jit
 def _generate_weights_kernel(
         sig_ptr, gen_ptr, out_ptr, N, GHW, S, SPG, RPG, start, count,
-        ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+        ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+        COUNT_ALIGN: tl.constexpr, GHW_ALIGN: tl.constexpr):
     # Program (patch block, row block): out[n, r] = sum_s gen[start + r, s] * signal[n, c(r) + s]
     # where c(r) is the first signal channel of row start + r's group. The output is
-    # (patches, count) row-major, so each tile row stores BLOCK_R contiguous values.
+    # (patches, count) row-major, so each tile row stores BLOCK_R contiguous values, from an
+    # offset that is a multiple of COUNT_ALIGN (a power of two dividing count, from the launcher);
+    # a tile column of the signal is BLOCK_N consecutive patches (GHW_ALIGN: a power of two
+    # dividing the patches per image, hence also N).
+    count = count // COUNT_ALIGN * COUNT_ALIGN
+    GHW = GHW // GHW_ALIGN * GHW_ALIGN
+    N = N // GHW_ALIGN * GHW_ALIGN          # (N = images x GHW)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     n_mask = n < N
@@ -37,21 +44,26 @@ def _generate_weights_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=ACC)
     for s in range(SPG):
         g = tl.load(gen_ptr + rows * SPG + s, mask=r_mask, other=0.0).to(ACC)
-        v = tl.load(sig_ptr + sig_n[:, None] + (chan + s)[None, :] * GHW, mask=mask, other=0.0)
+        v = tl.load(  # interior: vector
+            sig_ptr + sig_n[:, None] + (chan + s)[None, :] * GHW, mask=mask, other=0.0)
         acc += v.to(ACC) * g[None, :]
-    tl.store(out_ptr + n.to(tl.int64)[:, None] * count + r[None, :],
-             acc.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(  # interior: vector when COUNT_ALIGN >= 4
+        out_ptr + n.to(tl.int64)[:, None] * count + r[None, :], acc.to(out_ptr.dtype.element_ty),
+        mask=mask)
 
 
 @triton.jit
 def _generate_weights_signal_grad_kernel(
         dout_ptr, gen_ptr, dsig_ptr, N, GHW, S, SPG, RPG, start, count, C0, C1,
-        ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
+        ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+        GHW_ALIGN: tl.constexpr):
     # Program (patch block, signal-channel block): dsignal[n, c] = sum over the rows r of c's
     # group that were generated (start <= r < start + count) of gen[r, c % SPG] * dout[n, r - start].
     # The blocks cover channels C0 .. C1 only, the groups that hold generated rows (the launcher
     # zeroes the others). Each program owns its outputs (no atomics); the rows are visited in a
-    # fixed order.
+    # fixed order. GHW_ALIGN: a power of two dividing the patches per image.
+    GHW = GHW // GHW_ALIGN * GHW_ALIGN
+    N = N // GHW_ALIGN * GHW_ALIGN          # (N = images x GHW)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     c = C0 + tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
     n_mask = n < N
@@ -72,19 +84,24 @@ def _generate_weights_signal_grad_kernel(
                     mask=n_mask[:, None] & r_mask[None, :], other=0.0)
         acc += d.to(ACC) * g[None, :]
     off = (n // GHW).to(tl.int64)[:, None] * S * GHW + c[None, :] * GHW + (n % GHW)[:, None]
-    tl.store(dsig_ptr + off, acc.to(dsig_ptr.dtype.element_ty), mask=n_mask[:, None] & c_mask[None, :])
+    tl.store(dsig_ptr + off, acc.to(dsig_ptr.dtype.element_ty),  # interior: vector
+             mask=n_mask[:, None] & c_mask[None, :])
 
 
 @triton.jit
 def _generate_weights_weight_grad_kernel(
         dout_ptr, sig_ptr, dgen_ptr, N, GHW, S, SPG, RPG, start, count,
         DOT_MODE: tl.constexpr, ACC: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, FMA: tl.constexpr):
+        BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, FMA: tl.constexpr,
+        GHW_ALIGN: tl.constexpr):
     # Program (group and row block within it, signal block): dgen[r, s] = sum over all patches n
     # of dout[n, r - start] * signal[n, group * SPG + s], one dot per block of patches, in a
     # fixed order (deterministic). Rows that were not generated get a zero gradient. With FMA
     # (at most 8 signal inputs per group, which a dot would pad to 16: 2x or more) the product is
     # summed from broadcast multiply-adds over a (BLOCK_R, BLOCK_N, BLOCK_S) tile instead.
+    # GHW_ALIGN: a power of two dividing the patches per image.
+    GHW = GHW // GHW_ALIGN * GHW_ALIGN
+    N = N // GHW_ALIGN * GHW_ALIGN          # (N = images x GHW)
     n_row_blocks = tl.cdiv(RPG, BLOCK_R)
     group = tl.program_id(0) // n_row_blocks
     j = (tl.program_id(0) % n_row_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -102,7 +119,7 @@ def _generate_weights_weight_grad_kernel(
             d = tl.load(dout_ptr + n.to(tl.int64)[None, :] * count + (r - start)[:, None],
                         mask=r_mask[:, None] & n_mask[None, :], other=0.0)
             sig_n = (n // GHW).to(tl.int64) * S * GHW + n % GHW
-            v = tl.load(sig_ptr + sig_n[:, None] + chan[None, :] * GHW,
+            v = tl.load(sig_ptr + sig_n[:, None] + chan[None, :] * GHW,  # interior: vector
                         mask=n_mask[:, None] & s_mask[None, :], other=0.0)
             acc = mac(d, v, acc, DOT_MODE, FMA)
     tl.store(dgen_ptr + r.to(tl.int64)[:, None] * SPG + s[None, :], acc.to(dgen_ptr.dtype.element_ty),
@@ -115,6 +132,12 @@ def signal_channels(start: int, count: int, spg: int, rpg: int) -> Tuple[int, in
     if count <= 0:
         return 0, 0
     return start // rpg * spg, ((start + count - 1) // rpg + 1) * spg
+
+
+def _alignment(n: int) -> int:
+    """The largest power of two up to 16 that divides ``n`` (1 for 0): the kernels' *_ALIGN
+    arguments, which let the compiler see that rows of that length start aligned."""
+    return max(1, min(16, n & -n))
 
 
 def _shapes(signal: torch.Tensor, weight: torch.Tensor, groups: int):
@@ -134,7 +157,8 @@ def _generate_weights_op(signal: torch.Tensor, weight: torch.Tensor, groups: int
     block_n, block_r = channel_block(n, 32), block(count, high=64)
     _generate_weights_kernel[(triton.cdiv(n, block_n), triton.cdiv(count, block_r))](
         signal, weight, out, n, ghw, width, spg, rpg, start, count,
-        ACC=accumulator(signal.dtype), BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4)
+        ACC=accumulator(signal.dtype), BLOCK_N=block_n, BLOCK_R=block_r,
+        COUNT_ALIGN=_alignment(count), GHW_ALIGN=_alignment(ghw), num_warps=4)
     return out
 
 
@@ -161,7 +185,8 @@ def _generate_weights_backward_op(dout: torch.Tensor, signal: torch.Tensor, weig
         if c1 > c0:
             _generate_weights_signal_grad_kernel[(triton.cdiv(n, block_n), triton.cdiv(c1 - c0, block_s))](
                 dout, weight, dsig, n, ghw, width, spg, rpg, start, count, c0, c1,
-                ACC=acc, BLOCK_N=block_n, BLOCK_S=block_s, num_warps=4)
+                ACC=acc, BLOCK_N=block_n, BLOCK_S=block_s, GHW_ALIGN=_alignment(ghw),
+                num_warps=4)
     if weight_grad:
         dgen = torch.empty_like(weight)
         fma = spg <= 8         # padded to 16 by a dot (9 to 15: a dot still, on tensor cores)
@@ -178,7 +203,7 @@ def _generate_weights_backward_op(dout: torch.Tensor, signal: torch.Tensor, weig
         _generate_weights_weight_grad_kernel[grid](
             dout, signal, dgen, n, ghw, width, spg, rpg, start, count,
             DOT_MODE=mode, ACC=acc, BLOCK_R=block_r, BLOCK_S=block_s, BLOCK_N=block_n, FMA=fma,
-            num_warps=4)
+            GHW_ALIGN=_alignment(ghw), num_warps=4)
     return tuple(signal.new_empty(0) if t is None else t for t in (dsig, dgen))
 
 

@@ -20,50 +20,82 @@ from ..layout import (check_generated, check_generator, check_inverted_residual,
 
 
 @triton.jit
-def _expand_halo_to_scratch(yscr, wscr, x_base, h, h_mask, s1, t1, y0, x0, rows, H, W, HW,
-                            CIN: tl.constexpr, R: tl.constexpr, HALO_W: tl.constexpr,
-                            HALO_N: tl.constexpr, HALO_CAP: tl.constexpr, PAD_MODE: tl.constexpr,
-                            DOT_MODE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                            HALO_CHUNK: tl.constexpr):
-    # Step 1 of a hidden chunk: the 1x1 expand (rows h of the patch's expand weights in ``wscr``)
-    # of the band's ``rows`` rows plus the halo, whose top-left image pixel is (y0, x0); BN1
-    # (s1, t1) and ReLU6, stored row-major into the scratch tile ``yscr``, HALO_CHUNK pixels at a
-    # time. Each chunk is one dot per BLOCK_K input channels.
-    h_loc = tl.arange(0, BLOCK_H)
+def _expand_to_scratch(dst_ptr, wscr, x_base, h, h_mask, s1, t1, pix, valid, W, HW,
+                       CIN: tl.constexpr, DOT_MODE: tl.constexpr, BLOCK_H: tl.constexpr,
+                       BLOCK_K: tl.constexpr, ROW: tl.constexpr, INTERIOR: tl.constexpr):
+    # The 1x1 expand (rows h of the patch's expand weights in ``wscr``) of one chunk of pixels
+    # (image offsets ``pix``; ``valid`` ones), BN1 (s1, t1) and ReLU6, stored to the scratch at
+    # ``dst_ptr`` (one row of ROW floats per hidden channel). One dot per BLOCK_K input channels.
+    # INTERIOR: the pixels are runs of a patch's own columns (vector loads); else side columns,
+    # gathered through the border.
     k_loc = tl.arange(0, BLOCK_K)
-    e_loc = tl.arange(0, HALO_CHUNK)
-    for e0 in range(0, HALO_N, HALO_CHUNK):
-        e = e0 + e_loc
-        ey, vy = border_index(y0 + e // HALO_W, H, PAD_MODE)
-        ex, vx = border_index(x0 + e % HALO_W, W, PAD_MODE)
-        e_mask = (e < (rows + 2 * R) * HALO_W) & vy & vx
-        pix = ey * W + ex
-        y = tl.zeros((BLOCK_H, HALO_CHUNK), dtype=tl.float32)
-        for c0 in range(0, CIN, BLOCK_K):
-            c = c0 + k_loc
-            c_mask = c < CIN
-            w1 = tl.load(wscr + h[:, None] * CIN + c[None, :],
-                         mask=h_mask[:, None] & c_mask[None, :], other=0.0)
+    y = tl.zeros((BLOCK_H, pix.shape[0]), dtype=tl.float32)
+    for c0 in range(0, CIN, BLOCK_K):
+        c = c0 + k_loc
+        c_mask = c < CIN
+        w1 = tl.load(wscr + h[:, None] * CIN + c[None, :],
+                     mask=h_mask[:, None] & c_mask[None, :], other=0.0)
+        if INTERIOR:
+            xv = tl.load(x_base + c.to(tl.int64)[:, None] * HW + pix[None, :],  # interior: vector
+                         mask=c_mask[:, None] & valid[None, :], other=0.0)
+        else:
             xv = tl.load(x_base + c.to(tl.int64)[:, None] * HW + pix[None, :],
-                         mask=c_mask[:, None] & e_mask[None, :], other=0.0)
-            y = dot_acc(w1, xv, y, DOT_MODE)
-        y = tl.minimum(tl.maximum(y * s1 + t1, 0.0), 6.0)
-        tl.store(yscr + h_loc[:, None] * HALO_CAP + e[None, :], y)
+                         mask=c_mask[:, None] & valid[None, :], other=0.0)
+        y = dot_acc(w1, xv, y, DOT_MODE)
+    y = tl.minimum(tl.maximum(y * s1 + t1, 0.0), 6.0)
+    tl.store(dst_ptr + tl.arange(0, BLOCK_H)[:, None] * ROW, y)
 
 
 @triton.jit
-def _depthwise_from_scratch(yscr, w_dw, h, h_mask, pr, pc, p_mask, K: tl.constexpr,
-                            HALO_W: tl.constexpr, HALO_CAP: tl.constexpr, BLOCK_H: tl.constexpr,
+def _expand_sides(escr, wscr, x_base, s1_ptr, t1_ptr, y0, x0, n_rows, H, W, HW,
+                  CIN: tl.constexpr, HIDDEN: tl.constexpr, R: tl.constexpr, PW: tl.constexpr,
+                  EDGE_CAP: tl.constexpr, PAD_MODE: tl.constexpr, DOT_MODE: tl.constexpr,
+                  BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, HALO_CHUNK: tl.constexpr):
+    # Step 0 of a band: expand, for every hidden channel, the halo's 2R side columns (left ones,
+    # then right ones) over its n_rows rows, column-major (position side * n_rows + row), into
+    # ``escr`` (a row of EDGE_CAP floats per hidden channel). Their pixels may fall outside the
+    # image (``border_index``). Done before the band's hidden-chunk loop so that the gather's
+    # registers are not live beside the main loop's.
+    h_loc = tl.arange(0, BLOCK_H)
+    e_loc = tl.arange(0, HALO_CHUNK)
+    for h0 in range(0, HIDDEN, BLOCK_H):
+        h = h0 + h_loc
+        h_mask = h < HIDDEN
+        s1 = tl.load(s1_ptr + h, mask=h_mask, other=0.0)[:, None]
+        t1 = tl.load(t1_ptr + h, mask=h_mask, other=0.0)[:, None]
+        for e0 in range(0, 2 * R * n_rows, HALO_CHUNK):
+            e = e0 + e_loc
+            side = e // n_rows
+            ey, vy = border_index(y0 + e % n_rows, H, PAD_MODE)
+            ex, vx = border_index(x0 + tl.where(side < R, side - R, PW + side - R), W, PAD_MODE)
+            _expand_to_scratch(escr + h0 * EDGE_CAP + e[None, :], wscr, x_base, h, h_mask, s1, t1,
+                               ey * W + ex, (e < 2 * R * n_rows) & vy & vx, W, HW, CIN, DOT_MODE,
+                               BLOCK_H, BLOCK_K, EDGE_CAP, False)
+
+
+@triton.jit
+def _depthwise_from_scratch(yscr, escr, w_dw, h0, h, h_mask, pr, pc, p_mask, n_rows,
+                            K: tl.constexpr, PW: tl.constexpr, INT_CAP: tl.constexpr,
+                            EDGE_CAP: tl.constexpr, BLOCK_H: tl.constexpr,
                             BLOCK_P: tl.constexpr):
-    # Step 2: the k x k depthwise of the band from the scratch tile; tap t of output pixel
-    # (pr, pc) is halo pixel (pr + t // k, pc + t % k). ``w_dw``: the patch's depthwise weights.
+    # Step 2: the k x k depthwise of the band from the scratch tiles; tap t of output pixel
+    # (pr, pc) is halo pixel (pr + t // k, pc + t % k - R), counted from the patch's first column:
+    # a patch column is at row * PW + col of the chunk's tile ``yscr``, a side column at
+    # side * n_rows + row of the band's side tile ``escr`` (rows h0 .. h0 + BLOCK_H).
+    # ``w_dw``: the patch's depthwise weights.
+    R: tl.constexpr = K // 2
     h_loc = tl.arange(0, BLOCK_H)
     z = tl.zeros((BLOCK_H, BLOCK_P), dtype=tl.float32)
     for t in range(K * K):
         w2 = tl.load(w_dw + h * (K * K) + t, mask=h_mask, other=0.0)
-        tap = (pr + t // K) * HALO_W + pc + t % K
-        yv = tl.load(yscr + h_loc[:, None] * HALO_CAP + tap[None, :], mask=p_mask[None, :],
-                     other=0.0)
+        row = pr + t // K
+        col = pc + t % K - R
+        inside = (col >= 0) & (col < PW)
+        side = tl.where(col < 0, col + R, col - PW + R)
+        yv = tl.load(yscr + h_loc[:, None] * INT_CAP + (row * PW + col)[None, :],
+                     mask=(p_mask & inside)[None, :], other=0.0)
+        yv += tl.load(escr + (h0 + h_loc)[:, None] * EDGE_CAP + (side * n_rows + row)[None, :],
+                      mask=(p_mask & ~inside)[None, :], other=0.0)
         z += w2[:, None] * yv
     return z
 
@@ -81,12 +113,14 @@ def _meta_inverted_residual_kernel(
         BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
     # One program per patch. Phase 1 generates the patch's parameters once (expand, depthwise,
     # project: one contiguous run of generator rows, coalesced) into the program's slot of a
-    # float32 scratch buffer, which stays in L1/L2. Phase 2 walks the patch in bands of BAND rows;
-    # per band and per chunk of BLOCK_H hidden channels it
-    #   1. expands the band plus its halo once (tensor-core dots over BLOCK_K input channels) and
-    #      writes the activated features to the program's scratch tile (halo pixels flattened
-    #      row-major, HALO_CHUNK at a time),
-    #   2. reads the k*k depthwise taps back from that tile (a shifted view per tap), and
+    # float32 scratch buffer, which stays in L1/L2. Phase 2 walks the patch in bands of BAND rows.
+    # Per band it first expands the halo's side columns for every hidden channel into the
+    # program's side tile (gathered: they may lie beyond the border); then per chunk of BLOCK_H
+    # hidden channels it
+    #   1. expands the patch's own columns over the band's rows plus the halo rows once
+    #      (tensor-core dots over BLOCK_K input channels) into the program's chunk tile, row-major:
+    #      each row is PW contiguous image pixels from an aligned start (vector loads),
+    #   2. reads the k*k depthwise taps back from the two tiles, and
     #   3. accumulates the 1x1 project of the chunk into the band's output tile (a dot).
     # Barriers order the scratch writes and reads of the CTA's threads. Output tiles are BAND rows
     # x BLOCK_W columns, so stores of a tile row are contiguous.
@@ -94,9 +128,9 @@ def _meta_inverted_residual_kernel(
     HW = H * W
     KK: tl.constexpr = K * K
     R: tl.constexpr = K // 2
-    HALO_W: tl.constexpr = PW + 2 * R
-    HALO_N: tl.constexpr = (BAND + 2 * R) * HALO_W
-    HALO_CAP: tl.constexpr = (HALO_N + HALO_CHUNK - 1) // HALO_CHUNK * HALO_CHUNK
+    INT_CAP: tl.constexpr = ((BAND + 2 * R) * PW + HALO_CHUNK - 1) // HALO_CHUNK * HALO_CHUNK
+    EDGE_CAP: tl.constexpr = (2 * R * (BAND + 2 * R) + HALO_CHUNK - 1) // HALO_CHUNK * HALO_CHUNK
+    HIDDEN_P: tl.constexpr = (HIDDEN + BLOCK_H - 1) // BLOCK_H * BLOCK_H
     DW0: tl.constexpr = HIDDEN * CIN
     PR0: tl.constexpr = DW0 + HIDDEN * KK
     COUNT: tl.constexpr = PR0 + COUT * HIDDEN
@@ -106,9 +140,11 @@ def _meta_inverted_residual_kernel(
                                               BLOCK_R, BLOCK_S)
     x_base = x_ptr + b.to(tl.int64) * CIN * HW
     out_base = out_ptr + b.to(tl.int64) * COUT * HW
-    yscr = yscr_ptr + pid.to(tl.int64) * (BLOCK_H * HALO_CAP)
+    yscr = yscr_ptr + pid.to(tl.int64) * (BLOCK_H * INT_CAP + HIDDEN_P * EDGE_CAP)
+    escr = yscr + BLOCK_H * INT_CAP
 
     h_loc = tl.arange(0, BLOCK_H)
+    e_loc = tl.arange(0, HALO_CHUNK)
     o = tl.arange(0, BLOCK_CO)
     o_mask = o < COUT
     p = tl.arange(0, BLOCK_P)
@@ -118,22 +154,30 @@ def _meta_inverted_residual_kernel(
     t3 = tl.load(t3_ptr + o, mask=o_mask, other=0.0)[:, None]
     for band0 in range(0, PH, BAND):
         rows = tl.minimum(PH - band0, BAND)
+        n_rows = rows + 2 * R
+        y0 = gi * PH + band0 - R                # image row of the halo's first row
         p_mask = (pr < rows) & (pc < PW)
+        if R > 0:
+            _expand_sides(escr, wscr, x_base, s1_ptr, t1_ptr, y0, gj * PW, n_rows, H, W, HW, CIN,
+                          HIDDEN, R, PW, EDGE_CAP, PAD_MODE, DOT_MODE, BLOCK_H, BLOCK_K,
+                          HALO_CHUNK)
         acc = tl.zeros((BLOCK_CO, BLOCK_P), dtype=tl.float32)
         for h0 in range(0, HIDDEN, BLOCK_H):
             h = h0 + h_loc
             h_mask = h < HIDDEN
             s1 = tl.load(s1_ptr + h, mask=h_mask, other=0.0)[:, None]
             t1 = tl.load(t1_ptr + h, mask=h_mask, other=0.0)[:, None]
-            # 1. expand the band and its halo (input pixels of the neighbours / the padded border,
-            #    with this patch's weights), BN1, ReLU6 -> scratch tile
-            _expand_halo_to_scratch(yscr, wscr, x_base, h, h_mask, s1, t1, gi * PH + band0 - R,
-                                    gj * PW - R, rows, H, W, HW, CIN, R, HALO_W, HALO_N, HALO_CAP,
-                                    PAD_MODE, DOT_MODE, BLOCK_H, BLOCK_K, HALO_CHUNK)
+            # 1. expand the patch's columns over the band and its halo rows, BN1, ReLU6
+            for e0 in range(0, n_rows * PW, HALO_CHUNK):
+                e = e0 + e_loc
+                ey, vy = border_index(y0 + e // PW, H, PAD_MODE)
+                _expand_to_scratch(yscr + e[None, :], wscr, x_base, h, h_mask, s1, t1,
+                                   ey * W + gj * PW + e % PW, (e < n_rows * PW) & vy, W, HW, CIN,
+                                   DOT_MODE, BLOCK_H, BLOCK_K, INT_CAP, True)
             tl.debug_barrier()
-            # 2. depthwise k x k from the scratch tile, BN2, ReLU6
-            z = _depthwise_from_scratch(yscr, wscr + DW0, h, h_mask, pr, pc, p_mask, K, HALO_W,
-                                        HALO_CAP, BLOCK_H, BLOCK_P)
+            # 2. depthwise k x k from the scratch tiles, BN2, ReLU6
+            z = _depthwise_from_scratch(yscr, escr, wscr + DW0, h0, h, h_mask, pr, pc, p_mask,
+                                        n_rows, K, PW, INT_CAP, EDGE_CAP, BLOCK_H, BLOCK_P)
             s2 = tl.load(s2_ptr + h, mask=h_mask, other=0.0)[:, None]
             t2 = tl.load(t2_ptr + h, mask=h_mask, other=0.0)[:, None]
             z = tl.minimum(tl.maximum(z * s2 + t2, 0.0), 6.0)
@@ -147,21 +191,30 @@ def _meta_inverted_residual_kernel(
         mask = o_mask[:, None] & p_mask[None, :]
         offs = o.to(tl.int64)[:, None] * HW + pix[None, :]
         if RESIDUAL:
-            acc += tl.load(x_base + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_base + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+            acc += tl.load(x_base + offs, mask=mask, other=0.0).to(tl.float32)  # interior: vector
+        tl.store(out_base + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)  # interior: vector
 
 
 def _enough_work_per_warp(configs, args):
     """16 warps only for tiles of at least 128 output pixels: on smaller ones the extra warps hold
     a few elements each and the layout conversions spill. With IEEE float32 dots (operands in
     registers) and 4,096 output accumulators, 16 warps only: 8 need so many registers that 8
-    warps fill an SM."""
+    warps fill an SM. tf32 dots on patches 32 pixels wide: 16 warps only (on 8, 170 registers
+    at hyperseg-l-camvid's L5, 8 warps per SM)."""
     tile = args["BAND"] * args["BLOCK_W"]
     if tile < 128:
         return [c for c in configs if c.num_warps <= 8]
     if args["DOT_MODE"] == 1 and tile * args["BLOCK_CO"] >= 4096:
         return [c for c in configs if c.num_warps >= 16]
+    if args["DOT_MODE"] == 3 and args["BLOCK_W"] >= 32:
+        return [c for c in configs if c.num_warps >= 16]
     return configs
+
+
+def _vector_tile(mode: int, warps: int) -> int:
+    """Elements of an expand input tile that give each thread of ``warps`` warps one 8-byte
+    vector: 2 float32 or 4 half-precision elements (float64: 1)."""
+    return {0: 4, 2: 1}.get(mode, 2) * 32 * warps
 
 
 _tuned_kernel = autotuned(_meta_inverted_residual_kernel,
@@ -174,8 +227,11 @@ def plan(cin: int, hidden: int, cout: int, patch: Tuple[int, int], kernel_size: 
     """Tile sizes of ``_meta_inverted_residual_kernel`` for a block: bands of whole patch rows of
     up to 256 output pixels, at most 8,192 output accumulators per program (IEEE float32 dots,
     whose operands live in registers: 128 pixels, or 256 for patches 32 wide, and at most 4,096
-    accumulators); 16 hidden channels and 16 input channels per
-    dot (the smallest tensor-core tile), 32 halo pixels per expand dot."""
+    accumulators); 16 hidden and 16 input channels per dot (the smallest tensor-core tile; 32
+    input channels took up to 165 registers). The expand's halo pixels come in chunks of 32 or
+    more: the fewest that give each thread of 8 warps an 8-byte vector of the image row it loads
+    (the tile has 16 x HALO_CHUNK elements; on the 16 warps of IEEE float32 dots, 64 pixels
+    spilled, so those hold one element per thread)."""
     ph, pw = patch
     block_w = triton.next_power_of_2(pw)
     block_co = max(16, triton.next_power_of_2(cout))
@@ -184,16 +240,25 @@ def plan(cin: int, hidden: int, cout: int, patch: Tuple[int, int], kernel_size: 
                               (4096 if dot_mode == 1 else 8192) // block_co))
     band = max(1, min(triton.next_power_of_2(ph), target // block_w))
     block_w = max(block_w, 16 // band)          # a dot needs >= 16 output pixels
-    return dict(BAND=band, BLOCK_W=block_w, HALO_CHUNK=32, BLOCK_K=16, BLOCK_H=16,
+    chunk = max(32, _vector_tile(dot_mode, 8) // 16)
+    return dict(BAND=band, BLOCK_W=block_w, HALO_CHUNK=chunk, BLOCK_K=16, BLOCK_H=16,
                 BLOCK_CO=block_co, BLOCK_R=64)
 
 
-def scratch_sizes(cfg: dict, count: int, patch: Tuple[int, int], kernel_size: int) -> Tuple[int, int]:
-    """Per-program float32 scratch: the patch's parameters, and one hidden chunk's expanded band."""
-    r = kernel_size // 2
-    halo_n = (cfg["BAND"] + 2 * r) * (patch[1] + 2 * r)
-    cap = triton.cdiv(halo_n, cfg["HALO_CHUNK"]) * cfg["HALO_CHUNK"]
-    return count, cfg["BLOCK_H"] * cap
+def scratch_sizes(cfg: dict, count: int, patch: Tuple[int, int], kernel_size: int,
+                  hidden: int) -> Tuple[int, int]:
+    """Per-program float32 scratch: the patch's parameters; one hidden chunk's expanded tile
+    plus the band's side columns for all hidden channels (as the kernel lays them out)."""
+    interior, sides = halo_capacity(cfg["BAND"], patch[1], kernel_size // 2, cfg["HALO_CHUNK"])
+    hidden_p = triton.cdiv(hidden, cfg["BLOCK_H"]) * cfg["BLOCK_H"]
+    return count, cfg["BLOCK_H"] * interior + hidden_p * sides
+
+
+def halo_capacity(band: int, pw: int, r: int, chunk: int) -> Tuple[int, int]:
+    """Halo pixels of a band in the kernel's scratch, each part padded to whole chunks: the
+    patch's own columns over band + 2r rows, and the 2r side columns."""
+    pad = lambda n: -(-n // chunk) * chunk  # noqa: E731
+    return pad((band + 2 * r) * pw), pad(2 * r * (band + 2 * r))
 
 
 # The PyTorch custom op behind ``meta_inverted_residual``: one opaque node for torch.compile, with
@@ -215,7 +280,7 @@ def _meta_inverted_residual_op(
     cfg = plan(cin, hidden, out_channels, patch, kernel_size, mode)
     cfg["BLOCK_S"] = signal_block(spg)
     count = sum(inverted_residual_sizes(cin, hidden, out_channels, kernel_size))
-    n_params, n_halo = scratch_sizes(cfg, count, patch, kernel_size)
+    n_params, n_halo = scratch_sizes(cfg, count, patch, kernel_size, hidden)
     programs = b * gh * gw
     wscr = x.new_empty((programs, n_params), dtype=torch.float32)
     yscr = x.new_empty((programs, n_halo), dtype=torch.float32)
@@ -262,8 +327,9 @@ def meta_inverted_residual(x: torch.Tensor, signal: torch.Tensor, generator_weig
 def executed_work(name: str, launch) -> Optional[dict]:
     """Multiply-adds one launch of ``_meta_inverted_residual_kernel`` executes, padding and
     recomputation counted (for bench/kernel_report.py): generation of every parameter once per
-    patch (inputs padded to BLOCK_S), the expand over each band's halo tile (padded to HALO_CHUNK
-    pixels, BLOCK_H hidden and BLOCK_K input channels), the depthwise and the project over the
+    patch (inputs padded to BLOCK_S), the expand over each band's halo (its patch columns and its
+    side columns, each padded to HALO_CHUNK pixels; BLOCK_H hidden and BLOCK_K input channels),
+    the depthwise and the project over the
     band's BLOCK_P output pixels (hidden padded to BLOCK_H, outputs to BLOCK_CO)."""
     if name != "_meta_inverted_residual_kernel":
         return None
@@ -275,7 +341,7 @@ def executed_work(name: str, launch) -> Optional[dict]:
     hidden_p = pad(a["HIDDEN"], a["BLOCK_H"])
     count = sum(inverted_residual_sizes(a["CIN"], a["HIDDEN"], a["COUT"], k))
     bands = -(-a["PH"] // a["BAND"])
-    halo = pad((a["BAND"] + 2 * r) * (a["PW"] + 2 * r), a["HALO_CHUNK"])
+    halo = sum(halo_capacity(a["BAND"], a["PW"], r, a["HALO_CHUNK"]))
     block_p = a["BAND"] * a["BLOCK_W"]
     parts = {"generation": count * pad(a["SPG"], a["BLOCK_S"]),
              "expand": bands * halo * hidden_p * pad(a["CIN"], a["BLOCK_K"]),

@@ -31,36 +31,53 @@ from ..layout import check_activation, patch_conv_rows
 @triton.jit
 def _meta_conv_many_patches_kernel(
         x_ptr, out_ptr, sig_ptr, gen_ptr, scale_ptr, shift_ptr,
-        N, H, W, GH, GW, SIG_C, sig_offset, rpg, row_start,
+        GH, GW, SIG_C, sig_offset, rpg, row_start,
         CIN: tl.constexpr, COUT: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
         SPG: tl.constexpr, GEN_STRIDE: tl.constexpr, GEN_DOT: tl.constexpr,
         HAS_AFFINE: tl.constexpr, ACT: tl.constexpr, DOT_MODE: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
-        BLOCK_S: tl.constexpr, BLOCK_Q: tl.constexpr):
-    # Program (block of BLOCK_N patches, block of BLOCK_O output channels); 1x1 convolution, one
-    # group, small patches (PH x PW <= 16 pixels, padded to BLOCK_Q). Patches are numbered n = b * GH * GW + p, so
-    # a block of consecutive patches reads contiguous runs of the signal. For each block of
-    # BLOCK_C input channels the weights W[o, c, n] of the tile's BLOCK_O x BLOCK_C generator rows
-    # are generated once for all the block's patches: one dot (rows x signal inputs) @ (signal
-    # inputs x patches) per generator group the rows span (rows of other groups masked to zero),
-    # or, when a dot would pad a group's inputs by more than 1.5x, SPG outer products.
-    # Then every pixel q of the patches gets out[o, n, q] += sum_c W[o, c, n] x[c, n, q].
+        BLOCK_S: tl.constexpr, BLOCK_PH: tl.constexpr, BLOCK_PW: tl.constexpr,
+        TILE_W: tl.constexpr, GW_ALIGN: tl.constexpr):
+    # Program (tile of BLOCK_N patches, block of BLOCK_O output channels); 1x1 convolution, one
+    # group, small patches (PH x PW <= 16 pixels). A tile is BLOCK_N // TILE_W grid rows x TILE_W
+    # grid columns of one image, TILE_W a power of two dividing GW: with PW a power of two, a
+    # pixel row of a tile row is TILE_W * PW contiguous pixels from an aligned start, so the loads
+    # of x and the stores of out are vectors (other widths pad each patch row to BLOCK_PW), and
+    # the tile's signal reads are TILE_W-long runs. For each block of BLOCK_C
+    # input channels the weights W[o, c, n] of the tile's BLOCK_O x BLOCK_C generator rows are
+    # generated once for all its patches: one dot (rows x signal inputs) @ (signal inputs x
+    # patches) per generator group the rows span (rows of other groups masked to zero), or, when
+    # a dot would pad a group's inputs by more than 1.5x, SPG outer products. Then each pixel row
+    # r of the patches gets out[o, r, (n, col)] += sum_c W[o, c, n] x[c, r, (n, col)].
+    TILE_H: tl.constexpr = BLOCK_N // TILE_W
+    GW = GW // GW_ALIGN * GW_ALIGN                        # (the launcher's GW_ALIGN divides GW)
+    W = GW * PW
+    HW = GH * PH * W
     GHW = GH * GW
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = n < N
-    b = (n // GHW).to(tl.int64)
-    p = n % GHW
-    corner = (p // GW) * PH * W + (p % GW) * PW          # the patch's top-left pixel
-    x_off = b * CIN * H * W + corner
-    out_off = b * COUT * H * W + corner
-    sig_off = b * SIG_C * GHW + p
+    col_tiles = GW // TILE_W
+    tiles = tl.cdiv(GH, TILE_H) * col_tiles
+    t = tl.program_id(0)
+    b = (t // tiles).to(tl.int64)
+    gi0 = (t % tiles) // col_tiles * TILE_H
+    gj0 = (t % col_tiles) * TILE_W
+    n = tl.arange(0, BLOCK_N)            # patch (gi0 + n // TILE_W, gj0 + n % TILE_W) of the tile
+    n_mask = gi0 + n // TILE_W < GH
+    sig_off = b * SIG_C * GHW + (gi0 + n // TILE_W) * GW + gj0 + n % TILE_W
+    m = tl.arange(0, BLOCK_N * BLOCK_PW)                  # pixel (n, col) of one patch row
+    m_row = gi0 + m // (TILE_W * BLOCK_PW)                # its grid row
+    if PW == BLOCK_PW:                                    # a tile row's pixels are contiguous
+        m_mask = m_row < GH
+        m_off = m_row * (PH * W) + gj0 * PW + m % (TILE_W * PW)
+    else:
+        m_mask = (m_row < GH) & (m % BLOCK_PW < PW)
+        m_off = (m_row * (PH * W) + (gj0 + (m // BLOCK_PW) % TILE_W) * PW + m % BLOCK_PW)
     o0 = tl.program_id(1) * BLOCK_O
     o = o0 + tl.arange(0, BLOCK_O)
     o_mask = o < COUT
     o_last = tl.minimum(o0 + BLOCK_O, COUT) - 1
-    q = tl.arange(0, BLOCK_Q)
-    q_off = (q // PW) * W + q % PW
-    acc = tl.zeros((BLOCK_O, BLOCK_N, BLOCK_Q), dtype=tl.float32)
+    r = tl.arange(0, BLOCK_PH)
+    x_img = x_ptr + b * CIN * HW
+    acc = tl.zeros((BLOCK_O, BLOCK_PH, BLOCK_N * BLOCK_PW), dtype=tl.float32)
     for c0 in range(0, CIN, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         c_mask = c < CIN
@@ -88,21 +105,24 @@ def _meta_conv_many_patches_kernel(
                     sv = tl.load(sig_ptr + sig_off + (sig_offset + g * SPG + s).to(tl.int64) * GHW,
                                  mask=n_mask, other=0.0)
                     wgt += gv.to(tl.float32)[:, None] * sv.to(tl.float32)[None, :]
-        w3 = tl.reshape(wgt, (BLOCK_O, BLOCK_C, BLOCK_N))
-        x_rows = x_ptr + x_off[None, :] + c.to(tl.int64)[:, None] * H * W
-        for qq in tl.static_range(PH * PW):
-            xv = tl.load(x_rows + (qq // PW) * W + qq % PW, mask=c_mask[:, None] & n_mask[None, :],
-                         other=0.0).to(tl.float32)
+        # W[o, c, n] repeated for the pixels (n, col) of a patch row
+        w3 = tl.reshape(tl.broadcast_to(tl.reshape(wgt, (BLOCK_O, BLOCK_C, BLOCK_N, 1)),
+                                        (BLOCK_O, BLOCK_C, BLOCK_N, BLOCK_PW)),
+                        (BLOCK_O, BLOCK_C, BLOCK_N * BLOCK_PW))
+        x_rows = x_img + c.to(tl.int64)[:, None] * HW + m_off[None, :]
+        for pr in tl.static_range(PH):
+            xv = tl.load(x_rows + pr * W,  # interior: vector
+                         mask=c_mask[:, None] & m_mask[None, :], other=0.0).to(tl.float32)
             pixel = tl.sum(w3 * xv[None, :, :], axis=1)
-            acc += tl.where(q[None, None, :] == qq, pixel[:, :, None], 0.0)
+            acc += tl.where(r[None, :, None] == pr, pixel[:, None, :], 0.0)
     if HAS_AFFINE:
         acc = (acc * tl.load(scale_ptr + o, mask=o_mask, other=0.0)[:, None, None]
                + tl.load(shift_ptr + o, mask=o_mask, other=0.0)[:, None, None])
     acc = activate(acc, ACT)
-    offs = (out_off[None, :, None] + o.to(tl.int64)[:, None, None] * H * W
-            + q_off[None, None, :])
-    mask = o_mask[:, None, None] & n_mask[None, :, None] & (q < PH * PW)[None, None, :]
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    offs = (b * COUT * HW + o.to(tl.int64)[:, None, None] * HW + r[None, :, None] * W
+            + m_off[None, None, :])
+    mask = o_mask[:, None, None] & (r < PH)[None, :, None] & m_mask[None, None, :]
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)  # interior: vector
 
 
 @triton.jit
@@ -146,11 +166,17 @@ def _meta_conv_patch_kernel(
                 co = c0 + tl.arange(0, BLOCK_CO)
                 co_mask = co < COUT
                 acc = tl.zeros((BLOCK_CO, BLOCK_P), dtype=tl.float32)
+                rows = x_base + co.to(tl.int64)[:, None] * HW
                 for t in range(KK):
                     sy, vy = border_index(yy + (t // K - R), H, PAD_MODE)
-                    sx, vx = border_index(xx + (t % K - R), W, PAD_MODE)
-                    xv = tl.load(x_base + co.to(tl.int64)[:, None] * HW + (sy * W + sx)[None, :],
-                                 mask=co_mask[:, None] & (p_mask & vy & vx)[None, :], other=0.0)
+                    if t % K == R:      # unshifted columns: in the image, contiguous, aligned
+                        xv = tl.load(rows + (sy * W + xx)[None, :],  # interior: vector
+                                     mask=co_mask[:, None] & (p_mask & vy)[None, :], other=0.0)
+                    else:
+                        sx, vx = border_index(xx + (t % K - R), W, PAD_MODE)
+                        xv = tl.load(rows + (sy * W + sx)[None, :],
+                                     mask=co_mask[:, None] & (p_mask & vy & vx)[None, :],
+                                     other=0.0)
                     wt = tl.load(wscr + co * KK + t, mask=co_mask, other=0.0)
                     acc += wt[:, None] * xv.to(tl.float32)
                 _store_epilogue(acc, out_base, co, co_mask, pix, p_mask, scale_ptr, shift_ptr,
@@ -167,10 +193,15 @@ def _meta_conv_patch_kernel(
                         x_rows = x_base + (g * CIN_G + ci_l).to(tl.int64)[:, None] * HW
                         for t in range(KK):
                             sy, vy = border_index(yy + (t // K - R), H, PAD_MODE)
-                            sx, vx = border_index(xx + (t % K - R), W, PAD_MODE)
-                            xv = tl.load(x_rows + (sy * W + sx)[None, :],
-                                         mask=ci_mask[:, None] & (p_mask & vy & vx)[None, :],
-                                         other=0.0)
+                            if t % K == R:  # unshifted columns: in the image, aligned
+                                xv = tl.load(x_rows + (sy * W + xx)[None, :],  # interior: vector
+                                             mask=ci_mask[:, None] & (p_mask & vy)[None, :],
+                                             other=0.0)
+                            else:
+                                sx, vx = border_index(xx + (t % K - R), W, PAD_MODE)
+                                xv = tl.load(x_rows + (sy * W + sx)[None, :],
+                                             mask=ci_mask[:, None] & (p_mask & vy & vx)[None, :],
+                                             other=0.0)
                             widx = ((g * COUT_G + co_l)[:, None] * CIN_G + ci_l[None, :]) * KK + t
                             wv = tl.load(wscr + widx, mask=co_mask[:, None] & ci_mask[None, :],
                                          other=0.0)
@@ -187,14 +218,17 @@ def _store_epilogue(acc, out_base, co, co_mask, pix, p_mask, scale_ptr, shift_pt
         acc = (acc * tl.load(scale_ptr + co, mask=co_mask, other=0.0)[:, None]
                + tl.load(shift_ptr + co, mask=co_mask, other=0.0)[:, None])
     acc = activate(acc, ACT)
-    tl.store(out_base + co.to(tl.int64)[:, None] * HW + pix[None, :],
+    tl.store(out_base + co.to(tl.int64)[:, None] * HW + pix[None, :],  # interior: vector
              acc.to(out_base.dtype.element_ty), mask=co_mask[:, None] & p_mask[None, :])
 
 
 def _outer_products_on_8_warps(configs, args):
     """Outer-product generation keeps its SPG loads live per thread: 8 warps spread them thin
-    enough (4 spill a few bytes in half precision)."""
-    return configs if args["GEN_DOT"] else [c for c in configs if c.num_warps >= 8]
+    enough (4 spill a few bytes in half precision). IEEE float32 dots hold their operands in
+    registers: 8 warps too (4 took 168 registers, 12 warps per SM, at hyperseg-m's L0)."""
+    if args["GEN_DOT"] and args["DOT_MODE"] != 1:
+        return configs
+    return [c for c in configs if c.num_warps >= 8]
 
 
 _tuned_many_kernel = autotuned(_meta_conv_many_patches_kernel,
@@ -202,14 +236,23 @@ _tuned_many_kernel = autotuned(_meta_conv_many_patches_kernel,
                                prune=_outer_products_on_8_warps)
 
 
-def _eight_warps_for_ieee_dots(configs, args):
-    """IEEE float32 dots hold their operands in registers: 8 warps, so that 4 do not fill an SM."""
-    return [c for c in configs if c.num_warps >= 8] if args["DOT_MODE"] == 1 else configs
+def _patch_kernel_configs(configs, args):
+    """IEEE float32 dots hold their operands in registers: 8 warps, so that 4 do not fill an SM.
+    tf32 dots of the dense convolution: no software pipelining (1 stage). Hopper's tf32 tensor
+    cores read both operands K-major from shared memory, so a pipelined (asynchronous) copy of an
+    image tile, contiguous along the pixels, moves one 4-byte element per thread; unpipelined,
+    the tile is loaded as 16-byte vectors and transposed on its way to shared memory (on 8 warps:
+    with 4, ptxas spilled 8 B in one block). The loops are short (a few input-channel blocks per
+    tap), so there is little to pipeline."""
+    single = args["DOT_MODE"] == 3 and not args["DEPTHWISE"]
+    if args["DOT_MODE"] == 1 or single:
+        configs = [c for c in configs if c.num_warps >= 8]
+    return [c for c in configs if (c.num_stages == 1) == single]
 
 
 _tuned_patch_kernel = autotuned(_meta_conv_patch_kernel,
                                 ("CIN", "COUT", "GROUPS", "PH", "PW", "K", "DOT_MODE", "BAND"),
-                                prune=_eight_warps_for_ieee_dots)
+                                prune=_patch_kernel_configs, stages=(1, 3))
 
 
 def _least_padding(n: int, sizes) -> int:
@@ -217,16 +260,18 @@ def _least_padding(n: int, sizes) -> int:
     return min((-(-n // s) * s, -s, s) for s in sizes)[2]
 
 
-def many_patches_plan(cin: int, cout: int, rpg: int, spg: int, patch) -> dict:
+def many_patches_plan(cin: int, cout: int, rpg: int, spg: int, patch, gw: int) -> dict:
     """Tiles of ``_meta_conv_many_patches_kernel``: BLOCK_O output channels whose rows
     (BLOCK_O x Cin) fit in one generator group where the group is at least that large (so a tile
     spans at most two groups, and exactly one when a group holds a multiple of BLOCK_O outputs'
     rows; one output otherwise), input channels in blocks of 16-64 (16 with outer products),
-    signal inputs in blocks of
-    16 / 32 when generated on tensor cores (GEN_DOT: when that pads them by at most 1.5x; outer
-    products otherwise), and blocks of 64 1x1 patches (32 with outer products), 32 patches of up
-    to 4 pixels or 16 larger ones, which bounds the registers of the (outputs, patches, pixels)
-    accumulator."""
+    signal inputs in blocks of 16 / 32 when generated on tensor cores (GEN_DOT: when that pads
+    them by at most 1.5x; outer products otherwise), and tiles of 64 1x1 patches (32 with outer
+    products), 32 patches of up to 4 pixels or 16 larger ones, which bounds the registers of the
+    (outputs, pixel rows, pixels) accumulator. A tile is TILE_W grid columns (the largest power
+    of two up to BLOCK_N that divides the grid's width ``gw``) by BLOCK_N / TILE_W grid rows;
+    GW_ALIGN (the largest power of two up to 16 dividing ``gw``) tells the kernel how aligned
+    the rows of the image are."""
     block_o = 1
     if rpg % cin == 0:
         while block_o * 2 <= 8 and (rpg // cin) % (block_o * 2) == 0:
@@ -235,9 +280,12 @@ def many_patches_plan(cin: int, cout: int, rpg: int, spg: int, patch) -> dict:
     block_s = _least_padding(spg, (16, 32))
     gen_dot = -(-spg // block_s) * block_s <= 1.5 * spg
     block_n = (64 if gen_dot else 32) if pixels == 1 else (32 if pixels <= 4 else 16)
+    low_bit = gw & -gw                                   # largest power of two dividing gw
     return dict(BLOCK_N=block_n, BLOCK_O=block_o,
                 BLOCK_C=_least_padding(cin, (16, 32, 64) if gen_dot else (16,)), BLOCK_S=block_s,
-                BLOCK_Q=triton.next_power_of_2(pixels), GEN_DOT=gen_dot)
+                BLOCK_PH=triton.next_power_of_2(patch[0]),
+                BLOCK_PW=triton.next_power_of_2(patch[1]), GEN_DOT=gen_dot,
+                TILE_W=min(block_n, low_bit), GW_ALIGN=min(16, low_bit))
 
 
 MANY_PATCHES_MAX_PIXELS = 16
@@ -278,11 +326,12 @@ def _meta_patch_conv_op(x: torch.Tensor, signal: torch.Tensor, generator_weight:
     common = dict(SPG=spg, GEN_STRIDE=stride, HAS_AFFINE=affine,
                   ACT=ACTIVATION_CODES[activation], DOT_MODE=dot_mode(x.dtype))
     if patch[0] * patch[1] <= MANY_PATCHES_MAX_PIXELS and kernel_size == 1 and groups == 1:
-        cfg = many_patches_plan(cin, out_channels, rpg, spg, patch)
-        grid = (triton.cdiv(b * gh * gw, cfg["BLOCK_N"]), triton.cdiv(out_channels, cfg["BLOCK_O"]))
+        cfg = many_patches_plan(cin, out_channels, rpg, spg, patch, gw)
+        tiles = b * triton.cdiv(gh, cfg["BLOCK_N"] // cfg["TILE_W"]) * (gw // cfg["TILE_W"])
+        grid = (tiles, triton.cdiv(out_channels, cfg["BLOCK_O"]))
         _tuned_many_kernel[grid](
-            x, out, signal, gen, scale, shift, b * gh * gw, h, w, gh, gw, signal.shape[1],
-            signal_offset, rpg, row_start, CIN=cin, COUT=out_channels, PH=patch[0], PW=patch[1],
+            x, out, signal, gen, scale, shift, gh, gw, signal.shape[1], signal_offset, rpg,
+            row_start, CIN=cin, COUT=out_channels, PH=patch[0], PW=patch[1],
             **launch_options(_tuned_many_kernel, 4), **common, **cfg)
         return out
     depthwise = groups == cin == out_channels
@@ -370,7 +419,7 @@ def _many_patches_work(a: dict, grid) -> dict:
             first = (start + o0 * cin + c0) // rpg
             last = (start + o_last * cin + min(c0 + bc, cin) - 1) // rpg
             gen += (last - first + 1) * bo * bc * spg * bn
-            conv += bo * bc * bn * a["PH"] * a["PW"]
+            conv += bo * bc * bn * a["PH"] * a["BLOCK_PW"]
     blocks = grid[0]
     tensor = gen if a["GEN_DOT"] and a["DOT_MODE"] in (0, 3) else 0
     return {"macs": blocks * (gen + conv), "tensor_core_macs": blocks * tensor,

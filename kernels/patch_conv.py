@@ -15,9 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (PADDING_CODES, accumulator, autocast, block, border_index, channel_block,
+from ._common import (PADDING_CODES, accumulator, autocast, block, channel_block,
                       check_common, check_device, dot_acc, mac,
-                      dot_mode, mirror_slots, mirror_source, output_like, patch_pixels, pixel_block)
+                      dot_mode, mirror_slots, mirror_source, output_like, patch_pixels, pixel_block,
+                      tap_source)
 from ..layout import check_patch_weight
 
 
@@ -28,7 +29,7 @@ def _patch_conv_kernel(
         K: tl.constexpr, PAD_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
         DEPTHWISE: tl.constexpr, DOT_MODE: tl.constexpr, ACC: tl.constexpr,
         BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_P: tl.constexpr, FMA: tl.constexpr,
-        TAIL: tl.constexpr):
+        TAIL: tl.constexpr, PW: tl.constexpr):
     # Program (patch, channel block, pixel block): axis 0 is one patch of one image, axis 1 a
     # block of output channels within one group (depthwise: a block of channels), axis 2 a block
     # of the patch's pixels in row-major order, so a tile row of x is pw contiguous pixels.
@@ -37,10 +38,10 @@ def _patch_conv_kernel(
     pid_patch = tl.program_id(0)
     pid_co = tl.program_id(1)
     pid_p = tl.program_id(2)
-    b, gi, gj, yy, xx, p_mask = patch_pixels(pid_patch, pid_p, H, W, GH, GW, BLOCK_P)
+    W = GW * PW                             # (the image's width: a multiple of PW)
+    b, gi, gj, yy, xx, p_mask = patch_pixels(pid_patch, pid_p, H, GH, GW, PW, BLOCK_P)
     HW = H * W
     KK: tl.constexpr = K * K
-    R: tl.constexpr = K // 2
     x_base = x_ptr + b.to(tl.int64) * CIN * HW
     # the kernels: (B, GH, GW, COUT, CIN_G, K, K) contiguous
     w_base = w_ptr + pid_patch.to(tl.int64) * COUT * CIN_G * KK
@@ -50,11 +51,11 @@ def _patch_conv_kernel(
         co_mask = co < COUT
         acc = tl.zeros((BLOCK_CO, BLOCK_P), dtype=ACC)
         for t in range(KK):
-            sy, vy = border_index(yy + (t // K - R), H, PAD_MODE)
-            sx, vx = border_index(xx + (t % K - R), W, PAD_MODE)
-            m = co_mask[:, None] & (p_mask & vy & vx)[None, :]
-            xv = tl.load(x_base + co.to(tl.int64)[:, None] * HW + (sy * W + sx)[None, :],
-                         mask=m, other=0.0).to(ACC)
+            src, valid = tap_source(yy, xx, t, H, W, K, PAD_MODE)
+            m = co_mask[:, None] & (p_mask & valid)[None, :]
+            xv = tl.load(  # interior: vector of PW when K == 1
+                x_base + co.to(tl.int64)[:, None] * HW + src[None, :],
+                mask=m, other=0.0).to(ACC)
             wt = tl.load(w_base + co * KK + t, mask=co_mask, other=0.0).to(ACC)
             acc += wt[:, None] * xv
     else:
@@ -70,11 +71,11 @@ def _patch_conv_kernel(
             ci = g * CIN_G + ci_local
             w_mask = co_mask[:, None] & ci_mask[None, :]
             for t in range(KK):
-                sy, vy = border_index(yy + (t // K - R), H, PAD_MODE)
-                sx, vx = border_index(xx + (t % K - R), W, PAD_MODE)
-                m = ci_mask[:, None] & (p_mask & vy & vx)[None, :]
-                xv = tl.load(x_base + ci.to(tl.int64)[:, None] * HW + (sy * W + sx)[None, :],
-                             mask=m, other=0.0)
+                src, valid = tap_source(yy, xx, t, H, W, K, PAD_MODE)
+                m = ci_mask[:, None] & (p_mask & valid)[None, :]
+                xv = tl.load(  # interior: vector of PW when K == 1
+                    x_base + ci.to(tl.int64)[:, None] * HW + src[None, :],
+                    mask=m, other=0.0)
                 # index of (co, ci, t) in the (COUT, CIN_G, K, K) kernel of this patch
                 widx = (co[:, None] * CIN_G + ci_local[None, :]) * KK + t
                 wv = tl.load(w_base + widx, mask=w_mask, other=0.0)
@@ -83,9 +84,9 @@ def _patch_conv_kernel(
             for ci_t in range(CI_DOT, CIN_G):
                 x_row = x_base + (g * CIN_G + ci_t).to(tl.int64) * HW
                 for t in range(KK):
-                    sy, vy = border_index(yy + (t // K - R), H, PAD_MODE)
-                    sx, vx = border_index(xx + (t % K - R), W, PAD_MODE)
-                    xv = tl.load(x_row + sy * W + sx, mask=p_mask & vy & vx, other=0.0)
+                    src, valid = tap_source(yy, xx, t, H, W, K, PAD_MODE)
+                    xv = tl.load(  # interior: vector of PW when K == 1
+                        x_row + src, mask=p_mask & valid, other=0.0)
                     wv = tl.load(w_base + (co * CIN_G + ci_t) * KK + t, mask=co_mask, other=0.0)
                     acc += wv.to(ACC)[:, None] * xv.to(ACC)[None, :]
 
@@ -93,7 +94,7 @@ def _patch_conv_kernel(
         bias = tl.load(bias_ptr + pid_patch.to(tl.int64) * COUT + co, mask=co_mask, other=0.0)
         acc += bias.to(ACC)[:, None]
     out_off = b.to(tl.int64) * COUT * HW + co.to(tl.int64)[:, None] * HW + (yy * W + xx)[None, :]
-    tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty),  # interior: vector of PW
              mask=co_mask[:, None] & p_mask[None, :])
 
 
@@ -161,7 +162,11 @@ def _launch(x, out, weight, bias, groups, padding_mode):
         ci_dot, K=kernel_size, PAD_MODE=PADDING_CODES[padding_mode], HAS_BIAS=bias is not None,
         DEPTHWISE=depthwise, DOT_MODE=dot_mode(x.dtype), ACC=accumulator(x.dtype),
         BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_P=block_p, FMA=fma, TAIL=ci_dot < cin_g,
-        num_warps=4)
+        PW=pw, num_warps=4,
+        # tf32 tensor cores read both dot operands K-major from shared memory: a pipelined
+        # (asynchronous) copy of an image tile, contiguous along the pixels, moves 4 bytes per
+        # thread; unpipelined, it is loaded as vectors and transposed on its way there
+        num_stages=1 if dot_mode(x.dtype) == 3 and not depthwise and not fma else 3)
     return out
 
 
@@ -181,8 +186,9 @@ def _input_grad_1x1(acc, pid_patch, g, ci, ci_local, ci_mask, pix, q_mask, w_ptr
     w_base = w_ptr + pid_patch.to(tl.int64) * COUT * CIN_G
     if DEPTHWISE:
         wv = tl.load(w_base + ci, mask=ci_mask, other=0.0)
-        gv = tl.load(dout_base + ci.to(tl.int64)[:, None] * HW + pix[None, :],
-                     mask=ci_mask[:, None] & q_mask[None, :], other=0.0)
+        gv = tl.load(  # interior: vector of PW
+            dout_base + ci.to(tl.int64)[:, None] * HW + pix[None, :],
+            mask=ci_mask[:, None] & q_mask[None, :], other=0.0)
         acc += wv.to(ACC)[:, None] * gv.to(ACC)
     else:
         for co0 in range(0, CO_DOT, BLOCK_CO):
@@ -191,14 +197,17 @@ def _input_grad_1x1(acc, pid_patch, g, ci, ci_local, ci_mask, pix, q_mask, w_ptr
             co = g * COUT_G + co_local
             wt = tl.load(w_base + co[None, :] * CIN_G + ci_local[:, None],
                          mask=ci_mask[:, None] & co_mask[None, :], other=0.0)
-            gv = tl.load(dout_base + co.to(tl.int64)[:, None] * HW + pix[None, :],
-                         mask=co_mask[:, None] & q_mask[None, :], other=0.0)
+            gv = tl.load(  # interior: vector of PW
+                dout_base + co.to(tl.int64)[:, None] * HW + pix[None, :],
+                mask=co_mask[:, None] & q_mask[None, :], other=0.0)
             acc = mac(wt, gv, acc, DOT_MODE, FMA)
         if TAIL:
             for co_t in range(CO_DOT, COUT_G):
                 co1 = g * COUT_G + co_t
                 wt = tl.load(w_base + co1 * CIN_G + ci_local, mask=ci_mask, other=0.0)
-                gv = tl.load(dout_base + co1.to(tl.int64) * HW + pix, mask=q_mask, other=0.0)
+                gv = tl.load(  # interior: vector of PW
+                    dout_base + co1.to(tl.int64) * HW + pix, mask=q_mask,
+                    other=0.0)
                 acc += wt.to(ACC)[:, None] * gv.to(ACC)[None, :]
     return acc
 
@@ -260,7 +269,7 @@ def _patch_conv_input_grad_kernel(
         K: tl.constexpr, PAD_MODE: tl.constexpr, SLOTS: tl.constexpr, DEPTHWISE: tl.constexpr,
         DOT_MODE: tl.constexpr, ACC: tl.constexpr,
         BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr, FMA: tl.constexpr,
-        TAIL: tl.constexpr):
+        TAIL: tl.constexpr, PW: tl.constexpr):
     # Program (patch, input-channel block, pixel block), the forward's layout with input and
     # output channels swapped: the gradient of a block of input pixels q of one patch, gathered
     # from every output pixel that read them (a gather, not a scatter: no atomics, deterministic).
@@ -270,12 +279,12 @@ def _patch_conv_input_grad_kernel(
     pid_patch = tl.program_id(0)
     pid_ci = tl.program_id(1)
     pid_p = tl.program_id(2)
-    b, gi, gj, qy, qx, q_mask = patch_pixels(pid_patch, pid_p, H, W, GH, GW, BLOCK_P)
+    W = GW * PW                             # (the image's width: a multiple of PW)
+    b, gi, gj, qy, qx, q_mask = patch_pixels(pid_patch, pid_p, H, GH, GW, PW, BLOCK_P)
     HW = H * W
     KK: tl.constexpr = K * K
     R: tl.constexpr = K // 2
     PH = H // GH
-    PW = W // GW
     dout_base = dout_ptr + b.to(tl.int64) * COUT * HW
     if DEPTHWISE:
         g = 0
@@ -320,7 +329,8 @@ def _patch_conv_input_grad_kernel(
                                           ci_local, ci_mask, w_ptr, dout_base, H, W, GH, GW, PH, PW,
                                           COUT, CIN_G, COUT_G, K, DEPTHWISE, DOT_MODE, ACC, BLOCK_CO)
     dx_off = b.to(tl.int64) * CIN * HW + ci.to(tl.int64)[:, None] * HW + (qy * W + qx)[None, :]
-    tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=ci_mask[:, None] & q_mask[None, :])
+    tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty),  # interior: vector of PW
+             mask=ci_mask[:, None] & q_mask[None, :])
 
 
 @triton.jit
@@ -330,7 +340,7 @@ def _patch_conv_weight_grad_kernel(
         K: tl.constexpr, PAD_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, DEPTHWISE: tl.constexpr,
         DOT_MODE: tl.constexpr, ACC: tl.constexpr,
         BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_P: tl.constexpr, FMA: tl.constexpr,
-        TAIL: tl.constexpr):
+        TAIL: tl.constexpr, PW: tl.constexpr):
     # Program (patch, channel block): a block of one patch's kernel, tap by tap,
     # dW[co, ci, t] = sum over the patch's pixels p of dout[co, p] * x[ci, border_index(p + d_t)],
     # accumulated pixel block by pixel block in a fixed order (deterministic). Tiles hold runs of
@@ -340,6 +350,7 @@ def _patch_conv_weight_grad_kernel(
     # a time, each a sum over pixels of dout times that channel's row.
     pid_patch = tl.program_id(0)
     pid_c = tl.program_id(1)
+    W = GW * PW                             # (the image's width: a multiple of PW)
     HW = H * W
     b = pid_patch // (GH * GW)
     x_base = x_ptr + b.to(tl.int64) * CIN * HW
@@ -370,24 +381,23 @@ def _patch_conv_weight_grad_kernel(
         tail_block = False
     if tail_block:
         _weight_grad_tail(pid_patch, g, co, co_mask, x_base, dout_base, dw_ptr, H, W, GH, GW, COUT,
-                          CIN_G, CI_DOT, K, PAD_MODE, ACC, BLOCK_CO, BLOCK_P)
+                          CIN_G, CI_DOT, K, PAD_MODE, ACC, BLOCK_CO, BLOCK_P, PW)
     else:
         _weight_grad_block(pid_patch, co, co_mask, ci, ci_mask, ci_local, first_ci_block, x_base,
                            dout_base, dw_ptr, db_ptr, H, W, GH, GW, COUT, CIN_G, K, PAD_MODE,
-                           HAS_BIAS, DEPTHWISE, DOT_MODE, ACC, BLOCK_CO, BLOCK_CI, BLOCK_P, FMA)
+                           HAS_BIAS, DEPTHWISE, DOT_MODE, ACC, BLOCK_CO, BLOCK_CI, BLOCK_P, FMA,
+                           PW)
 
 
 @triton.jit
 def _tap_pixels(pid_patch, p0, t, H, W, GH, GW, K: tl.constexpr, PAD_MODE: tl.constexpr,
-                BLOCK_P: tl.constexpr):
+                BLOCK_P: tl.constexpr, PW: tl.constexpr):
     """The pixel block starting at p0 of a patch: its pixels' offsets in a channel plane and
     their mask, and the offsets of the pixels tap t reads for them (borders resolved by PAD_MODE)
     with the mask of those that exist."""
-    R: tl.constexpr = K // 2
-    _, _, _, yy, xx, p_mask = patch_pixels(pid_patch, p0 // BLOCK_P, H, W, GH, GW, BLOCK_P)
-    sy, vy = border_index(yy + (t // K - R), H, PAD_MODE)
-    sx, vx = border_index(xx + (t % K - R), W, PAD_MODE)
-    return yy * W + xx, p_mask, sy * W + sx, p_mask & vy & vx
+    _, _, _, yy, xx, p_mask = patch_pixels(pid_patch, p0 // BLOCK_P, H, GH, GW, PW, BLOCK_P)
+    src, valid = tap_source(yy, xx, t, H, W, K, PAD_MODE)
+    return yy * W + xx, p_mask, src, p_mask & valid
 
 
 @triton.jit
@@ -395,7 +405,8 @@ def _weight_grad_block(pid_patch, co, co_mask, ci, ci_mask, ci_local, first_ci_b
                        dout_base, dw_ptr, db_ptr, H, W, GH, GW, COUT, CIN_G, K: tl.constexpr,
                        PAD_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, DEPTHWISE: tl.constexpr,
                        DOT_MODE: tl.constexpr, ACC: tl.constexpr, BLOCK_CO: tl.constexpr,
-                       BLOCK_CI: tl.constexpr, BLOCK_P: tl.constexpr, FMA: tl.constexpr):
+                       BLOCK_CI: tl.constexpr, BLOCK_P: tl.constexpr, FMA: tl.constexpr,
+                       PW: tl.constexpr):
     # One (output-channel block x input-channel block) tile of a patch's kernel gradient (and
     # with the first input-channel block, the bias gradient), tap by tap, pixel block by pixel
     # block.
@@ -409,11 +420,14 @@ def _weight_grad_block(pid_patch, co, co_mask, ci, ci_mask, ci_local, first_ci_b
         else:
             acc = tl.zeros((BLOCK_CO, BLOCK_CI), dtype=ACC)
         for p0 in range(0, n_pix, BLOCK_P):
-            pix, p_mask, src, s_mask = _tap_pixels(pid_patch, p0, t, H, W, GH, GW, K, PAD_MODE, BLOCK_P)
-            gv = tl.load(dout_base + co.to(tl.int64)[:, None] * HW + pix[None, :],
-                         mask=co_mask[:, None] & p_mask[None, :], other=0.0)
-            xv = tl.load(x_base + ci.to(tl.int64)[:, None] * HW + src[None, :],
-                         mask=ci_mask[:, None] & s_mask[None, :], other=0.0)
+            pix, p_mask, src, s_mask = _tap_pixels(pid_patch, p0, t, H, W, GH, GW, K, PAD_MODE,
+                                                   BLOCK_P, PW)
+            gv = tl.load(  # interior: vector of PW
+                dout_base + co.to(tl.int64)[:, None] * HW + pix[None, :],
+                mask=co_mask[:, None] & p_mask[None, :], other=0.0)
+            xv = tl.load(  # interior: vector of PW when K == 1
+                x_base + ci.to(tl.int64)[:, None] * HW + src[None, :],
+                mask=ci_mask[:, None] & s_mask[None, :], other=0.0)
             if DEPTHWISE:
                 acc += tl.sum(gv.to(ACC) * xv.to(ACC), axis=1)
             else:
@@ -436,7 +450,7 @@ def _weight_grad_block(pid_patch, co, co_mask, ci, ci_mask, ci_local, first_ci_b
 @triton.jit
 def _weight_grad_tail(pid_patch, g, co, co_mask, x_base, dout_base, dw_ptr, H, W, GH, GW, COUT,
                       CIN_G, CI_DOT, K: tl.constexpr, PAD_MODE: tl.constexpr, ACC: tl.constexpr,
-                      BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr):
+                      BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr, PW: tl.constexpr):
     # dW[co, ci, t] for the tail input channels CI_DOT .. CIN_G, one channel and tap at a time:
     # a (BLOCK_CO x BLOCK_P) product of dout and the channel's pixel row, summed over pixels.
     HW = H * W
@@ -448,10 +462,12 @@ def _weight_grad_tail(pid_patch, g, co, co_mask, x_base, dout_base, dw_ptr, H, W
             acc = tl.zeros((BLOCK_CO,), dtype=ACC)
             for p0 in range(0, n_pix, BLOCK_P):
                 pix, p_mask, src, s_mask = _tap_pixels(pid_patch, p0, t, H, W, GH, GW, K, PAD_MODE,
-                                                       BLOCK_P)
-                gv = tl.load(dout_base + co.to(tl.int64)[:, None] * HW + pix[None, :],
-                             mask=co_mask[:, None] & p_mask[None, :], other=0.0)
-                xv = tl.load(x_row + src, mask=s_mask, other=0.0)
+                                                       BLOCK_P, PW)
+                gv = tl.load(  # interior: vector of PW
+                    dout_base + co.to(tl.int64)[:, None] * HW + pix[None, :],
+                    mask=co_mask[:, None] & p_mask[None, :], other=0.0)
+                xv = tl.load(  # interior: vector of PW when K == 1
+                    x_row + src, mask=s_mask, other=0.0)
                 acc += tl.sum(gv.to(ACC) * xv.to(ACC)[None, :], axis=1)
             w_off = ((pid_patch.to(tl.int64) * COUT + co) * CIN_G + ci_t) * KK + t
             tl.store(dw_ptr + w_off, acc.to(dw_ptr.dtype.element_ty), mask=co_mask)
@@ -491,7 +507,7 @@ def _launch_backward(dout, x, weight, *, dx, dw, db, groups, padding_mode):
         _patch_conv_input_grad_kernel[(b * gh * gw, n_ci, triton.cdiv(ph * pw, block_p))](
             dout, weight, dx, h, w, gh, gw, cin, cout, cin_g, cout_g, co_dot,
             SLOTS=mirror_slots(padding_mode, k // 2), BLOCK_CI=block_ci, BLOCK_CO=block_co,
-            BLOCK_P=block_p, FMA=fma, TAIL=co_dot < cout_g,
+            BLOCK_P=block_p, FMA=fma, TAIL=co_dot < cout_g, PW=pw,
             num_warps=_input_grad_warps(depthwise, x), **common)
     if dw is not None:
         block_co = channel_block(cout if depthwise else cout_g, 32)
@@ -507,7 +523,9 @@ def _launch_backward(dout, x, weight, *, dx, dw, db, groups, padding_mode):
         _patch_conv_weight_grad_kernel[(b * gh * gw, n_c)](
             x, dout, dw, db if db is not None else dw, h, w, gh, gw, cin, cout, cin_g, cout_g,
             ci_dot, HAS_BIAS=db is not None, BLOCK_CO=block_co, BLOCK_CI=block_ci,
-            BLOCK_P=block_p, FMA=fma, TAIL=tail, num_warps=4, **common)
+            BLOCK_P=block_p, FMA=fma, TAIL=tail, PW=pw, num_warps=4,
+            # with the tail's per-channel loop, a pipelined (3-stage) dense loop spilled 8-24 B
+            num_stages=1 if tail else 3, **common)
 
 
 # ------------------------------------------------------------------------------------------------

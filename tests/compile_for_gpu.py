@@ -62,14 +62,14 @@ def forward_variants(dtype):
     for depthwise, k in itertools.product((False, True), (1, 3, 5)):
         constexprs = dict(K=k, PAD_MODE=1, HAS_BIAS=True, DEPTHWISE=depthwise, DOT_MODE=int(dtype == "fp32"),
                           ACC=tl.float32, BLOCK_CO=32, BLOCK_CI=32, BLOCK_P=64, FMA=False,
-                          TAIL=not depthwise)
+                          TAIL=not depthwise, PW=8)
         yield f"patch_conv depthwise={depthwise} k={k}", _patch_conv_kernel, constexprs
     # 1x1 on multiply-adds: tiny patches (4 pixels), and 8 output channels
     for block_co, block_ci, block_p in ((32, 16, 4), (8, 8, 64)):
         yield (f"patch_conv fma {block_co}x{block_ci}x{block_p}", _patch_conv_kernel,
                dict(K=1, PAD_MODE=0, HAS_BIAS=True, DEPTHWISE=False, DOT_MODE=int(dtype == "fp32"),
                     ACC=tl.float32, BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_P=block_p, FMA=True,
-                    TAIL=False))
+                    TAIL=False, PW=2 if block_p == 4 else 8))
     for mode in modes:
         for patch, spg in (((1, 1), 13), ((2, 2), 6)):
             yield (f"meta_conv_many_patches patch={patch} spg={spg} dot_mode={mode}",
@@ -77,7 +77,7 @@ def forward_variants(dtype):
                    dict(CIN=82, COUT=64, PH=patch[0], PW=patch[1], SPG=spg, GEN_STRIDE=16 if spg > 8 else 8,
                         GEN_DOT=spg >= 12, HAS_AFFINE=True, ACT=1, DOT_MODE=mode,
                         BLOCK_N=64 if patch == (1, 1) else 32, BLOCK_O=2, BLOCK_C=32, BLOCK_S=16,
-                        BLOCK_Q=patch[0] * patch[1]))
+                        BLOCK_PH=patch[0], BLOCK_PW=patch[1], TILE_W=32, GW_ALIGN=16))
         for depthwise, k, groups in ((False, 1, 1), (False, 3, 2), (True, 3, 48), (True, 5, 48)):
             cin = 48 if groups > 1 else 94
             yield (f"meta_conv_patch depthwise={depthwise} k={k} dot_mode={mode}", _meta_conv_patch_kernel,
@@ -104,24 +104,28 @@ def backward_variants(dtype):
         tail = not depthwise
         yield (f"patch_conv input grad depthwise={depthwise} k={k} pad={pad}", _patch_conv_input_grad_kernel,
                dict(K=k, PAD_MODE=pad, SLOTS=slots, DEPTHWISE=depthwise, DOT_MODE=mode, ACC=acc,
-                    BLOCK_CI=32, BLOCK_CO=32, BLOCK_P=64, FMA=False, TAIL=tail and k == 1))
+                    BLOCK_CI=32, BLOCK_CO=32, BLOCK_P=64, FMA=False, TAIL=tail and k == 1, PW=8))
         yield (f"patch_conv weight grad depthwise={depthwise} k={k} pad={pad}", _patch_conv_weight_grad_kernel,
                dict(K=k, PAD_MODE=pad, HAS_BIAS=True, DEPTHWISE=depthwise, DOT_MODE=mode, ACC=acc,
-                    BLOCK_CO=32, BLOCK_CI=32, BLOCK_P=64, FMA=False, TAIL=tail))
+                    BLOCK_CO=32, BLOCK_CI=32, BLOCK_P=64, FMA=False, TAIL=tail, PW=8))
     for block_co, block_ci, block_p in ((32, 16, 4), (8, 8, 64)):
         yield (f"patch_conv input grad fma {block_co}x{block_ci}x{block_p}", _patch_conv_input_grad_kernel,
                dict(K=1, PAD_MODE=0, SLOTS=1, DEPTHWISE=False, DOT_MODE=mode, ACC=acc,
-                    BLOCK_CI=block_ci, BLOCK_CO=block_co, BLOCK_P=block_p, FMA=True, TAIL=False))
+                    BLOCK_CI=block_ci, BLOCK_CO=block_co, BLOCK_P=block_p, FMA=True, TAIL=False,
+                    PW=2 if block_p == 4 else 8))
         yield (f"patch_conv weight grad fma {block_co}x{block_ci}x{block_p}", _patch_conv_weight_grad_kernel,
                dict(K=1, PAD_MODE=0, HAS_BIAS=True, DEPTHWISE=False, DOT_MODE=mode, ACC=acc,
-                    BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_P=block_p, FMA=True, TAIL=False))
-    yield "generate_weights", _generate_weights_kernel, dict(ACC=acc, BLOCK_N=32, BLOCK_R=64)
+                    BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_P=block_p, FMA=True, TAIL=False,
+                    PW=2 if block_p == 4 else 8))
+    yield ("generate_weights", _generate_weights_kernel,
+           dict(ACC=acc, BLOCK_N=32, BLOCK_R=64, COUNT_ALIGN=8, GHW_ALIGN=4))
     yield ("generate_weights signal grad", _generate_weights_signal_grad_kernel,
-           dict(ACC=acc, BLOCK_N=32, BLOCK_S=32))
+           dict(ACC=acc, BLOCK_N=32, BLOCK_S=32, GHW_ALIGN=16))
     yield ("generate_weights weight grad", _generate_weights_weight_grad_kernel,
-           dict(DOT_MODE=mode, ACC=acc, BLOCK_R=32, BLOCK_S=32, BLOCK_N=32, FMA=False))
+           dict(DOT_MODE=mode, ACC=acc, BLOCK_R=32, BLOCK_S=32, BLOCK_N=32, FMA=False,
+                GHW_ALIGN=16))
     yield ("generate_weights weight grad fma", _generate_weights_weight_grad_kernel,
-           dict(DOT_MODE=mode, ACC=acc, BLOCK_R=32, BLOCK_S=4, BLOCK_N=32, FMA=True))
+           dict(DOT_MODE=mode, ACC=acc, BLOCK_R=32, BLOCK_S=4, BLOCK_N=32, FMA=True, GHW_ALIGN=4))
 
 
 def main(dtypes=("fp32", "fp16", "bf16", "fp64")):

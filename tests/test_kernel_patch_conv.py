@@ -184,3 +184,27 @@ def test_meta_patch_conv_many_patches_tiles_span_groups(width):
     kw = dict(out_channels=20, generator_groups=16)
     assert_matches(kernels.meta_patch_conv(x, signal, gen, **kw), ops.meta_patch_conv(x, signal, gen, **kw),
                    torch.float32)
+
+
+@pytest.mark.parametrize("grid,patch,dtype", [
+    ((5, 6), (1, 1), "fp32"),       # 6 columns: tiles of 2 columns x 32 rows, the last 5 rows used
+    ((3, 12), (2, 2), "fp16"),      # tiles of 4 columns x 8 rows, 3 tile columns per grid row
+    ((4, 7), (2, 3), "bf16"),       # odd grid width (1-column tiles); patch rows of 3, padded to 4
+    ((2, 16), (4, 4), "fp32"),      # 16 columns: one tile per grid row
+])
+def test_meta_patch_conv_many_patches_tiles_of_grid_rows(grid, patch, dtype):
+    """The many-patches kernel's tiles are whole runs of grid columns (the largest power of two
+    dividing the grid's width) over several grid rows, the last tile of an image cut by its
+    bottom; every patch is covered once, in every image of the batch."""
+    import importlib
+    mpc = importlib.import_module("hyperseg.kernels.meta_patch_conv")
+    cfg = mpc.many_patches_plan(21, 8, 21 * 8, 4, patch, grid[1])
+    assert grid[1] % cfg["TILE_W"] == 0 and cfg["BLOCK_N"] % cfg["TILE_W"] == 0
+    assert cfg["TILE_W"] == min(cfg["BLOCK_N"], grid[1] & -grid[1])
+    dtype = DTYPES[dtype]
+    x = randn(3, 21, grid[0] * patch[0], grid[1] * patch[1], dtype=dtype)
+    signal = randn(3, 12, *grid, dtype=dtype)
+    gen = generator_for(21 * 8, 12, 3, dtype)
+    kw = dict(out_channels=8, generator_groups=3, activation="relu")
+    assert_matches(kernels.meta_patch_conv(x, signal, gen, **kw),
+                   ops.meta_patch_conv(x.float(), signal.float(), gen.float(), **kw), dtype)

@@ -103,7 +103,8 @@ def _fake_report(spill_stores: int, train_spill: int = 0, train_warps: int = 8,
     kernel = dict(id=1, kernel="_fake_kernel", variant="", phases=["inference"], used_by=["L4"],
                   grids=[[1, 1, 1]], compiled=True, num_warps=4, registers=255, stack=0,
                   spill_stores=spill_stores, spill_loads=0, spill_bytes=spill_stores, shared=0,
-                  warps_per_sm=16, sass=sass, compile_s=0.0)
+                  warps_per_sm=16, sass=sass, compile_s=0.0, vector_lines=2,
+                  narrow_vector_lines=0)
     train_only = dict(copy.deepcopy(kernel), id=2, kernel="_fake_backward_kernel", phases=["train"],
                       used_by=["train:L4"], spill_stores=train_spill, spill_bytes=train_spill,
                       stack=train_spill, warps_per_sm=train_warps, redundancy=redundancy)
@@ -125,6 +126,16 @@ def test_check_flags_a_spill_or_stack_in_a_training_kernel():
     assert any("spill_bytes == 0" in f for f in failures) and any("stack == 0" in f for f in failures)
     failures = property_failures(_fake_report(0, redundancy=2.5))
     assert len(failures) == 1 and "redundancy <= 2.0" in failures[0]
+
+
+def test_check_flags_interior_accesses_that_are_not_vectors():
+    report = _fake_report(0)
+    report["reports"][0]["kernels"][0]["narrow_vector_lines"] = 1
+    failures = property_failures(report)
+    assert len(failures) == 1 and "narrow_vector_lines == 0" in failures[0]
+    report["reports"][0]["kernels"][0].update(vector_lines=0, narrow_vector_lines=0)
+    failures = property_failures(report)       # an inference kernel without tagged accesses
+    assert len(failures) == 1 and "vector_lines >= 1" in failures[0]
 
 
 def test_check_option_exit_status(tmp_path):
@@ -236,6 +247,107 @@ def test_block_floors_from_the_structure_alone():
     assert block_floors(model, (512, 1024), dtype="fp16")[4] < floors[4]
 
 
+TTGIR = """#loc3 = loc("/src/k.py":12:18)
+#loc7 = loc("/src/k.py":20:5)
+module {
+    %xv = tt.load %p, %m, %c : tensor<32x64x!tt.ptr<f16>, #blocked> loc(#loc8)
+    %sc = tt.load %r : !tt.ptr<f32> loc(#loc3)
+    tt.store %o, %v, %m : tensor<2x64x!tt.ptr<bf16>, #blocked1> loc(#loc9)
+}
+#loc8 = loc("xv"(#loc3))
+#loc9 = loc(callsite(#loc7 at #loc3))
+"""
+LLIR = """
+  %1 = tail call { i32, i32 } asm sideeffect "mov.u32 $0, 0x0;\\0A\\09@$3 ld.global.v2.b32 { $0, $1 }, [ $2 + 0 ];", "=r,=r,l,b"(ptr addrspace(1) %a, i1 %m) #4, !dbg !12
+  %2 = tail call i32 asm sideeffect "mov.u32 $0, 0x0;\\0A\\09ld.global.b32 { $0 }, [ $1 + 0 ];", "=r,l"(ptr addrspace(1) %b, i1 %m) #4, !dbg !12
+  tail call void asm sideeffect "cp.async.cg.shared.global [ $0 + 0 ], [ $1 + 0 ], 0x10, $2;", "r,l,r"(ptr addrspace(3) %s, ptr addrspace(1) %c, i32 %n) #4, !dbg !12
+  tail call void asm sideeffect "@$2 st.global.b16 [ $1 + 0 ], { $0 };", "c,l,b"(i16 %v, ptr addrspace(1) %d, i1 %m) #4, !dbg !14
+  %3 = load <4 x float>, ptr addrspace(1) %e, align 16, !dbg !15
+!2 = !DIFile(filename: "k.py", directory: "/src")
+!4 = distinct !DISubprogram(name: "_k", linkageName: "_k", scope: !2, file: !2, line: 5)
+!6 = distinct !DISubprogram(name: "_helper", scope: !2, file: !2, line: 18)
+!12 = !DILocation(line: 12, column: 18, scope: !4)
+!13 = !DILocation(line: 30, column: 3, scope: !4)
+!14 = !DILocation(line: 20, column: 5, scope: !6, inlinedAt: !13)
+!15 = !DILocation(line: 40, column: 9, scope: !4)
+"""
+
+
+def test_global_accesses_from_the_compiler_output():
+    """Each global access instruction of the LLVM IR, by the source line of its debug location
+    (the helper's line for inlined code), with its bytes per thread; the tile's size from the
+    TTGIR op on that line."""
+    import kernel_sass
+    accesses = kernel_sass.global_accesses(LLIR, TTGIR)
+    got = {(a["op"], a["line"], a["bytes"], tuple(a["widths"].items()), a["elements"],
+            a["element_bytes"]) for a in accesses}
+    assert got == {("read", 12, 4, (("4", 1), ("8", 1), ("16", 1)), 2048, 2),
+                   ("write", 20, 2, (("2", 1),), 128, 2),
+                   ("read", 40, 16, (("16", 1),), 1, 16)}, got
+    tagged = [dict(a, code="x  # interior: vector") for a in accesses]
+    # 4 warps: line 12 has a 4-byte load in a tile of 2048 half elements (16 per thread): narrow;
+    # the 128-element bf16 store is one element per thread (tile-bound: 2 bytes suffice)
+    check = kernel_sass.vector_check(tagged, num_warps=4)
+    assert (check["tagged"], check["bounded"]) == (3, 1)
+    assert [a["line"] for a in check["narrow"]] == [12]
+    # with one warp the store's tile holds 4 elements (8 bytes) per thread: 2 bytes is too narrow
+    check = kernel_sass.vector_check(tagged, num_warps=1)
+    assert [a["line"] for a in check["narrow"]] == [12, 20]
+
+
+VECTORS = '''
+import torch, triton, triton.language as tl
+from kernel_record import Recorder, group_launches, recording
+from kernel_sass import compile_launch, global_accesses
+
+@triton.jit
+def _shifted_copy(x_ptr, out_ptr, SHIFT: tl.constexpr):
+    i = tl.program_id(0) * 1024 + tl.arange(0, 1024)
+    v = tl.load(x_ptr + i + SHIFT)  # interior: vector
+    tl.store(out_ptr + i, v)  # interior: vector
+
+x = torch.empty(4096 + 1)
+recorder = Recorder()
+with recording(recorder):
+    for shift in (0, 1):
+        _shifted_copy[(4,)](x, torch.empty(4096), SHIFT=shift)
+results = [compile_launch(l) for l in recorder.launches]
+assert [r["vector_lines"] for r in results] == [2, 2], results
+# aligned: 16-byte loads and stores; shifted by one float: 4-byte loads, flagged
+assert [r["narrow_vector_lines"] for r in results] == [0, 1], [r["accesses"] for r in results]
+print("ok")
+'''
+
+
+def test_vector_tag_conditions_and_runs():
+    """``# interior: vector [of NAME] [when NAME OP VALUE and ...]``: the condition selects the
+    specialisations the tag applies to; the run bounds the vector by its alignment."""
+    import kernel_sass
+    tag = kernel_sass.vector_tag
+    assert tag("x = 1", {}) is None
+    assert tag("tl.load(p)  # interior: vector", {}) == 0
+    assert tag("tl.load(p)  # interior: vector when K == 1", {"K": 1}) == 0
+    assert tag("tl.load(p)  # interior: vector when K == 1", {"K": 3}) is None
+    assert tag("tl.load(p)  # interior: vector of PW when K == 1 and TAIL == False",
+               {"K": 1, "PW": 10, "TAIL": False}) == 10
+    with pytest.raises(ValueError, match="condition"):
+        tag("tl.load(p)  # interior: vector when K", {"K": 1})
+    with pytest.raises(ValueError, match="run"):
+        tag("tl.load(p)  # interior: vector of PW", {"K": 1})
+    # a 10-wide row of fp16 (the v1 block's patches laid out with their halos) starts at even
+    # elements only: 4 bytes are all a vector can hold there, 8 for a 16-wide one
+    access = dict(code="tl.load(p)  # interior: vector of PW", elements=1024, element_bytes=2,
+                  bytes=4, widths={"4": 1})
+    assert kernel_sass.vector_check([access], 4, {"PW": 10})["narrow"] == []
+    assert kernel_sass.vector_check([access], 4, {"PW": 16})["narrow"] == [access]
+
+
+def test_vector_check_on_compiled_kernels(tmp_path):
+    """The check reads what the compiler made: a load shifted off the 16-byte alignment compiles
+    to scalar loads and is flagged, the aligned one is not."""
+    _run_python(VECTORS, tmp_path)
+
+
 AUTOTUNED = '''
 import torch, triton, triton.language as tl
 from kernel_record import Recorder, group_launches, recording
@@ -257,6 +369,8 @@ launches = [g[0] for g in group_launches(recorder.launches)]
 assert [(l.variant.split(",")[0], l.grid, l.args["EVEN"], l.options.num_warps) for l in launches] == [
     ("BLOCK: 32", (8, 1, 1), True, 1), ("BLOCK: 64", (4, 1, 1), True, 2)], launches
 assert all(compile_launch(l)["registers"] > 0 for l in launches)
+# the configs of one autotuned call share its call number (its work counts once per block)
+assert len({l.call for l in recorder.launches}) == 1 and len(recorder.launches) == 2
 print("ok")
 '''
 
