@@ -131,13 +131,13 @@ def recording(recorder: Recorder):
             configs = self.configs
         recorder.calls += 1
         recorder.tuning = True
-        for config in configs:
-            recorder.variant = str(config)
-            try:
+        try:
+            for config in configs:
+                recorder.variant = str(config)
                 self.fn.run(*args, **kwargs, **config.all_kwargs())
-            finally:
-                recorder.variant = ""
-        recorder.tuning = False
+        finally:
+            recorder.variant = ""
+            recorder.tuning = False
         self.nargs = None
 
     try:

@@ -201,6 +201,13 @@ def autotuned(kernel, key, warps=(4, 8), prune=None, stages=(3,)):
     return triton.autotune(configs, key=list(key), prune_configs_by=prune_by)(kernel)
 
 
+def alignment(n: int) -> int:
+    """The largest power of two up to 16 that divides ``n`` (1 for 0): the kernels' *_ALIGN
+    arguments, from which the compiler learns that rows of length ``n`` start aligned (Triton
+    itself only marks integers divisible by 16)."""
+    return max(1, min(16, n & -n))
+
+
 def launch_options(kernel, num_warps: int) -> dict:
     """Launch keywords: ``num_warps`` for a plain kernel, none for an autotuned one (its
     configuration chooses)."""

@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 from ..layout import check_generator
-from ._common import (accumulator, autocast, block, channel_block, check_device, check_dtype, dot_mode,
-                      mac)
+from ._common import (accumulator, alignment, autocast, block, channel_block, check_device,
+                      check_dtype, dot_mode, mac)
 
 
 @triton.jit
@@ -134,12 +134,6 @@ def signal_channels(start: int, count: int, spg: int, rpg: int) -> Tuple[int, in
     return start // rpg * spg, ((start + count - 1) // rpg + 1) * spg
 
 
-def _alignment(n: int) -> int:
-    """The largest power of two up to 16 that divides ``n`` (1 for 0): the kernels' *_ALIGN
-    arguments, which let the compiler see that rows of that length start aligned."""
-    return max(1, min(16, n & -n))
-
-
 def _shapes(signal: torch.Tensor, weight: torch.Tensor, groups: int):
     b, width, gh, gw = signal.shape
     rows, spg = weight.shape[:2]
@@ -158,7 +152,7 @@ def _generate_weights_op(signal: torch.Tensor, weight: torch.Tensor, groups: int
     _generate_weights_kernel[(triton.cdiv(n, block_n), triton.cdiv(count, block_r))](
         signal, weight, out, n, ghw, width, spg, rpg, start, count,
         ACC=accumulator(signal.dtype), BLOCK_N=block_n, BLOCK_R=block_r,
-        COUNT_ALIGN=_alignment(count), GHW_ALIGN=_alignment(ghw), num_warps=4)
+        COUNT_ALIGN=alignment(count), GHW_ALIGN=alignment(ghw), num_warps=4)
     return out
 
 
@@ -185,7 +179,7 @@ def _generate_weights_backward_op(dout: torch.Tensor, signal: torch.Tensor, weig
         if c1 > c0:
             _generate_weights_signal_grad_kernel[(triton.cdiv(n, block_n), triton.cdiv(c1 - c0, block_s))](
                 dout, weight, dsig, n, ghw, width, spg, rpg, start, count, c0, c1,
-                ACC=acc, BLOCK_N=block_n, BLOCK_S=block_s, GHW_ALIGN=_alignment(ghw),
+                ACC=acc, BLOCK_N=block_n, BLOCK_S=block_s, GHW_ALIGN=alignment(ghw),
                 num_warps=4)
     if weight_grad:
         dgen = torch.empty_like(weight)
@@ -203,7 +197,7 @@ def _generate_weights_backward_op(dout: torch.Tensor, signal: torch.Tensor, weig
         _generate_weights_weight_grad_kernel[grid](
             dout, signal, dgen, n, ghw, width, spg, rpg, start, count,
             DOT_MODE=mode, ACC=acc, BLOCK_R=block_r, BLOCK_S=block_s, BLOCK_N=block_n, FMA=fma,
-            GHW_ALIGN=_alignment(ghw), num_warps=4)
+            GHW_ALIGN=alignment(ghw), num_warps=4)
     return tuple(signal.new_empty(0) if t is None else t for t in (dsig, dgen))
 
 

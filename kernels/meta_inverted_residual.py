@@ -213,8 +213,8 @@ def _enough_work_per_warp(configs, args):
 
 def _vector_tile(mode: int, warps: int) -> int:
     """Elements of an expand input tile that give each thread of ``warps`` warps one 8-byte
-    vector: 2 float32 or 4 half-precision elements (float64: 1)."""
-    return {0: 4, 2: 1}.get(mode, 2) * 32 * warps
+    vector: 2 float32 or 4 half-precision elements."""
+    return (4 if mode == 0 else 2) * 32 * warps
 
 
 _tuned_kernel = autotuned(_meta_inverted_residual_kernel,

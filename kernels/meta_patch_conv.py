@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (ACTIVATION_CODES, PADDING_CODES, activate, autotuned, border_index,
-                      check_device, check_generated_op, dot_acc, dot_mode,
+from ._common import (ACTIVATION_CODES, PADDING_CODES, activate, alignment, autotuned,
+                      border_index, check_device, check_generated_op, dot_acc, dot_mode,
                       generator_layout, launch_options, output_like, patch_params_to_scratch,
                       signal_block)
 from ..layout import check_activation, patch_conv_rows
@@ -280,12 +280,11 @@ def many_patches_plan(cin: int, cout: int, rpg: int, spg: int, patch, gw: int) -
     block_s = _least_padding(spg, (16, 32))
     gen_dot = -(-spg // block_s) * block_s <= 1.5 * spg
     block_n = (64 if gen_dot else 32) if pixels == 1 else (32 if pixels <= 4 else 16)
-    low_bit = gw & -gw                                   # largest power of two dividing gw
     return dict(BLOCK_N=block_n, BLOCK_O=block_o,
                 BLOCK_C=_least_padding(cin, (16, 32, 64) if gen_dot else (16,)), BLOCK_S=block_s,
                 BLOCK_PH=triton.next_power_of_2(patch[0]),
                 BLOCK_PW=triton.next_power_of_2(patch[1]), GEN_DOT=gen_dot,
-                TILE_W=min(block_n, low_bit), GW_ALIGN=min(16, low_bit))
+                TILE_W=min(block_n, gw & -gw), GW_ALIGN=alignment(gw))
 
 
 MANY_PATCHES_MAX_PIXELS = 16
