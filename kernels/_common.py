@@ -136,7 +136,8 @@ def generate_params(dst_ptr, n_rows, row0, sig_base, gen_ptr, sig_offset, rpg, G
     that loads are 16-byte vectors) belongs to group r // rpg, which reads signal channels
     sig_offset + group * SPG + s; ``sig_base`` points at signal[b, 0, gi, gj] (channel stride
     GHW). A tile is BLOCK_R consecutive rows x BLOCK_S of their inputs: one contiguous span of the
-    generator, read once per patch."""
+    generator, read once per patch. The generator's loads cover its zero columns up to GEN_STRIDE
+    (so that the mask is constant over each aligned vector); the signal's stop at SPG."""
     for r0 in range(0, n_rows, BLOCK_R):
         i = r0 + tl.arange(0, BLOCK_R)
         rmask = i < n_rows
@@ -145,9 +146,11 @@ def generate_params(dst_ptr, n_rows, row0, sig_base, gen_ptr, sig_offset, rpg, G
         acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
         for s0 in range(0, SPG, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
-            m = rmask[:, None] & (s < SPG)[None, :]
-            g = tl.load(gen_ptr + row[:, None] * GEN_STRIDE + s[None, :], mask=m, other=0.0)
-            v = tl.load(sig_base + (chan[:, None] + s[None, :]) * GHW, mask=m, other=0.0)
+            g = tl.load(  # interior: vector of GEN_STRIDE
+                gen_ptr + row[:, None] * GEN_STRIDE + s[None, :],
+                mask=rmask[:, None] & (s < GEN_STRIDE)[None, :], other=0.0)
+            v = tl.load(sig_base + (chan[:, None] + s[None, :]) * GHW,
+                        mask=rmask[:, None] & (s < SPG)[None, :], other=0.0)
             acc += tl.sum(g.to(tl.float32) * v.to(tl.float32), axis=1)
         tl.store(dst_ptr + i, acc, mask=rmask)
 
@@ -273,6 +276,13 @@ def generator_layout(generator_weight: torch.Tensor):
     if stride != spg:
         flat = torch.nn.functional.pad(flat, (0, stride - spg))
     return flat.contiguous(), spg, stride
+
+
+def generation_rows(signal_block: int, element_size: int, max_warps: int) -> int:
+    """Generator rows per tile of ``generate_params``: 64, or more where a tile of 64 rows x
+    ``signal_block`` inputs would give a thread of ``max_warps`` warps less than one 8-byte vector
+    of the generator."""
+    return max(64, 32 * max_warps * max(1, 8 // element_size) // signal_block)
 
 
 def signal_block(spg: int) -> int:

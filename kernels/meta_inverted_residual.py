@@ -13,8 +13,8 @@ import triton
 import triton.language as tl
 
 from ._common import (PADDING_CODES, autotuned, border_index, check_common, check_device,
-                      dot_acc, dot_mode, generator_layout, launch_options, output_like,
-                      patch_params_to_scratch, signal_block)
+                      dot_acc, dot_mode, generation_rows, generator_layout, launch_options,
+                      output_like, patch_params_to_scratch, signal_block)
 from ..layout import (check_generated, check_generator, check_inverted_residual,
                       inverted_residual_sizes)
 
@@ -74,28 +74,41 @@ def _expand_sides(escr, wscr, x_base, s1_ptr, t1_ptr, y0, x0, n_rows, H, W, HW,
 
 
 @triton.jit
-def _depthwise_from_scratch(yscr, escr, w_dw, h0, h, h_mask, pr, pc, p_mask, n_rows,
-                            K: tl.constexpr, PW: tl.constexpr, INT_CAP: tl.constexpr,
-                            EDGE_CAP: tl.constexpr, BLOCK_H: tl.constexpr,
+def _sides_to_tile(yscr, escr, h0, n_rows, R: tl.constexpr, PW: tl.constexpr,
+                   HALO_W: tl.constexpr, INT_CAP: tl.constexpr, EDGE_CAP: tl.constexpr,
+                   BLOCK_H: tl.constexpr, HALO_CHUNK: tl.constexpr):
+    # Copy the side columns of hidden channels h0 .. h0 + BLOCK_H from the band's side tile
+    # ``escr`` (side * n_rows + row) into the chunk's halo tile ``yscr``, whose rows are HALO_W
+    # floats: the patch's PW columns first, then the R right columns, and the R left ones at the
+    # row's end (column c < 0 at HALO_W + c). The depthwise then reads one tile with one load.
+    h_loc = tl.arange(0, BLOCK_H)
+    for e0 in range(0, 2 * R * n_rows, HALO_CHUNK):
+        e = e0 + tl.arange(0, HALO_CHUNK)
+        e_mask = (e < 2 * R * n_rows)[None, :]
+        side = e // n_rows
+        col = tl.where(side < R, HALO_W - R + side, PW + side - R)
+        v = tl.load(escr + (h0 + h_loc)[:, None] * EDGE_CAP + e[None, :], mask=e_mask, other=0.0)
+        tl.store(yscr + h_loc[:, None] * INT_CAP + ((e % n_rows) * HALO_W + col)[None, :], v,
+                 mask=e_mask)
+
+
+@triton.jit
+def _depthwise_from_scratch(yscr, w_dw, h, h_mask, pr, pc, p_mask, K: tl.constexpr,
+                            HALO_W: tl.constexpr, INT_CAP: tl.constexpr, BLOCK_H: tl.constexpr,
                             BLOCK_P: tl.constexpr):
-    # Step 2: the k x k depthwise of the band from the scratch tiles; tap t of output pixel
-    # (pr, pc) is halo pixel (pr + t // k, pc + t % k - R), counted from the patch's first column:
-    # a patch column is at row * PW + col of the chunk's tile ``yscr``, a side column at
-    # side * n_rows + row of the band's side tile ``escr`` (rows h0 .. h0 + BLOCK_H).
-    # ``w_dw``: the patch's depthwise weights.
+    # Step 2: the k x k depthwise of the band from the chunk's halo tile; tap t of output pixel
+    # (pr, pc) is halo pixel (pr + t // k, pc + t % k - R), counted from the patch's first column,
+    # at row * HALO_W + col of ``yscr`` (left columns wrapped to the row's end). ``w_dw``: the
+    # patch's depthwise weights.
     R: tl.constexpr = K // 2
     h_loc = tl.arange(0, BLOCK_H)
     z = tl.zeros((BLOCK_H, BLOCK_P), dtype=tl.float32)
     for t in range(K * K):
         w2 = tl.load(w_dw + h * (K * K) + t, mask=h_mask, other=0.0)
-        row = pr + t // K
         col = pc + t % K - R
-        inside = (col >= 0) & (col < PW)
-        side = tl.where(col < 0, col + R, col - PW + R)
-        yv = tl.load(yscr + h_loc[:, None] * INT_CAP + (row * PW + col)[None, :],
-                     mask=(p_mask & inside)[None, :], other=0.0)
-        yv += tl.load(escr + (h0 + h_loc)[:, None] * EDGE_CAP + (side * n_rows + row)[None, :],
-                      mask=(p_mask & ~inside)[None, :], other=0.0)
+        pos = (pr + t // K) * HALO_W + tl.where(col < 0, col + HALO_W, col)
+        yv = tl.load(yscr + h_loc[:, None] * INT_CAP + pos[None, :], mask=p_mask[None, :],
+                     other=0.0)
         z += w2[:, None] * yv
     return z
 
@@ -117,10 +130,11 @@ def _meta_inverted_residual_kernel(
     # Per band it first expands the halo's side columns for every hidden channel into the
     # program's side tile (gathered: they may lie beyond the border); then per chunk of BLOCK_H
     # hidden channels it
-    #   1. expands the patch's own columns over the band's rows plus the halo rows once
-    #      (tensor-core dots over BLOCK_K input channels) into the program's chunk tile, row-major:
-    #      each row is PW contiguous image pixels from an aligned start (vector loads),
-    #   2. reads the k*k depthwise taps back from the two tiles, and
+    #   1. copies the chunk's side columns into the program's halo tile (rows of HALO_W floats)
+    #      and expands the patch's own columns over the band's rows plus the halo rows once
+    #      (tensor-core dots over BLOCK_K input channels) beside them: each row's PW columns are
+    #      contiguous image pixels from an aligned start (vector loads),
+    #   2. reads each of the k*k depthwise taps back from the halo tile with one load, and
     #   3. accumulates the 1x1 project of the chunk into the band's output tile (a dot).
     # Barriers order the scratch writes and reads of the CTA's threads. Output tiles are BAND rows
     # x BLOCK_W columns, so stores of a tile row are contiguous.
@@ -128,7 +142,10 @@ def _meta_inverted_residual_kernel(
     HW = H * W
     KK: tl.constexpr = K * K
     R: tl.constexpr = K // 2
-    INT_CAP: tl.constexpr = ((BAND + 2 * R) * PW + HALO_CHUNK - 1) // HALO_CHUNK * HALO_CHUNK
+    HALO_W: tl.constexpr = PW + (2 * R + 3) // 4 * 4   # a halo row in the chunk tile, aligned
+    INT_ROWS: tl.constexpr = (((BAND + 2 * R) * PW + HALO_CHUNK - 1) // HALO_CHUNK * HALO_CHUNK
+                              + PW - 1) // PW      # halo rows the expand's chunks write
+    INT_CAP: tl.constexpr = INT_ROWS * HALO_W
     EDGE_CAP: tl.constexpr = (2 * R * (BAND + 2 * R) + HALO_CHUNK - 1) // HALO_CHUNK * HALO_CHUNK
     HIDDEN_P: tl.constexpr = (HIDDEN + BLOCK_H - 1) // BLOCK_H * BLOCK_H
     DW0: tl.constexpr = HIDDEN * CIN
@@ -161,23 +178,29 @@ def _meta_inverted_residual_kernel(
             _expand_sides(escr, wscr, x_base, s1_ptr, t1_ptr, y0, gj * PW, n_rows, H, W, HW, CIN,
                           HIDDEN, R, PW, EDGE_CAP, PAD_MODE, DOT_MODE, BLOCK_H, BLOCK_K,
                           HALO_CHUNK)
+            tl.debug_barrier()
         acc = tl.zeros((BLOCK_CO, BLOCK_P), dtype=tl.float32)
         for h0 in range(0, HIDDEN, BLOCK_H):
             h = h0 + h_loc
             h_mask = h < HIDDEN
             s1 = tl.load(s1_ptr + h, mask=h_mask, other=0.0)[:, None]
             t1 = tl.load(t1_ptr + h, mask=h_mask, other=0.0)[:, None]
-            # 1. expand the patch's columns over the band and its halo rows, BN1, ReLU6
+            # 1. copy the chunk's side columns into its halo tile; expand the patch's columns over
+            # the band and its halo rows beside them, BN1, ReLU6
+            if R > 0:
+                _sides_to_tile(yscr, escr, h0, n_rows, R, PW, HALO_W, INT_CAP, EDGE_CAP, BLOCK_H,
+                               HALO_CHUNK)
             for e0 in range(0, n_rows * PW, HALO_CHUNK):
                 e = e0 + e_loc
                 ey, vy = border_index(y0 + e // PW, H, PAD_MODE)
-                _expand_to_scratch(yscr + e[None, :], wscr, x_base, h, h_mask, s1, t1,
-                                   ey * W + gj * PW + e % PW, (e < n_rows * PW) & vy, W, HW, CIN,
-                                   DOT_MODE, BLOCK_H, BLOCK_K, INT_CAP, True)
+                _expand_to_scratch(yscr + ((e // PW) * HALO_W + e % PW)[None, :], wscr, x_base, h,
+                                   h_mask, s1, t1, ey * W + gj * PW + e % PW,
+                                   (e < n_rows * PW) & vy, W, HW, CIN, DOT_MODE, BLOCK_H, BLOCK_K,
+                                   INT_CAP, True)
             tl.debug_barrier()
-            # 2. depthwise k x k from the scratch tiles, BN2, ReLU6
-            z = _depthwise_from_scratch(yscr, escr, wscr + DW0, h0, h, h_mask, pr, pc, p_mask,
-                                        n_rows, K, PW, INT_CAP, EDGE_CAP, BLOCK_H, BLOCK_P)
+            # 2. depthwise k x k from the chunk's halo tile, BN2, ReLU6
+            z = _depthwise_from_scratch(yscr, wscr + DW0, h, h_mask, pr, pc, p_mask, K, HALO_W,
+                                        INT_CAP, BLOCK_H, BLOCK_P)
             s2 = tl.load(s2_ptr + h, mask=h_mask, other=0.0)[:, None]
             t2 = tl.load(t2_ptr + h, mask=h_mask, other=0.0)[:, None]
             z = tl.minimum(tl.maximum(z * s2 + t2, 0.0), 6.0)
@@ -247,15 +270,24 @@ def plan(cin: int, hidden: int, cout: int, patch: Tuple[int, int], kernel_size: 
 
 def scratch_sizes(cfg: dict, count: int, patch: Tuple[int, int], kernel_size: int,
                   hidden: int) -> Tuple[int, int]:
-    """Per-program float32 scratch: the patch's parameters; one hidden chunk's expanded tile
-    plus the band's side columns for all hidden channels (as the kernel lays them out)."""
-    interior, sides = halo_capacity(cfg["BAND"], patch[1], kernel_size // 2, cfg["HALO_CHUNK"])
+    """Per-program float32 scratch: the patch's parameters; one hidden chunk's halo tile
+    (rows of ``halo_row`` floats, as many as the expand's chunks write) plus the band's side
+    columns for all hidden channels (as the kernel lays them out)."""
+    r = kernel_size // 2
+    interior, sides = halo_capacity(cfg["BAND"], patch[1], r, cfg["HALO_CHUNK"])
+    rows = -(-interior // patch[1])
     hidden_p = triton.cdiv(hidden, cfg["BLOCK_H"]) * cfg["BLOCK_H"]
-    return count, cfg["BLOCK_H"] * interior + hidden_p * sides
+    return count, cfg["BLOCK_H"] * rows * halo_row(patch[1], r) + hidden_p * sides
+
+
+def halo_row(pw: int, r: int) -> int:
+    """Floats per row of the kernel's halo tile: the patch's ``pw`` columns and its 2r side
+    columns, padded to a multiple of 4 so that rows start 16-byte aligned when ``pw`` allows."""
+    return pw + -(-2 * r // 4) * 4
 
 
 def halo_capacity(band: int, pw: int, r: int, chunk: int) -> Tuple[int, int]:
-    """Halo pixels of a band in the kernel's scratch, each part padded to whole chunks: the
+    """Halo pixels of a band that the kernel expands, each part padded to whole chunks: the
     patch's own columns over band + 2r rows, and the 2r side columns."""
     pad = lambda n: -(-n // chunk) * chunk  # noqa: E731
     return pad((band + 2 * r) * pw), pad(2 * r * (band + 2 * r))
@@ -279,6 +311,7 @@ def _meta_inverted_residual_op(
     mode = dot_mode(x.dtype)
     cfg = plan(cin, hidden, out_channels, patch, kernel_size, mode)
     cfg["BLOCK_S"] = signal_block(spg)
+    cfg["BLOCK_R"] = generation_rows(cfg["BLOCK_S"], gen.element_size(), 16)
     count = sum(inverted_residual_sizes(cin, hidden, out_channels, kernel_size))
     n_params, n_halo = scratch_sizes(cfg, count, patch, kernel_size, hidden)
     programs = b * gh * gw

@@ -11,7 +11,8 @@ Two kernels, chosen by the patch size:
 * ``_meta_conv_patch_kernel`` — any other case (dense or depthwise, any k): one program per patch
   generates the patch's kernel once into a per-program scratch slot (L1/L2-resident), then walks
   the patch in bands of rows: a tensor-core dot per (output block, input block, tap) for dense
-  convolutions, a multiply-add per tap for depthwise ones.
+  convolutions, a multiply-add per tap for depthwise ones (3x3 ones away from the left and right
+  borders from aligned 8-byte vectors shifted in registers, ``_depthwise3_vectors``).
 """
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ import triton.language as tl
 
 from ._common import (ACTIVATION_CODES, PADDING_CODES, activate, alignment, autotuned,
                       border_index, check_device, check_generated_op, dot_acc, dot_mode,
-                      generator_layout, launch_options, output_like, patch_params_to_scratch,
-                      signal_block)
+                      generation_rows, generator_layout, launch_options, output_like,
+                      patch_params_to_scratch, signal_block)
 from ..layout import check_activation, patch_conv_rows
 
 
@@ -93,8 +94,9 @@ def _meta_conv_many_patches_kernel(
                 for s0 in range(0, SPG, BLOCK_S):
                     s = s0 + tl.arange(0, BLOCK_S)
                     s_mask = s < SPG
-                    gv = tl.load(gen_ptr + rows.to(tl.int64)[:, None] * GEN_STRIDE + s[None, :],
-                                 mask=g_mask[:, None] & s_mask[None, :], other=0.0)
+                    gv = tl.load(  # interior: vector of GEN_STRIDE
+                        gen_ptr + rows.to(tl.int64)[:, None] * GEN_STRIDE + s[None, :],
+                        mask=g_mask[:, None] & (s < GEN_STRIDE)[None, :], other=0.0)
                     chan = (sig_offset + g * SPG + s).to(tl.int64)
                     sv = tl.load(sig_ptr + sig_off[None, :] + chan[:, None] * GHW,
                                  mask=s_mask[:, None] & n_mask[None, :], other=0.0)
@@ -126,6 +128,83 @@ def _meta_conv_many_patches_kernel(
 
 
 @triton.jit
+def _shift_pairs(prev, cur, nxt):
+    # Tiles whose last axis holds aligned pairs of pixels (x[2a], x[2a + 1]); prev / nxt: the
+    # pairs one pair to the left / right. Returns the tiles of the pixels one to the left and one
+    # to the right: (x[2a - 1], x[2a]) and (x[2a + 1], x[2a + 2]), moved within each thread's
+    # registers (split / join of the pair axis), not reloaded.
+    p0, p1 = tl.split(prev)
+    c0, c1 = tl.split(cur)
+    n0, n1 = tl.split(nxt)
+    return tl.join(p1, c0), tl.join(c1, n0)
+
+
+@triton.jit
+def _shift_vectors(prev, cur, nxt, VEC: tl.constexpr):
+    # ``_shift_pairs`` for vectors of VEC = 2 or 4 pixels (last axis): a vector of 4 is a pair of
+    # pairs (x[2a + b] at [a, b]); its odd elements shift as pairs, and its even ones move up.
+    if VEC == 2:
+        left, right = _shift_pairs(prev, cur, nxt)
+    else:
+        shape: tl.constexpr = cur.shape
+        pair_shape: tl.constexpr = shape[:-1] + [2, 2]
+        p0, p1 = tl.split(tl.reshape(prev, pair_shape))
+        c0, c1 = tl.split(tl.reshape(cur, pair_shape))
+        n0, n1 = tl.split(tl.reshape(nxt, pair_shape))
+        odd_left, _ = _shift_pairs(p1, c1, n1)
+        _, even_right = _shift_pairs(p0, c0, n0)
+        left = tl.reshape(tl.join(odd_left, c0), shape)
+        right = tl.reshape(tl.join(c1, even_right), shape)
+    return left, right
+
+
+@triton.jit
+def _depthwise3_vectors(rows, wscr, co, co_mask, yy, xx, p_mask, H, W, PAD_MODE: tl.constexpr,
+                        VEC: tl.constexpr, BLOCK_CO: tl.constexpr):
+    # The 3 x 3 depthwise taps of a tile of a patch away from the image's left and right borders
+    # (``yy``, ``xx``, ``p_mask``: (groups, VEC) pixels, each group VEC contiguous columns from
+    # an aligned start). Per tap row, three aligned vector loads (the pixels' own vectors and the
+    # vectors beside them); the shifted columns come from registers (``_shift_vectors``).
+    acc = tl.zeros((BLOCK_CO, xx.shape[0], VEC), dtype=tl.float32)
+    for dy in tl.static_range(3):
+        sy, vy = border_index(yy + (dy - 1), H, PAD_MODE)
+        at = rows + (sy * W + xx)[None, :, :]
+        mask = co_mask[:, None, None] & (p_mask & vy)[None, :, :]
+        w_row = wscr + co * 9 + dy * 3
+        cur = tl.load(at, mask=mask, other=0.0).to(tl.float32)  # interior: vector
+        acc += tl.load(w_row + 1, mask=co_mask, other=0.0)[:, None, None] * cur
+        prev = tl.load(at - VEC, mask=mask, other=0.0).to(tl.float32)  # interior: vector
+        left, _ = _shift_vectors(prev, cur, cur, VEC)     # (one side at a time: fewer registers)
+        acc += tl.load(w_row, mask=co_mask, other=0.0)[:, None, None] * left
+        nxt = tl.load(at + VEC, mask=mask, other=0.0).to(tl.float32)  # interior: vector
+        _, right = _shift_vectors(cur, cur, nxt, VEC)
+        acc += tl.load(w_row + 2, mask=co_mask, other=0.0)[:, None, None] * right
+    return acc
+
+
+@triton.jit
+def _depthwise_taps(rows, wscr, co, co_mask, yy, xx, p_mask, H, W, K: tl.constexpr,
+                    PAD_MODE: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr):
+    # The k x k depthwise taps of a tile (pixels ``yy``, ``xx``) of channels ``co`` (image rows
+    # ``rows``), each tap's pixels mapped through the border; ``wscr``: the patch's kernel.
+    KK: tl.constexpr = K * K
+    R: tl.constexpr = K // 2
+    acc = tl.zeros((BLOCK_CO, BLOCK_P), dtype=tl.float32)
+    for t in range(KK):
+        sy, vy = border_index(yy + (t // K - R), H, PAD_MODE)
+        if t % K == R:      # unshifted columns: in the image, contiguous, aligned
+            xv = tl.load(rows + (sy * W + xx)[None, :],  # interior: vector
+                         mask=co_mask[:, None] & (p_mask & vy)[None, :], other=0.0)
+        else:
+            sx, vx = border_index(xx + (t % K - R), W, PAD_MODE)
+            xv = tl.load(rows + (sy * W + sx)[None, :],
+                         mask=co_mask[:, None] & (p_mask & vy & vx)[None, :], other=0.0)
+        wt = tl.load(wscr + co * KK + t, mask=co_mask, other=0.0)
+        acc += wt[:, None] * xv.to(tl.float32)
+    return acc
+
+
+@triton.jit
 def _meta_conv_patch_kernel(
         x_ptr, out_ptr, sig_ptr, gen_ptr, wscr_ptr, scale_ptr, shift_ptr,
         H, W, GH, GW, SIG_C, sig_offset, rpg, row_start,
@@ -134,12 +213,15 @@ def _meta_conv_patch_kernel(
         HAS_AFFINE: tl.constexpr, ACT: tl.constexpr, SPG: tl.constexpr,
         GEN_STRIDE: tl.constexpr, DOT_MODE: tl.constexpr, BAND: tl.constexpr,
         BLOCK_W: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+        BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, VEC: tl.constexpr):
     # One program per patch: phase 1 writes the patch's (COUT, CIN / GROUPS, K, K) kernel to the
     # program's scratch slot (generated once, coalesced generator rows); phase 2 walks the patch
     # in bands of BAND rows x BLOCK_W columns (a tile row is contiguous in x and out) and, per
     # block of BLOCK_CO output channels, accumulates one dot per (input block, tap) (dense) or a
     # per-channel multiply-add per tap (depthwise) with the taps' pixels mapped through the border.
+    # VEC > 1 (3 x 3 depthwise, PW a multiple of VEC): patches away from the left and right
+    # borders take their taps from aligned vectors of VEC pixels (``_depthwise3_vectors``).
+    W = GW * PW                                           # (so the compiler sees PW divide it)
     HW = H * W
     KK: tl.constexpr = K * K
     R: tl.constexpr = K // 2
@@ -165,20 +247,20 @@ def _meta_conv_patch_kernel(
             for c0 in range(0, COUT, BLOCK_CO):
                 co = c0 + tl.arange(0, BLOCK_CO)
                 co_mask = co < COUT
-                acc = tl.zeros((BLOCK_CO, BLOCK_P), dtype=tl.float32)
                 rows = x_base + co.to(tl.int64)[:, None] * HW
-                for t in range(KK):
-                    sy, vy = border_index(yy + (t // K - R), H, PAD_MODE)
-                    if t % K == R:      # unshifted columns: in the image, contiguous, aligned
-                        xv = tl.load(rows + (sy * W + xx)[None, :],  # interior: vector
-                                     mask=co_mask[:, None] & (p_mask & vy)[None, :], other=0.0)
+                if VEC > 1:
+                    if (gj > 0) & (gj < GW - 1):
+                        q = tl.arange(0, BLOCK_P // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :]
+                        acc = tl.reshape(_depthwise3_vectors(
+                            rows[:, :, None], wscr, co, co_mask, gi * PH + band0 + q // BLOCK_W,
+                            gj * PW + q % BLOCK_W, (q // BLOCK_W < PH - band0) & (q % BLOCK_W < PW),
+                            H, W, PAD_MODE, VEC, BLOCK_CO), (BLOCK_CO, BLOCK_P))
                     else:
-                        sx, vx = border_index(xx + (t % K - R), W, PAD_MODE)
-                        xv = tl.load(rows + (sy * W + sx)[None, :],
-                                     mask=co_mask[:, None] & (p_mask & vy & vx)[None, :],
-                                     other=0.0)
-                    wt = tl.load(wscr + co * KK + t, mask=co_mask, other=0.0)
-                    acc += wt[:, None] * xv.to(tl.float32)
+                        acc = _depthwise_taps(rows, wscr, co, co_mask, yy, xx, p_mask, H, W, K,
+                                              PAD_MODE, BLOCK_CO, BLOCK_P)
+                else:
+                    acc = _depthwise_taps(rows, wscr, co, co_mask, yy, xx, p_mask, H, W, K,
+                                          PAD_MODE, BLOCK_CO, BLOCK_P)
                 _store_epilogue(acc, out_base, co, co_mask, pix, p_mask, scale_ptr, shift_ptr,
                                 HW, HAS_AFFINE, ACT)
         else:
@@ -243,9 +325,12 @@ def _patch_kernel_configs(configs, args):
     image tile, contiguous along the pixels, moves one 4-byte element per thread; unpipelined,
     the tile is loaded as 16-byte vectors and transposed on its way to shared memory (on 8 warps:
     with 4, ptxas spilled 8 B in one block). The loops are short (a few input-channel blocks per
-    tap), so there is little to pipeline."""
+    tap), so there is little to pipeline. Vector depthwise taps hold three vectors of each tile
+    row beside the accumulator: 8 warps for tiles of 4,096 elements (4 took 184 registers at
+    hyperseg-l-voc's L4 in float32, 8 warps per SM)."""
     single = args["DOT_MODE"] == 3 and not args["DEPTHWISE"]
-    if args["DOT_MODE"] == 1 or single:
+    wide_vectors = args["VEC"] > 1 and args["BLOCK_CO"] * args["BAND"] * args["BLOCK_W"] >= 4096
+    if args["DOT_MODE"] == 1 or single or wide_vectors:
         configs = [c for c in configs if c.num_warps >= 8]
     return [c for c in configs if (c.num_stages == 1) == single]
 
@@ -305,6 +390,14 @@ def patch_plan(cin: int, cout: int, groups: int, patch, depthwise: bool) -> dict
     return dict(BAND=band, BLOCK_W=block_w, BLOCK_CO=block_co, BLOCK_K=16, BLOCK_R=64)
 
 
+def depthwise_vector(dtype: torch.dtype, kernel_size: int, pw: int) -> int:
+    """Pixels per aligned vector of the 3 x 3 depthwise kernel's interior taps: 8 bytes (2
+    float32 or 4 half-precision pixels) where the patch width is a multiple of it; 1 (the
+    per-tap path) otherwise and for other kernel sizes."""
+    vec = {torch.float32: 2, torch.float16: 4, torch.bfloat16: 4}.get(dtype, 1)
+    return vec if kernel_size == 3 and pw % vec == 0 else 1
+
+
 @torch.library.custom_op("hyperseg::meta_patch_conv", mutates_args=())
 def _meta_patch_conv_op(x: torch.Tensor, signal: torch.Tensor, generator_weight: torch.Tensor,
                         out_channels: int, signal_offset: int, generator_groups: int,
@@ -335,6 +428,8 @@ def _meta_patch_conv_op(x: torch.Tensor, signal: torch.Tensor, generator_weight:
         return out
     depthwise = groups == cin == out_channels
     cfg = patch_plan(cin, out_channels, groups, patch, depthwise)
+    cfg["VEC"] = depthwise_vector(x.dtype, kernel_size, patch[1]) if depthwise else 1
+    cfg["BLOCK_R"] = generation_rows(signal_block(spg), gen.element_size(), 8)
     count = patch_conv_rows(cin, out_channels, groups, kernel_size)
     wscr = x.new_empty((b * gh * gw, count), dtype=torch.float32)
     _tuned_patch_kernel[(b * gh * gw,)](

@@ -84,7 +84,8 @@ def forward_variants(dtype):
                    dict(CIN=cin, COUT=48 if groups > 1 else 32, GROUPS=groups, PH=8, PW=8, K=k,
                         PAD_MODE=1, DEPTHWISE=depthwise, HAS_AFFINE=True, ACT=2, SPG=13,
                         GEN_STRIDE=16, DOT_MODE=mode, BAND=8, BLOCK_W=8, BLOCK_CO=32,
-                        BLOCK_K=16, BLOCK_R=64, BLOCK_S=16))
+                        BLOCK_K=16, BLOCK_R=64, BLOCK_S=16,
+                        VEC={"fp32": 2, "bf16": 4}.get(dtype, 1) if depthwise and k == 3 else 1))
         for residual in (False, True):
             yield (f"meta_inverted_residual residual={residual} dot_mode={mode}",
                    _meta_inverted_residual_kernel,

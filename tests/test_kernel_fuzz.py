@@ -287,8 +287,13 @@ def draw_generated(data, rng, b, grid, g, dtype, grad_signal=False, grad_generat
 def test_fuzz_meta_patch_conv(path, data):
     k, groups, cin, cout, ph, pw = data.draw(convolutions(path), label="k, groups, cin, cout, ph, pw")
     many = path == "many"
-    b, gh, gw = data.draw(grids(ph, pw, 48 if many else patch_budget(k, groups, cin, cout, scale=16),
-                                256 if many else 1024, 6 if many else 4), label="b, gh, gw")
+    if path == "depthwise" and data.draw(st.booleans(), label="a shape for the 3x3 vector taps"):
+        # 3x3, patches a multiple of 4 wide, 3-4 patches per grid row (rare when drawn freely)
+        k, pw = 3, 4 * min(3, -(-pw // 4))
+        b, gh, gw = 1, data.draw(st.integers(1, 2), label="gh"), data.draw(st.integers(3, 4), label="gw")
+    else:
+        b, gh, gw = data.draw(grids(ph, pw, 48 if many else patch_budget(k, groups, cin, cout, scale=16),
+                                    256 if many else 1024, 6 if many else 4), label="b, gh, gw")
     mode = data.draw(padding_modes(k, gh * ph, gw * pw), label="padding")
     g = data.draw(generators(cout * cin // groups * k * k, cin), label="generator")
     dtype = data.draw(half_or_float, label="dtype")
@@ -300,12 +305,24 @@ def test_fuzz_meta_patch_conv(path, data):
               activation=data.draw(st.sampled_from([None, "relu", "relu6"]), label="activation"),
               scale=(torch.rand(cout, generator=rng) + 0.5).to(DEVICE) if affine else None,
               shift=make(rng, (cout,), torch.float32) if affine else None)
-    with counted("meta_patch_conv", path=path, dtype=dtype), \
-            recorded(MPC, "many_patches_plan") as many_plans, recorded(MPC, "patch_plan") as plans:
+    with counted("meta_patch_conv", path=path, dtype=dtype) as variant, \
+            recorded(MPC, "many_patches_plan") as many_plans, recorded(MPC, "patch_plan") as plans, \
+            recorded(MPC, "depthwise_vector") as vectors:
+        if path == "depthwise":         # the 3x3 vector taps need a patch between two others
+            variant["taps"] = "vectors" if vectors_expected(dtype, k, pw, gw) else "per tap"
         run_and_compare(lambda *t: kernels.meta_patch_conv(*t, **kw),
                         lambda *t: ops.meta_patch_conv(*t, **kw), (x, signal, weight), ())
         launched = "many" if many_plans else "depthwise" if plans[0][0][4] else "dense"
         assert launched == path, f"drew a {path} case, the op launched the {launched} kernel"
+        if path == "depthwise":
+            assert (vectors[0][1] > 1 and gw >= 3) == (variant["taps"] == "vectors")
+
+
+def vectors_expected(dtype, k, pw, gw):
+    """Whether the depthwise meta convolution takes its 3x3 taps from vectors somewhere: 8-byte
+    vectors fit the patch width, and some patch has a patch on either side."""
+    vec = {torch.float32: 2, torch.float16: 4, torch.bfloat16: 4}.get(dtype, 1)
+    return k == 3 and vec > 1 and pw % vec == 0 and gw >= 3
 
 
 @fuzz("meta_inverted_residual")

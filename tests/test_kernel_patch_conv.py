@@ -208,3 +208,50 @@ def test_meta_patch_conv_many_patches_tiles_of_grid_rows(grid, patch, dtype):
     kw = dict(out_channels=8, generator_groups=3, activation="relu")
     assert_matches(kernels.meta_patch_conv(x, signal, gen, **kw),
                    ops.meta_patch_conv(x.float(), signal.float(), gen.float(), **kw), dtype)
+
+
+@pytest.mark.parametrize("grid,patch,channels,mode,dtype", [
+    ((3, 4), (4, 4), 20, "reflect", "fp32"),      # vectors of 2; 20 channels: a partial block
+    ((3, 5), (4, 2), 9, "zeros", "fp32"),         # patch 2 wide in tiles 4 wide (masked pairs)
+    ((2, 3), (6, 8), 12, "replicate", "bf16"),    # vectors of 4, zeros beyond the top / bottom
+    ((3, 3), (12, 16), 16, "zeros", "fp16"),      # bands of 8 rows, the last partial
+    ((4, 6), (8, 4), 6, "reflect", "fp16"),       # one vector per patch row
+])
+def test_meta_patch_conv_depthwise_vector_taps(grid, patch, channels, mode, dtype):
+    """3x3 depthwise meta convolution with patches a multiple of 8 bytes wide: the patches away
+    from the left and right borders take their taps from aligned vectors shifted in registers,
+    the border columns of patches through the padding; every patch against the reference."""
+    import importlib
+    mpc = importlib.import_module("hyperseg.kernels.meta_patch_conv")
+    dtype = DTYPES[dtype]
+    assert mpc.depthwise_vector(dtype, 3, patch[1]) > 1 and grid[1] >= 3
+    x = randn(2, channels, grid[0] * patch[0], grid[1] * patch[1], dtype=dtype)
+    signal = randn(2, 20, *grid, dtype=dtype)
+    gen = generator_for(channels * 9 + 2, 16, 2, dtype)
+    kw = dict(out_channels=channels, signal_offset=3, generator_groups=2, row_start=1,
+              groups=channels, kernel_size=3, activation="relu6", padding_mode=mode)
+    assert_matches(kernels.meta_patch_conv(x, signal, gen, **kw),
+                   ops.meta_patch_conv(x.float(), signal.float(), gen.float(), **kw), dtype)
+
+
+def test_depthwise_vector_sizes():
+    """8-byte vectors for float32 / half precision 3x3 depthwise taps; the per-tap path for other
+    kernel sizes, patch widths that are not a multiple of the vector, and float64."""
+    import importlib
+    vec = importlib.import_module("hyperseg.kernels.meta_patch_conv").depthwise_vector
+    assert vec(torch.float32, 3, 8) == 2 and vec(torch.float16, 3, 4) == 4
+    assert vec(torch.bfloat16, 3, 16) == 4
+    assert vec(torch.float32, 3, 3) == 1 and vec(torch.float16, 3, 6) == 1
+    assert vec(torch.float32, 5, 8) == 1 and vec(torch.float64, 3, 8) == 1
+
+
+def test_generation_rows_give_each_thread_an_8_byte_vector():
+    """Tiles of the per-patch generation: 64 generator rows, or enough rows that BLOCK_S inputs
+    give every thread of the kernel's largest configuration 8 bytes of the generator."""
+    from hyperseg.kernels._common import generation_rows
+    assert generation_rows(16, 4, 8) == 64                  # 1,024 float32 on 256 threads
+    assert generation_rows(4, 2, 16) == 512                 # 2,048 halves on 512 threads
+    assert generation_rows(4, 4, 8) == 128 and generation_rows(8, 2, 8) == 128
+    for block_s, size, warps in ((4, 2, 8), (32, 2, 16), (8, 4, 4), (16, 8, 8)):
+        rows = generation_rows(block_s, size, warps)
+        assert rows >= 64 and rows * block_s * size >= 8 * 32 * warps

@@ -94,6 +94,31 @@ def test_block_roofline_covers_every_level(small_report):
     assert blocks[4]["redundancy_by_part"]["generation"] < 1.1          # once per patch
 
 
+@pytest.mark.parametrize("model,dtype,options", [
+    ("hyperseg-m", "fp32", ["--ieee"]),     # IEEE float32 dots: torch.backends.cudnn.allow_tf32 off
+    ("hyperseg-l-voc", "fp16", []),         # 3x3 depthwise meta convolutions on vector taps
+], ids=["hyperseg-m-ieee", "hyperseg-l-voc-fp16"])
+def test_inference_kernels_pass_the_checks(model, dtype, options, tmp_path):
+    """The inference kernels of the paths the small report does not reach pass every check."""
+    if not _nvidia_tools_available():
+        pytest.skip("triton without its NVIDIA backend or ptxas")
+    out = tmp_path / "report.json"
+    result = _run(["--model", model, "--dtype", dtype, *options, "--json", str(out),
+                   "--cache-dir", str(tmp_path / "triton-cache")], tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    kernels = report["reports"][0]["kernels"]
+    assert kernels and all(k["compiled"] for k in kernels)
+    if "--ieee" in options:
+        assert report["fp32_dots"] == "ieee"
+    else:
+        depthwise = [k for k in kernels if k["constexprs"].get("VEC", 1) > 1]
+        assert depthwise and all(k["vector_lines"] >= 4 for k in depthwise)
+    if ENFORCE_PROPERTIES:
+        assert not property_failures(report), property_failures(report)
+    shutil.rmtree(tmp_path / "triton-cache", ignore_errors=True)
+
+
 def _fake_report(spill_stores: int, train_spill: int = 0, train_warps: int = 8,
                  redundancy: float = 1.5) -> dict:
     """A saved report with one inference kernel (spilling ``spill_stores`` bytes) and one
