@@ -205,10 +205,10 @@ def autotuned(kernel, key, warps=(4, 8), prune=None, stages=(3,)):
 
 
 def alignment(n: int) -> int:
-    """The largest power of two up to 16 that divides ``n`` (1 for 0): the kernels' *_ALIGN
+    """The largest power of two up to 16 that divides ``n`` (16 for 0): the kernels' *_ALIGN
     arguments, from which the compiler learns that rows of length ``n`` start aligned (Triton
     itself only marks integers divisible by 16)."""
-    return max(1, min(16, n & -n))
+    return 16 if n == 0 else min(16, n & -n)
 
 
 def launch_options(kernel, num_warps: int) -> dict:

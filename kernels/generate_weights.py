@@ -93,15 +93,20 @@ def _generate_weights_weight_grad_kernel(
         dout_ptr, sig_ptr, dgen_ptr, N, GHW, S, SPG, RPG, start, count,
         DOT_MODE: tl.constexpr, ACC: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, FMA: tl.constexpr,
-        GHW_ALIGN: tl.constexpr):
+        GHW_ALIGN: tl.constexpr, ROW_ALIGN: tl.constexpr):
     # Program (group and row block within it, signal block): dgen[r, s] = sum over all patches n
     # of dout[n, r - start] * signal[n, group * SPG + s], one dot per block of patches, in a
     # fixed order (deterministic). Rows that were not generated get a zero gradient. With FMA
     # (at most 8 signal inputs per group, which a dot would pad to 16: 2x or more) the product is
     # summed from broadcast multiply-adds over a (BLOCK_R, BLOCK_N, BLOCK_S) tile instead.
-    # GHW_ALIGN: a power of two dividing the patches per image.
+    # GHW_ALIGN: a power of two dividing the patches per image; ROW_ALIGN: one dividing RPG,
+    # start and count, so that the compiler sees where a tile's run of output-gradient values
+    # (rows r - start of a patch's count values) is aligned.
     GHW = GHW // GHW_ALIGN * GHW_ALIGN
     N = N // GHW_ALIGN * GHW_ALIGN          # (N = images x GHW)
+    RPG = RPG // ROW_ALIGN * ROW_ALIGN
+    start = start // ROW_ALIGN * ROW_ALIGN
+    count = count // ROW_ALIGN * ROW_ALIGN
     n_row_blocks = tl.cdiv(RPG, BLOCK_R)
     group = tl.program_id(0) // n_row_blocks
     j = (tl.program_id(0) % n_row_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -116,8 +121,9 @@ def _generate_weights_weight_grad_kernel(
         for n0 in range(0, N, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             n_mask = n < N
-            d = tl.load(dout_ptr + n.to(tl.int64)[None, :] * count + (r - start)[:, None],
-                        mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+            d = tl.load(  # interior: vector of ROW_ALIGN
+                dout_ptr + n.to(tl.int64)[None, :] * count + (r - start)[:, None],
+                mask=r_mask[:, None] & n_mask[None, :], other=0.0)
             sig_n = (n // GHW).to(tl.int64) * S * GHW + n % GHW
             v = tl.load(sig_ptr + sig_n[:, None] + chan[None, :] * GHW,  # interior: vector
                         mask=n_mask[:, None] & s_mask[None, :], other=0.0)
@@ -197,7 +203,8 @@ def _generate_weights_backward_op(dout: torch.Tensor, signal: torch.Tensor, weig
         _generate_weights_weight_grad_kernel[grid](
             dout, signal, dgen, n, ghw, width, spg, rpg, start, count,
             DOT_MODE=mode, ACC=acc, BLOCK_R=block_r, BLOCK_S=block_s, BLOCK_N=block_n, FMA=fma,
-            GHW_ALIGN=alignment(ghw), num_warps=4)
+            GHW_ALIGN=alignment(ghw), ROW_ALIGN=min(map(alignment, (rpg, start, count))),
+            num_warps=4)
     return tuple(signal.new_empty(0) if t is None else t for t in (dsig, dgen))
 
 

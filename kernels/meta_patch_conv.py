@@ -140,32 +140,32 @@ def _shift_pairs(prev, cur, nxt):
 
 
 @triton.jit
-def _shift_vectors(prev, cur, nxt, VEC: tl.constexpr):
-    # ``_shift_pairs`` for vectors of VEC = 2 or 4 pixels (last axis): a vector of 4 is a pair of
-    # pairs (x[2a + b] at [a, b]); its odd elements shift as pairs, and its even ones move up.
+def _shift_vectors(prev, cur, nxt, VEC: tl.constexpr, ROWS: tl.constexpr, GROUPS: tl.constexpr):
+    # ``_shift_pairs`` for (ROWS, GROUPS, VEC) tiles of vectors of VEC = 2 or 4 pixels: a vector
+    # of 4 is a pair of pairs (x[2a + b] at [a, b]); its odd elements shift as pairs, and its even
+    # ones move up.
     if VEC == 2:
         left, right = _shift_pairs(prev, cur, nxt)
     else:
-        shape: tl.constexpr = cur.shape
-        pair_shape: tl.constexpr = shape[:-1] + [2, 2]
-        p0, p1 = tl.split(tl.reshape(prev, pair_shape))
-        c0, c1 = tl.split(tl.reshape(cur, pair_shape))
-        n0, n1 = tl.split(tl.reshape(nxt, pair_shape))
+        p0, p1 = tl.split(tl.reshape(prev, (ROWS, GROUPS, 2, 2)))
+        c0, c1 = tl.split(tl.reshape(cur, (ROWS, GROUPS, 2, 2)))
+        n0, n1 = tl.split(tl.reshape(nxt, (ROWS, GROUPS, 2, 2)))
         odd_left, _ = _shift_pairs(p1, c1, n1)
         _, even_right = _shift_pairs(p0, c0, n0)
-        left = tl.reshape(tl.join(odd_left, c0), shape)
-        right = tl.reshape(tl.join(c1, even_right), shape)
+        left = tl.reshape(tl.join(odd_left, c0), (ROWS, GROUPS, 4))
+        right = tl.reshape(tl.join(c1, even_right), (ROWS, GROUPS, 4))
     return left, right
 
 
 @triton.jit
 def _depthwise3_vectors(rows, wscr, co, co_mask, yy, xx, p_mask, H, W, PAD_MODE: tl.constexpr,
-                        VEC: tl.constexpr, BLOCK_CO: tl.constexpr):
+                        VEC: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr):
     # The 3 x 3 depthwise taps of a tile of a patch away from the image's left and right borders
     # (``yy``, ``xx``, ``p_mask``: (groups, VEC) pixels, each group VEC contiguous columns from
     # an aligned start). Per tap row, three aligned vector loads (the pixels' own vectors and the
     # vectors beside them); the shifted columns come from registers (``_shift_vectors``).
-    acc = tl.zeros((BLOCK_CO, xx.shape[0], VEC), dtype=tl.float32)
+    GROUPS: tl.constexpr = BLOCK_P // VEC
+    acc = tl.zeros((BLOCK_CO, GROUPS, VEC), dtype=tl.float32)
     for dy in tl.static_range(3):
         sy, vy = border_index(yy + (dy - 1), H, PAD_MODE)
         at = rows + (sy * W + xx)[None, :, :]
@@ -174,10 +174,10 @@ def _depthwise3_vectors(rows, wscr, co, co_mask, yy, xx, p_mask, H, W, PAD_MODE:
         cur = tl.load(at, mask=mask, other=0.0).to(tl.float32)  # interior: vector
         acc += tl.load(w_row + 1, mask=co_mask, other=0.0)[:, None, None] * cur
         prev = tl.load(at - VEC, mask=mask, other=0.0).to(tl.float32)  # interior: vector
-        left, _ = _shift_vectors(prev, cur, cur, VEC)     # (one side at a time: fewer registers)
-        acc += tl.load(w_row, mask=co_mask, other=0.0)[:, None, None] * left
+        left, _ = _shift_vectors(prev, cur, cur, VEC, BLOCK_CO, GROUPS)  # one side at a time:
+        acc += tl.load(w_row, mask=co_mask, other=0.0)[:, None, None] * left  # fewer registers
         nxt = tl.load(at + VEC, mask=mask, other=0.0).to(tl.float32)  # interior: vector
-        _, right = _shift_vectors(cur, cur, nxt, VEC)
+        _, right = _shift_vectors(cur, cur, nxt, VEC, BLOCK_CO, GROUPS)
         acc += tl.load(w_row + 2, mask=co_mask, other=0.0)[:, None, None] * right
     return acc
 
@@ -254,7 +254,7 @@ def _meta_conv_patch_kernel(
                         acc = tl.reshape(_depthwise3_vectors(
                             rows[:, :, None], wscr, co, co_mask, gi * PH + band0 + q // BLOCK_W,
                             gj * PW + q % BLOCK_W, (q // BLOCK_W < PH - band0) & (q % BLOCK_W < PW),
-                            H, W, PAD_MODE, VEC, BLOCK_CO), (BLOCK_CO, BLOCK_P))
+                            H, W, PAD_MODE, VEC, BLOCK_CO, BLOCK_P), (BLOCK_CO, BLOCK_P))
                     else:
                         acc = _depthwise_taps(rows, wscr, co, co_mask, yy, xx, p_mask, H, W, K,
                                               PAD_MODE, BLOCK_CO, BLOCK_P)

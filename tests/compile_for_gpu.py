@@ -124,9 +124,10 @@ def backward_variants(dtype):
            dict(ACC=acc, BLOCK_N=32, BLOCK_S=32, GHW_ALIGN=16))
     yield ("generate_weights weight grad", _generate_weights_weight_grad_kernel,
            dict(DOT_MODE=mode, ACC=acc, BLOCK_R=32, BLOCK_S=32, BLOCK_N=32, FMA=False,
-                GHW_ALIGN=16))
+                GHW_ALIGN=16, ROW_ALIGN=8))
     yield ("generate_weights weight grad fma", _generate_weights_weight_grad_kernel,
-           dict(DOT_MODE=mode, ACC=acc, BLOCK_R=32, BLOCK_S=4, BLOCK_N=32, FMA=True, GHW_ALIGN=4))
+           dict(DOT_MODE=mode, ACC=acc, BLOCK_R=32, BLOCK_S=4, BLOCK_N=32, FMA=True, GHW_ALIGN=4,
+                ROW_ALIGN=1))
 
 
 def main(dtypes=("fp32", "fp16", "bf16", "fp64")):
