@@ -48,7 +48,8 @@ def _meta_conv_many_patches_kernel(
     # input channels the weights W[o, c, n] of the tile's BLOCK_O x BLOCK_C generator rows are
     # generated once for all its patches: one dot (rows x signal inputs) @ (signal inputs x
     # patches) per generator group the rows span (rows of other groups masked to zero), or, when
-    # a dot would pad a group's inputs by more than 1.5x, SPG outer products. Then each pixel row
+    # a dot would pad a group's inputs by more than 1.5x, multiply-adds over 4 inputs at a time
+    # (the generator rows' zero columns pad SPG to GEN_STRIDE). Then each pixel row
     # r of the patches gets out[o, r, (n, col)] += sum_c W[o, c, n] x[c, r, (n, col)].
     TILE_H: tl.constexpr = BLOCK_N // TILE_W
     GW = GW // GW_ALIGN * GW_ALIGN                        # (the launcher's GW_ALIGN divides GW)
@@ -102,11 +103,16 @@ def _meta_conv_many_patches_kernel(
                                  mask=s_mask[:, None] & n_mask[None, :], other=0.0)
                     wgt = dot_acc(gv, sv, wgt, DOT_MODE)
             else:
-                for s in range(SPG):
-                    gv = tl.load(gen_ptr + rows.to(tl.int64) * GEN_STRIDE + s, mask=g_mask, other=0.0)
-                    sv = tl.load(sig_ptr + sig_off + (sig_offset + g * SPG + s).to(tl.int64) * GHW,
-                                 mask=n_mask, other=0.0)
-                    wgt += gv.to(tl.float32)[:, None] * sv.to(tl.float32)[None, :]
+                for s0 in range(0, SPG, 4):     # 4 inputs at a time: a vector of each row
+                    s = s0 + tl.arange(0, 4)
+                    gv = tl.load(  # interior: vector of GEN_STRIDE
+                        gen_ptr + rows.to(tl.int64)[:, None] * GEN_STRIDE + s[None, :],
+                        mask=g_mask[:, None] & (s < GEN_STRIDE)[None, :], other=0.0)
+                    chan = (sig_offset + g * SPG + s).to(tl.int64)
+                    sv = tl.load(sig_ptr + sig_off[None, :] + chan[:, None] * GHW,
+                                 mask=(s < SPG)[:, None] & n_mask[None, :], other=0.0)
+                    wgt += tl.sum(gv.to(tl.float32)[:, :, None] * sv.to(tl.float32)[None, :, :],
+                                  axis=1)
         # W[o, c, n] repeated for the pixels (n, col) of a patch row
         w3 = tl.reshape(tl.broadcast_to(tl.reshape(wgt, (BLOCK_O, BLOCK_C, BLOCK_N, 1)),
                                         (BLOCK_O, BLOCK_C, BLOCK_N, BLOCK_PW)),
@@ -304,8 +310,8 @@ def _store_epilogue(acc, out_base, co, co_mask, pix, p_mask, scale_ptr, shift_pt
              acc.to(out_base.dtype.element_ty), mask=co_mask[:, None] & p_mask[None, :])
 
 
-def _outer_products_on_8_warps(configs, args):
-    """Outer-product generation keeps its SPG loads live per thread: 8 warps spread them thin
+def _multiply_adds_on_8_warps(configs, args):
+    """Multiply-add generation keeps its loads live per thread: 8 warps spread them thin
     enough (4 spill a few bytes in half precision). IEEE float32 dots hold their operands in
     registers: 8 warps too (4 took 168 registers, 12 warps per SM, at hyperseg-m's L0)."""
     if args["GEN_DOT"] and args["DOT_MODE"] != 1:
@@ -315,7 +321,7 @@ def _outer_products_on_8_warps(configs, args):
 
 _tuned_many_kernel = autotuned(_meta_conv_many_patches_kernel,
                                ("CIN", "COUT", "PH", "PW", "SPG", "DOT_MODE", "BLOCK_O"),
-                               prune=_outer_products_on_8_warps)
+                               prune=_multiply_adds_on_8_warps)
 
 
 def _patch_kernel_configs(configs, args):
@@ -349,10 +355,10 @@ def many_patches_plan(cin: int, cout: int, rpg: int, spg: int, patch, gw: int) -
     """Tiles of ``_meta_conv_many_patches_kernel``: BLOCK_O output channels whose rows
     (BLOCK_O x Cin) fit in one generator group where the group is at least that large (so a tile
     spans at most two groups, and exactly one when a group holds a multiple of BLOCK_O outputs'
-    rows; one output otherwise), input channels in blocks of 16-64 (16 with outer products),
+    rows; one output otherwise), input channels in blocks of 16-64 (16 with multiply-adds),
     signal inputs in blocks of 16 / 32 when generated on tensor cores (GEN_DOT: when that pads
-    them by at most 1.5x; outer products otherwise), and tiles of 64 1x1 patches (32 with outer
-    products), 32 patches of up to 4 pixels or 16 larger ones, which bounds the registers of the
+    them by at most 1.5x; multiply-adds over 4 inputs at a time otherwise), and tiles of 64 1x1
+    patches (32 with multiply-adds), 32 patches of up to 4 pixels or 16 larger ones, which bounds the registers of the
     (outputs, pixel rows, pixels) accumulator. A tile is TILE_W grid columns (the largest power
     of two up to BLOCK_N that divides the grid's width ``gw``) by BLOCK_N / TILE_W grid rows;
     GW_ALIGN (the largest power of two up to 16 dividing ``gw``) tells the kernel how aligned
@@ -501,11 +507,11 @@ def executed_work(name: str, launch) -> Optional[dict]:
 def _many_patches_work(a: dict, grid) -> dict:
     """``_meta_conv_many_patches_kernel``: per (patch block, output block), for each input block
     and generator group its rows span, the generation of BLOCK_O x BLOCK_C rows for BLOCK_N
-    patches (SPG padded to BLOCK_S on tensor cores, exact as outer products), and
+    patches (SPG padded to BLOCK_S on tensor cores, to a multiple of 4 as multiply-adds), and
     BLOCK_O x BLOCK_C x BLOCK_N multiply-adds per pixel of a patch applying them."""
     cin, cout, rpg, start = a["CIN"], a["COUT"], a["rpg"], a["row_start"]
     bo, bc, bn = a["BLOCK_O"], a["BLOCK_C"], a["BLOCK_N"]
-    spg = _pad(a["SPG"], a["BLOCK_S"]) if a["GEN_DOT"] else a["SPG"]
+    spg = _pad(a["SPG"], a["BLOCK_S"] if a["GEN_DOT"] else 4)
     gen = conv = 0
     for o0 in range(0, cout, bo):
         o_last = min(o0 + bo, cout) - 1

@@ -89,3 +89,14 @@ def test_generate_weights_errors():
         kernels.generate_weights(signal, weight.long(), groups=4)
     with pytest.raises(ValueError, match="device"):
         kernels.generate_weights(signal, torch.empty(12, 4, 1, 1, device="meta"), groups=4)
+
+
+def test_alignment_of_row_lengths_and_offsets():
+    """``alignment``: the largest power of two up to 16 dividing n, which the kernels round their
+    runtime sizes down to (so 0, divisible by anything, is 16, and an odd n is 1)."""
+    from hyperseg.kernels._common import alignment
+    assert [alignment(n) for n in (0, 1, 2, 6, 12, 24, 48, 64, 1054, 5248)] == \
+        [16, 1, 2, 2, 4, 8, 16, 16, 2, 16]
+    for n in range(0, 200):
+        a = alignment(n)
+        assert n % a == 0 and a in (1, 2, 4, 8, 16) and (a == 16 or n % (2 * a))
