@@ -265,7 +265,7 @@ def plan(cin: int, hidden: int, cout: int, patch: Tuple[int, int], kernel_size: 
     block_w = max(block_w, 16 // band)          # a dot needs >= 16 output pixels
     chunk = max(32, _vector_tile(dot_mode, 8) // 16)
     return dict(BAND=band, BLOCK_W=block_w, HALO_CHUNK=chunk, BLOCK_K=16, BLOCK_H=16,
-                BLOCK_CO=block_co, BLOCK_R=64)
+                BLOCK_CO=block_co)
 
 
 def scratch_sizes(cfg: dict, count: int, patch: Tuple[int, int], kernel_size: int,

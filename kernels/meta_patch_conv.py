@@ -393,7 +393,7 @@ def patch_plan(cin: int, cout: int, groups: int, patch, depthwise: bool) -> dict
         block_co = _least_padding(cout, (8, 16, 32))
     else:
         block_co = min(64, max(16, triton.next_power_of_2(cout // groups)))
-    return dict(BAND=band, BLOCK_W=block_w, BLOCK_CO=block_co, BLOCK_K=16, BLOCK_R=64)
+    return dict(BAND=band, BLOCK_W=block_w, BLOCK_CO=block_co, BLOCK_K=16)
 
 
 def depthwise_vector(dtype: torch.dtype, kernel_size: int, pw: int) -> int:
