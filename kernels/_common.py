@@ -100,6 +100,87 @@ def tap_source(yy, xx, t, H, W, K: tl.constexpr, PAD_MODE: tl.constexpr):
 
 
 @triton.jit
+def shift_pairs(prev, cur, nxt):
+    """Tiles whose last axis holds aligned pairs of pixels (x[2a], x[2a + 1]); prev / nxt: the
+    pairs one pair to the left / right. Returns the tiles of the pixels one to the left and one
+    to the right, (x[2a - 1], x[2a]) and (x[2a + 1], x[2a + 2]), moved within each thread's
+    registers (split / join of the pair axis), not reloaded."""
+    p0, p1 = tl.split(prev)
+    c0, c1 = tl.split(cur)
+    n0, n1 = tl.split(nxt)
+    return tl.join(p1, c0), tl.join(c1, n0)
+
+
+@triton.jit
+def shift_vectors(prev, cur, nxt, VEC: tl.constexpr, ROWS: tl.constexpr, GROUPS: tl.constexpr):
+    """``shift_pairs`` for (ROWS, GROUPS, VEC) tiles of vectors of VEC = 2 or 4 pixels: a vector
+    of 4 is a pair of pairs (x[2a + b] at [a, b]); its odd elements shift as pairs, and its even
+    ones move up."""
+    if VEC == 2:
+        left, right = shift_pairs(prev, cur, nxt)
+    else:
+        p0, p1 = tl.split(tl.reshape(prev, (ROWS, GROUPS, 2, 2)))
+        c0, c1 = tl.split(tl.reshape(cur, (ROWS, GROUPS, 2, 2)))
+        n0, n1 = tl.split(tl.reshape(nxt, (ROWS, GROUPS, 2, 2)))
+        odd_left, _ = shift_pairs(p1, c1, n1)
+        _, even_right = shift_pairs(p0, c0, n0)
+        left = tl.reshape(tl.join(odd_left, c0), (ROWS, GROUPS, 4))
+        right = tl.reshape(tl.join(c1, even_right), (ROWS, GROUPS, 4))
+    return left, right
+
+
+@triton.jit
+def vector_pixels(p0, gi, gj, PH, PW: tl.constexpr, VEC: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The pixel block of a patch starting at its pixel p0 (row-major) as (BLOCK_P / VEC, VEC)
+    tiles: image rows and columns and the mask. With PW and p0 multiples of VEC each row of the
+    tile is VEC contiguous columns from an aligned start, in one row of the patch."""
+    q = p0 + tl.arange(0, BLOCK_P // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :]
+    return gi * PH + q // PW, gj * PW + q % PW, q < PH * PW
+
+
+@triton.jit
+def depthwise3_vectors(rows, w_taps, co, co_mask, yy, xx, p_mask, H, W, PAD_MODE: tl.constexpr,
+                       VEC: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr,
+                       ACC: tl.constexpr):
+    """The 3 x 3 depthwise taps of a tile of a patch away from the image's left and right borders
+    (``yy``, ``xx``, ``p_mask``: (groups, VEC) pixels, each group VEC contiguous columns from an
+    aligned start; ``rows``: (BLOCK_CO, 1, 1) channel planes; ``w_taps``: the patch's kernel,
+    (channels, 3, 3) contiguous). Per tap row, three aligned vector loads (the pixels' own
+    vectors and the vectors beside them); the shifted columns come from registers
+    (``shift_vectors``). Returns the (BLOCK_CO, groups, VEC) sums in ACC."""
+    GROUPS: tl.constexpr = BLOCK_P // VEC
+    acc = tl.zeros((BLOCK_CO, GROUPS, VEC), dtype=ACC)
+    for dy in tl.static_range(3):
+        sy, vy = border_index(yy + (dy - 1), H, PAD_MODE)
+        at = rows + (sy * W + xx)[None, :, :]
+        mask = co_mask[:, None, None] & (p_mask & vy)[None, :, :]
+        w_row = w_taps + co * 9 + dy * 3
+        cur = tl.load(at, mask=mask, other=0.0).to(ACC)  # interior: vector of PW
+        acc += tl.load(w_row + 1, mask=co_mask, other=0.0).to(ACC)[:, None, None] * cur
+        prev = tl.load(at - VEC, mask=mask, other=0.0).to(ACC)  # interior: vector of PW
+        left, _ = shift_vectors(prev, cur, cur, VEC, BLOCK_CO, GROUPS)  # one side at a time:
+        acc += tl.load(w_row, mask=co_mask, other=0.0).to(ACC)[:, None, None] * left  # fewer regs
+        nxt = tl.load(at + VEC, mask=mask, other=0.0).to(ACC)  # interior: vector of PW
+        _, right = shift_vectors(cur, cur, nxt, VEC, BLOCK_CO, GROUPS)
+        acc += tl.load(w_row + 2, mask=co_mask, other=0.0).to(ACC)[:, None, None] * right
+    return acc
+
+
+def tap_vector(dtype: torch.dtype, kernel_size: int, pw: int, block_p: int = 0,
+               narrower: bool = True) -> int:
+    """Pixels per aligned vector of a 3 x 3 depthwise kernel's vector taps (``depthwise3_vectors``):
+    up to 8 bytes (2 float32, 4 half-precision pixels), the most that divides the patch width
+    and the pixel block ``block_p`` (if given) (``narrower``: down to 2 pixels; else exactly 8
+    bytes); 1 (the per-tap path) for other kernel sizes, float64, or odd widths."""
+    vec = {torch.float32: 2, torch.float16: 4, torch.bfloat16: 4}.get(dtype, 1)
+    if kernel_size != 3:
+        return 1
+    while vec > 1 and (pw % vec or block_p % vec):
+        vec = vec // 2 if narrower else 1
+    return vec
+
+
+@triton.jit
 def dot_acc(a, b, acc, DOT_MODE: tl.constexpr):
     """``acc + a @ b``. DOT_MODE 0: operands in b's (half) precision with float32 accumulation
     (tensor cores); 1: float32 operands, IEEE (no tf32); 2: float64; 3: float32 operands on tf32

@@ -54,38 +54,45 @@ def _generate_weights_kernel(
 
 @triton.jit
 def _generate_weights_signal_grad_kernel(
-        dout_ptr, gen_ptr, dsig_ptr, N, GHW, S, SPG, RPG, start, count, C0, C1,
-        ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
-        GHW_ALIGN: tl.constexpr):
-    # Program (patch block, signal-channel block): dsignal[n, c] = sum over the rows r of c's
-    # group that were generated (start <= r < start + count) of gen[r, c % SPG] * dout[n, r - start].
-    # The blocks cover channels C0 .. C1 only, the groups that hold generated rows (the launcher
-    # zeroes the others). Each program owns its outputs (no atomics); the rows are visited in a
-    # fixed order. GHW_ALIGN: a power of two dividing the patches per image.
+        dout_ptr, gen_ptr, dsig_ptr, N, GHW, S, SPG, RPG, start, count, G0,
+        DOT_MODE: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+        BLOCK_S: tl.constexpr, FMA: tl.constexpr, GHW_ALIGN: tl.constexpr,
+        ROW_ALIGN: tl.constexpr):
+    # Program (patch block, group and signal block within it): dsignal[n, g * SPG + s] = sum over
+    # the rows r of group g that were generated (start <= r < start + count) of
+    # dout[n, r - start] * gen[r, s]: per block of BLOCK_R rows, the (BLOCK_N x BLOCK_R) tile of
+    # the output gradient (each patch's row of count values, read along it) times the rows'
+    # (BLOCK_R x BLOCK_S) generator tile, on a dot (or with FMA, at most 8 signal inputs or 16
+    # rows per group, broadcast multiply-adds). Groups G0 onwards: those that hold generated rows
+    # (the launcher zeroes the others). Each program owns its outputs (no atomics); the row
+    # blocks come in a fixed order. GHW_ALIGN: a power of two dividing the patches per image;
+    # ROW_ALIGN: one dividing RPG, start and count (where the row runs are aligned).
     GHW = GHW // GHW_ALIGN * GHW_ALIGN
     N = N // GHW_ALIGN * GHW_ALIGN          # (N = images x GHW)
+    RPG = RPG // ROW_ALIGN * ROW_ALIGN
+    start = start // ROW_ALIGN * ROW_ALIGN
+    count = count // ROW_ALIGN * ROW_ALIGN
+    n_s_blocks = tl.cdiv(SPG, BLOCK_S)
+    g = G0 + tl.program_id(1) // n_s_blocks
+    s = (tl.program_id(1) % n_s_blocks) * BLOCK_S + tl.arange(0, BLOCK_S)
+    s_mask = s < SPG
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    c = C0 + tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
     n_mask = n < N
-    c_mask = c < C1
-    group = c // SPG
-    s = c % SPG
-    # rows j (within a group) that any channel of this block reads
-    first_group = (C0 + tl.program_id(1) * BLOCK_S) // SPG
-    last_group = tl.minimum(C0 + tl.program_id(1) * BLOCK_S + BLOCK_S - 1, C1 - 1) // SPG
-    j_lo = tl.maximum(start - last_group * RPG, 0)
-    j_hi = tl.minimum(start + count - first_group * RPG, RPG)
+    lo = tl.maximum(start, g * RPG)                     # the group's generated rows lo .. hi
+    hi = tl.minimum(start + count, g * RPG + RPG)
     acc = tl.zeros((BLOCK_N, BLOCK_S), dtype=ACC)
-    for j in range(j_lo, j_hi):
-        r = group * RPG + j
-        r_mask = c_mask & (r >= start) & (r < start + count)
-        g = tl.load(gen_ptr + r.to(tl.int64) * SPG + s, mask=r_mask, other=0.0).to(ACC)
-        d = tl.load(dout_ptr + n.to(tl.int64)[:, None] * count + (r - start)[None, :],
-                    mask=n_mask[:, None] & r_mask[None, :], other=0.0)
-        acc += d.to(ACC) * g[None, :]
-    off = (n // GHW).to(tl.int64)[:, None] * S * GHW + c[None, :] * GHW + (n % GHW)[:, None]
+    for k in range(0, tl.cdiv(hi - lo, BLOCK_R)):
+        r = lo + k * BLOCK_R + tl.arange(0, BLOCK_R)
+        r_mask = r < hi
+        d = tl.load(  # interior: vector of ROW_ALIGN
+            dout_ptr + n.to(tl.int64)[:, None] * count + (r - start)[None, :],
+            mask=n_mask[:, None] & r_mask[None, :], other=0.0)
+        w = tl.load(gen_ptr + r.to(tl.int64)[:, None] * SPG + s[None, :],
+                    mask=r_mask[:, None] & s_mask[None, :], other=0.0)
+        acc = mac(d, w.to(d.dtype), acc, DOT_MODE, FMA)
+    off = (n // GHW).to(tl.int64)[:, None] * S * GHW + (g * SPG + s)[None, :] * GHW + (n % GHW)[:, None]
     tl.store(dsig_ptr + off, acc.to(dsig_ptr.dtype.element_ty),  # interior: vector
-             mask=n_mask[:, None] & c_mask[None, :])
+             mask=n_mask[:, None] & s_mask[None, :])
 
 
 @triton.jit
@@ -140,6 +147,21 @@ def signal_channels(start: int, count: int, spg: int, rpg: int) -> Tuple[int, in
     return start // rpg * spg, ((start + count - 1) // rpg + 1) * spg
 
 
+def signal_grad_tiles(n: int, rows: int, spg: int, element_size: int):
+    """(BLOCK_N, BLOCK_R, BLOCK_S, FMA) of the signal gradient, for ``n`` patches and at most
+    ``rows`` generated rows per group of ``spg`` signal inputs: a dot over blocks of rows (at
+    least 16 rows per group and 9 inputs: a dot pads less than 2x), else broadcast multiply-adds
+    over a (BLOCK_N, BLOCK_R, BLOCK_S) tile of at most 4,096 products (2,048 for 16-bit inputs)."""
+    fma = spg <= 8 or rows < 16
+    if not fma:
+        return channel_block(n, 32), channel_block(rows, 32), channel_block(spg, 32), False
+    block_s = triton.next_power_of_2(spg)
+    tile = 4096 if element_size >= 4 else 2048
+    block_r = min(channel_block(rows, 16), max(1, tile // (16 * block_s)))
+    block_n = min(channel_block(n, 32), max(1, tile // (block_r * block_s)))
+    return block_n, block_r, block_s, True
+
+
 def _shapes(signal: torch.Tensor, weight: torch.Tensor, groups: int):
     b, width, gh, gw = signal.shape
     rows, spg = weight.shape[:2]
@@ -181,12 +203,16 @@ def _generate_weights_backward_op(dout: torch.Tensor, signal: torch.Tensor, weig
         # channels c0 .. c1, the others are zeros
         c0, c1 = signal_channels(start, count, spg, rpg)
         dsig = (torch.empty_like if (c0, c1) == (0, width) else torch.zeros_like)(signal)
-        block_n, block_s = channel_block(n, 32), channel_block(c1 - c0, 32)
         if c1 > c0:
-            _generate_weights_signal_grad_kernel[(triton.cdiv(n, block_n), triton.cdiv(c1 - c0, block_s))](
-                dout, weight, dsig, n, ghw, width, spg, rpg, start, count, c0, c1,
-                ACC=acc, BLOCK_N=block_n, BLOCK_S=block_s, GHW_ALIGN=alignment(ghw),
-                num_warps=4)
+            g0, g1 = c0 // spg, c1 // spg
+            rows = max(min(start + count, g * rpg + rpg) - max(start, g * rpg) for g in range(g0, g1))
+            block_n, block_r, block_s, fma = signal_grad_tiles(n, rows, spg, signal.element_size())
+            grid = (triton.cdiv(n, block_n), (g1 - g0) * triton.cdiv(spg, block_s))
+            _generate_weights_signal_grad_kernel[grid](
+                dout, weight, dsig, n, ghw, width, spg, rpg, start, count, g0,
+                DOT_MODE=mode, ACC=acc, BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_S=block_s,
+                FMA=fma, GHW_ALIGN=alignment(ghw),
+                ROW_ALIGN=min(map(alignment, (rpg, start, count))), num_warps=4)
     if weight_grad:
         dgen = torch.empty_like(weight)
         fma = spg <= 8         # padded to 16 by a dot (9 to 15: a dot still, on tensor cores)
@@ -265,8 +291,8 @@ def generate_weights(signal: torch.Tensor, weight: torch.Tensor, *, groups: int 
 def executed_work(name: str, launch) -> Optional[dict]:
     """Multiply-accumulates a recorded launch executes, padded tiles included, and the useful ones
     (the interface of ``bench/kernel_report.py``, see bench/README.md): the forward, BLOCK_N x
-    BLOCK_R x SPG per program; the signal gradient, BLOCK_N x BLOCK_S per generator row its
-    channel block reads (channels C0 .. C1); the weight gradient, a BLOCK_R x BLOCK_S x BLOCK_N
+    BLOCK_R x SPG per program; the signal gradient, a BLOCK_N x BLOCK_R x BLOCK_S dot (or
+    multiply-add tile) per block of its group's generated rows; the weight gradient, a BLOCK_R x BLOCK_S x BLOCK_N
     dot (or multiply-add tile) per patch block in the programs whose rows were generated (the
     others only write zeros). Useful: patches x
     generated rows x SPG, for each of the three."""
@@ -278,13 +304,16 @@ def executed_work(name: str, launch) -> Optional[dict]:
         return {"macs": macs, "tensor_core_macs": 0, "useful_macs": useful, "parts": {"generation": macs}}
     start, end, rpg, spg = a["start"], a["start"] + a["count"], a["RPG"], a["SPG"]
     if name == "_generate_weights_signal_grad_kernel":
-        rows = 0
-        for block in range(launch.grid[1]):
-            first = (a["C0"] + block * a["BLOCK_S"]) // spg
-            last = min(a["C0"] + block * a["BLOCK_S"] + a["BLOCK_S"] - 1, a["C1"] - 1) // spg
-            rows += max(0, min(start + a["count"] - first * rpg, rpg) - max(start - last * rpg, 0))
-        macs = launch.grid[0] * rows * a["BLOCK_N"] * a["BLOCK_S"]
-        return {"macs": macs, "tensor_core_macs": 0, "useful_macs": useful, "parts": {"signal_grad": macs}}
+        s_blocks = -(-spg // a["BLOCK_S"])
+        row_blocks = 0
+        for p in range(launch.grid[1]):
+            g = a["G0"] + p // s_blocks
+            rows = min(end, g * rpg + rpg) - max(start, g * rpg)
+            row_blocks += -(-rows // a["BLOCK_R"])
+        macs = launch.grid[0] * row_blocks * a["BLOCK_N"] * a["BLOCK_R"] * a["BLOCK_S"]
+        tensor = macs if a["DOT_MODE"] in (0, 3) and not a["FMA"] else 0
+        return {"macs": macs, "tensor_core_macs": tensor, "useful_macs": useful,
+                "parts": {"signal_grad": macs}}
     if name == "_generate_weights_weight_grad_kernel":
         row_blocks = -(-rpg // a["BLOCK_R"])
         active = sum(1 for p in range(launch.grid[0])

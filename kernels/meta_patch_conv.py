@@ -12,7 +12,7 @@ Two kernels, chosen by the patch size:
   generates the patch's kernel once into a per-program scratch slot (L1/L2-resident), then walks
   the patch in bands of rows: a tensor-core dot per (output block, input block, tap) for dense
   convolutions, a multiply-add per tap for depthwise ones (3x3 ones away from the left and right
-  borders from aligned 8-byte vectors shifted in registers, ``_depthwise3_vectors``).
+  borders from aligned 8-byte vectors shifted in registers, ``depthwise3_vectors`` in _common.py).
 """
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ import triton
 import triton.language as tl
 
 from ._common import (ACTIVATION_CODES, PADDING_CODES, activate, alignment, autotuned,
-                      border_index, check_device, check_generated_op, dot_acc, dot_mode,
-                      generation_rows, generator_layout, launch_options, output_like,
-                      patch_params_to_scratch, signal_block)
+                      border_index, check_device, check_generated_op, depthwise3_vectors,
+                      dot_acc, dot_mode, generation_rows, generator_layout, launch_options, output_like,
+                      patch_params_to_scratch, signal_block, tap_vector)
 from ..layout import check_activation, patch_conv_rows
 
 
@@ -134,61 +134,6 @@ def _meta_conv_many_patches_kernel(
 
 
 @triton.jit
-def _shift_pairs(prev, cur, nxt):
-    # Tiles whose last axis holds aligned pairs of pixels (x[2a], x[2a + 1]); prev / nxt: the
-    # pairs one pair to the left / right. Returns the tiles of the pixels one to the left and one
-    # to the right: (x[2a - 1], x[2a]) and (x[2a + 1], x[2a + 2]), moved within each thread's
-    # registers (split / join of the pair axis), not reloaded.
-    p0, p1 = tl.split(prev)
-    c0, c1 = tl.split(cur)
-    n0, n1 = tl.split(nxt)
-    return tl.join(p1, c0), tl.join(c1, n0)
-
-
-@triton.jit
-def _shift_vectors(prev, cur, nxt, VEC: tl.constexpr, ROWS: tl.constexpr, GROUPS: tl.constexpr):
-    # ``_shift_pairs`` for (ROWS, GROUPS, VEC) tiles of vectors of VEC = 2 or 4 pixels: a vector
-    # of 4 is a pair of pairs (x[2a + b] at [a, b]); its odd elements shift as pairs, and its even
-    # ones move up.
-    if VEC == 2:
-        left, right = _shift_pairs(prev, cur, nxt)
-    else:
-        p0, p1 = tl.split(tl.reshape(prev, (ROWS, GROUPS, 2, 2)))
-        c0, c1 = tl.split(tl.reshape(cur, (ROWS, GROUPS, 2, 2)))
-        n0, n1 = tl.split(tl.reshape(nxt, (ROWS, GROUPS, 2, 2)))
-        odd_left, _ = _shift_pairs(p1, c1, n1)
-        _, even_right = _shift_pairs(p0, c0, n0)
-        left = tl.reshape(tl.join(odd_left, c0), (ROWS, GROUPS, 4))
-        right = tl.reshape(tl.join(c1, even_right), (ROWS, GROUPS, 4))
-    return left, right
-
-
-@triton.jit
-def _depthwise3_vectors(rows, wscr, co, co_mask, yy, xx, p_mask, H, W, PAD_MODE: tl.constexpr,
-                        VEC: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr):
-    # The 3 x 3 depthwise taps of a tile of a patch away from the image's left and right borders
-    # (``yy``, ``xx``, ``p_mask``: (groups, VEC) pixels, each group VEC contiguous columns from
-    # an aligned start). Per tap row, three aligned vector loads (the pixels' own vectors and the
-    # vectors beside them); the shifted columns come from registers (``_shift_vectors``).
-    GROUPS: tl.constexpr = BLOCK_P // VEC
-    acc = tl.zeros((BLOCK_CO, GROUPS, VEC), dtype=tl.float32)
-    for dy in tl.static_range(3):
-        sy, vy = border_index(yy + (dy - 1), H, PAD_MODE)
-        at = rows + (sy * W + xx)[None, :, :]
-        mask = co_mask[:, None, None] & (p_mask & vy)[None, :, :]
-        w_row = wscr + co * 9 + dy * 3
-        cur = tl.load(at, mask=mask, other=0.0).to(tl.float32)  # interior: vector
-        acc += tl.load(w_row + 1, mask=co_mask, other=0.0)[:, None, None] * cur
-        prev = tl.load(at - VEC, mask=mask, other=0.0).to(tl.float32)  # interior: vector
-        left, _ = _shift_vectors(prev, cur, cur, VEC, BLOCK_CO, GROUPS)  # one side at a time:
-        acc += tl.load(w_row, mask=co_mask, other=0.0)[:, None, None] * left  # fewer registers
-        nxt = tl.load(at + VEC, mask=mask, other=0.0).to(tl.float32)  # interior: vector
-        _, right = _shift_vectors(cur, cur, nxt, VEC, BLOCK_CO, GROUPS)
-        acc += tl.load(w_row + 2, mask=co_mask, other=0.0)[:, None, None] * right
-    return acc
-
-
-@triton.jit
 def _depthwise_taps(rows, wscr, co, co_mask, yy, xx, p_mask, H, W, K: tl.constexpr,
                     PAD_MODE: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr):
     # The k x k depthwise taps of a tile (pixels ``yy``, ``xx``) of channels ``co`` (image rows
@@ -226,7 +171,7 @@ def _meta_conv_patch_kernel(
     # block of BLOCK_CO output channels, accumulates one dot per (input block, tap) (dense) or a
     # per-channel multiply-add per tap (depthwise) with the taps' pixels mapped through the border.
     # VEC > 1 (3 x 3 depthwise, PW a multiple of VEC): patches away from the left and right
-    # borders take their taps from aligned vectors of VEC pixels (``_depthwise3_vectors``).
+    # borders take their taps from aligned vectors of VEC pixels (``depthwise3_vectors`` in _common.py).
     W = GW * PW                                           # (so the compiler sees PW divide it)
     HW = H * W
     KK: tl.constexpr = K * K
@@ -257,10 +202,11 @@ def _meta_conv_patch_kernel(
                 if VEC > 1:
                     if (gj > 0) & (gj < GW - 1):
                         q = tl.arange(0, BLOCK_P // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :]
-                        acc = tl.reshape(_depthwise3_vectors(
+                        acc = tl.reshape(depthwise3_vectors(
                             rows[:, :, None], wscr, co, co_mask, gi * PH + band0 + q // BLOCK_W,
                             gj * PW + q % BLOCK_W, (q // BLOCK_W < PH - band0) & (q % BLOCK_W < PW),
-                            H, W, PAD_MODE, VEC, BLOCK_CO, BLOCK_P), (BLOCK_CO, BLOCK_P))
+                            H, W, PAD_MODE, VEC, BLOCK_CO, BLOCK_P, tl.float32),
+                            (BLOCK_CO, BLOCK_P))
                     else:
                         acc = _depthwise_taps(rows, wscr, co, co_mask, yy, xx, p_mask, H, W, K,
                                               PAD_MODE, BLOCK_CO, BLOCK_P)
@@ -400,8 +346,7 @@ def depthwise_vector(dtype: torch.dtype, kernel_size: int, pw: int) -> int:
     """Pixels per aligned vector of the 3 x 3 depthwise kernel's interior taps: 8 bytes (2
     float32 or 4 half-precision pixels) where the patch width is a multiple of it; 1 (the
     per-tap path) otherwise and for other kernel sizes."""
-    vec = {torch.float32: 2, torch.float16: 4, torch.bfloat16: 4}.get(dtype, 1)
-    return vec if kernel_size == 3 and pw % vec == 0 else 1
+    return tap_vector(dtype, kernel_size, pw, narrower=False)
 
 
 @torch.library.custom_op("hyperseg::meta_patch_conv", mutates_args=())

@@ -15,11 +15,30 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (PADDING_CODES, accumulator, autocast, block, channel_block,
-                      check_common, check_device, dot_acc, mac,
+from ._common import (PADDING_CODES, accumulator, autocast, block, border_index, channel_block,
+                      check_common, check_device, depthwise3_vectors, dot_acc, mac,
                       dot_mode, mirror_slots, mirror_source, output_like, patch_pixels, pixel_block,
-                      tap_source)
+                      shift_vectors, tap_source, tap_vector, vector_pixels)
 from ..layout import check_patch_weight
+
+
+@triton.jit
+def _depthwise_taps(rows, w_taps, co, co_mask, yy, xx, p_mask, H, W, K: tl.constexpr,
+                    PAD_MODE: tl.constexpr, ACC: tl.constexpr, BLOCK_CO: tl.constexpr,
+                    BLOCK_P: tl.constexpr):
+    # The k x k depthwise taps of a (BLOCK_CO x BLOCK_P) tile, one load of the tile per tap with
+    # its pixels mapped through the border (``rows``: the channels' planes; ``w_taps``: the
+    # patch's (channels, k, k) kernel).
+    KK: tl.constexpr = K * K
+    acc = tl.zeros((BLOCK_CO, BLOCK_P), dtype=ACC)
+    for t in range(KK):
+        src, valid = tap_source(yy, xx, t, H, W, K, PAD_MODE)
+        xv = tl.load(  # interior: vector of PW when K == 1
+            rows + src[None, :], mask=co_mask[:, None] & (p_mask & valid)[None, :],
+            other=0.0).to(ACC)
+        wt = tl.load(w_taps + co * KK + t, mask=co_mask, other=0.0).to(ACC)
+        acc += wt[:, None] * xv
+    return acc
 
 
 @triton.jit
@@ -29,12 +48,14 @@ def _patch_conv_kernel(
         K: tl.constexpr, PAD_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
         DEPTHWISE: tl.constexpr, DOT_MODE: tl.constexpr, ACC: tl.constexpr,
         BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_P: tl.constexpr, FMA: tl.constexpr,
-        TAIL: tl.constexpr, PW: tl.constexpr):
+        TAIL: tl.constexpr, PW: tl.constexpr, VEC: tl.constexpr):
     # Program (patch, channel block, pixel block): axis 0 is one patch of one image, axis 1 a
     # block of output channels within one group (depthwise: a block of channels), axis 2 a block
     # of the patch's pixels in row-major order, so a tile row of x is pw contiguous pixels.
     # Dense: input channels 0 .. CI_DOT in blocks of BLOCK_CI (dots); with TAIL the rest, fewer
-    # than 16, one rank-1 multiply-add each (a dot would pad them to 16).
+    # than 16, one rank-1 multiply-add each (a dot would pad them to 16). VEC > 1 (3 x 3
+    # depthwise, PW and BLOCK_P multiples of VEC): patches away from the left and right borders
+    # take their taps from aligned vectors of VEC pixels shifted in registers.
     pid_patch = tl.program_id(0)
     pid_co = tl.program_id(1)
     pid_p = tl.program_id(2)
@@ -49,15 +70,19 @@ def _patch_conv_kernel(
     if DEPTHWISE:
         co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
         co_mask = co < COUT
-        acc = tl.zeros((BLOCK_CO, BLOCK_P), dtype=ACC)
-        for t in range(KK):
-            src, valid = tap_source(yy, xx, t, H, W, K, PAD_MODE)
-            m = co_mask[:, None] & (p_mask & valid)[None, :]
-            xv = tl.load(  # interior: vector of PW when K == 1
-                x_base + co.to(tl.int64)[:, None] * HW + src[None, :],
-                mask=m, other=0.0).to(ACC)
-            wt = tl.load(w_base + co * KK + t, mask=co_mask, other=0.0).to(ACC)
-            acc += wt[:, None] * xv
+        rows = x_base + co.to(tl.int64)[:, None] * HW
+        if VEC > 1:
+            if (gj > 0) & (gj < GW - 1):
+                vy, vx, v_mask = vector_pixels(pid_p * BLOCK_P, gi, gj, H // GH, PW, VEC, BLOCK_P)
+                acc = tl.reshape(depthwise3_vectors(rows[:, :, None], w_base, co, co_mask, vy, vx,
+                                                    v_mask, H, W, PAD_MODE, VEC, BLOCK_CO,
+                                                    BLOCK_P, ACC), (BLOCK_CO, BLOCK_P))
+            else:
+                acc = _depthwise_taps(rows, w_base, co, co_mask, yy, xx, p_mask, H, W, K,
+                                      PAD_MODE, ACC, BLOCK_CO, BLOCK_P)
+        else:
+            acc = _depthwise_taps(rows, w_base, co, co_mask, yy, xx, p_mask, H, W, K, PAD_MODE,
+                                  ACC, BLOCK_CO, BLOCK_P)
     else:
         n_co_blocks = tl.cdiv(COUT_G, BLOCK_CO)
         g = pid_co // n_co_blocks
@@ -157,12 +182,15 @@ def _launch(x, out, weight, bias, groups, padding_mode):
         ci_dot, block_ci = dot_channels(cin_g, block_ci)
     n_co = triton.cdiv(cout, block_co) if depthwise else groups * triton.cdiv(cout_g, block_co)
     grid = (b * gh * gw, n_co, triton.cdiv(ph * pw, block_p))
+    # the vector taps hold three shifted tiles per tap row: on 8 warps (with 4, 100-200
+    # registers, and 16-bit inputs spilled 144 B at hyperseg-m's 10-pixel rows)
+    vec = tap_vector(x.dtype, kernel_size, pw, block_p) if depthwise else 1
     _patch_conv_kernel[grid](
         x, out, weight, bias if bias is not None else x, h, w, gh, gw, cin, cout, cin_g, cout_g,
         ci_dot, K=kernel_size, PAD_MODE=PADDING_CODES[padding_mode], HAS_BIAS=bias is not None,
         DEPTHWISE=depthwise, DOT_MODE=dot_mode(x.dtype), ACC=accumulator(x.dtype),
         BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_P=block_p, FMA=fma, TAIL=ci_dot < cin_g,
-        PW=pw, num_warps=4,
+        PW=pw, VEC=vec, num_warps=8 if vec > 1 else 4,
         # tf32 tensor cores read both dot operands K-major from shared memory: a pipelined
         # (asynchronous) copy of an image tile, contiguous along the pixels, moves 4 bytes per
         # thread; unpipelined, it is loaded as vectors and transposed on its way there
@@ -263,19 +291,82 @@ def _input_grad_tap(acc, t, vy, vx, ok, vy_lo, vy_hi, vx_lo, vx_hi, b, g, ci, ci
 
 
 @triton.jit
+def _neighbour_taps(own, t: tl.constexpr, dy: tl.constexpr, dx: tl.constexpr, row_out, row_ok,
+                    col_out, ci_mask, GW, PATCH, ACC: tl.constexpr):
+    # The weight of tap t = (dy + 1, dx + 1) for a (groups, VEC) tile of pixels q as read from
+    # the output pixels p = q - (dy, dx): the patch's own (``own``: its kernel at the block's
+    # channels), the neighbour's above / below where p leaves the patch's rows (``row_out``;
+    # ``row_ok``: that neighbour exists), beside it where p leaves its columns (``col_out``), or
+    # the diagonal one. Four per-channel loads and selects, not a per-pixel gather.
+    w = tl.load(own + t, mask=ci_mask, other=0.0).to(ACC)[:, None, None]
+    if dy != 0:
+        w_row = tl.load(own - dy * GW * PATCH + t, mask=ci_mask & row_ok, other=0.0)
+        w = tl.where(row_out[None, :, :], w_row.to(ACC)[:, None, None], w)
+    if dx != 0:
+        w_col = tl.load(own - dx * PATCH + t, mask=ci_mask, other=0.0).to(ACC)[:, None, None]
+        if dy != 0:
+            w_diag = tl.load(own - (dy * GW + dx) * PATCH + t, mask=ci_mask & row_ok, other=0.0)
+            w_col = tl.where(row_out[None, :, :], w_diag.to(ACC)[:, None, None], w_col)
+        w = tl.where(col_out[None, :, :], w_col, w)
+    return w
+
+
+@triton.jit
+def _input_grad_depthwise3_vectors(w_ptr, dout_base, b, gi, gj, p0, ci, ci_mask, H, W, GH, GW,
+                                   COUT, PW: tl.constexpr, VEC: tl.constexpr,
+                                   BLOCK_CI: tl.constexpr, BLOCK_P: tl.constexpr,
+                                   ACC: tl.constexpr):
+    # The direct part (border mirror images aside) of the 3 x 3 depthwise input gradient of the
+    # pixel block at p0 of a patch away from the image's left and right borders:
+    # dx[c, q] = sum over taps t = (dy + 1, dx + 1) of w[patch(p), c, t] * dout[c, p] for
+    # p = q - (dy, dx) in the image. Per tap row, the gradient's aligned vectors at the block's
+    # pixels and beside them (in the image: the patch is not at the left or right border),
+    # shifted in registers; the weights from ``_neighbour_taps``.
+    GROUPS: tl.constexpr = BLOCK_P // VEC
+    PH = H // GH
+    HW = H * W
+    PATCH = COUT * 9
+    qy, qx, q_mask = vector_pixels(p0, gi, gj, PH, PW, VEC, BLOCK_P)
+    col = qx - gj * PW
+    rows = dout_base + ci.to(tl.int64)[:, None, None] * HW
+    own = w_ptr + ((b * GH + gi) * GW + gj).to(tl.int64) * PATCH + ci * 9
+    acc = tl.zeros((BLOCK_CI, GROUPS, VEC), dtype=ACC)
+    for ky in tl.static_range(3):
+        py = qy - (ky - 1)
+        at = rows + (tl.minimum(tl.maximum(py, 0), H - 1) * W + qx)[None, :, :]
+        mask = ci_mask[:, None, None] & (q_mask & (py >= 0) & (py < H))[None, :, :]
+        row_out = (py < gi * PH) | (py >= gi * PH + PH)
+        row_ok = (gi - (ky - 1) >= 0) & (gi - (ky - 1) < GH)
+        cur = tl.load(at, mask=mask, other=0.0).to(ACC)  # interior: vector of PW
+        acc += _neighbour_taps(own, ky * 3 + 1, ky - 1, 0, row_out, row_ok, col < 0, ci_mask, GW,
+                               PATCH, ACC) * cur
+        # tap (ky, 2): p one column to the left of q; tap (ky, 0): one to the right
+        prev = tl.load(at - VEC, mask=mask, other=0.0).to(ACC)  # interior: vector of PW
+        left, _ = shift_vectors(prev, cur, cur, VEC, BLOCK_CI, GROUPS)
+        acc += _neighbour_taps(own, ky * 3 + 2, ky - 1, 1, row_out, row_ok, col == 0, ci_mask, GW,
+                               PATCH, ACC) * left
+        nxt = tl.load(at + VEC, mask=mask, other=0.0).to(ACC)  # interior: vector of PW
+        _, right = shift_vectors(cur, cur, nxt, VEC, BLOCK_CI, GROUPS)
+        acc += _neighbour_taps(own, ky * 3, ky - 1, -1, row_out, row_ok, col == PW - 1, ci_mask,
+                               GW, PATCH, ACC) * right
+    return acc
+
+
+@triton.jit
 def _patch_conv_input_grad_kernel(
         dout_ptr, w_ptr, dx_ptr,
         H, W, GH, GW, CIN, COUT, CIN_G, COUT_G, CO_DOT,
         K: tl.constexpr, PAD_MODE: tl.constexpr, SLOTS: tl.constexpr, DEPTHWISE: tl.constexpr,
         DOT_MODE: tl.constexpr, ACC: tl.constexpr,
         BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr, FMA: tl.constexpr,
-        TAIL: tl.constexpr, PW: tl.constexpr):
+        TAIL: tl.constexpr, PW: tl.constexpr, VEC: tl.constexpr):
     # Program (patch, input-channel block, pixel block), the forward's layout with input and
     # output channels swapped: the gradient of a block of input pixels q of one patch, gathered
     # from every output pixel that read them (a gather, not a scatter: no atomics, deterministic).
     # Output pixel p reads q through tap t when border_index(p + d_t) == q, i.e. p = v - d_t for a
     # virtual index v of q (``mirror_source``: q itself, or its mirror images beyond the border).
-    # p may lie in a neighbouring patch, whose kernel then applies.
+    # p may lie in a neighbouring patch, whose kernel then applies. VEC > 1 (3 x 3 depthwise):
+    # in patches away from the left and right borders, q itself (slot 0) from aligned vectors.
     pid_patch = tl.program_id(0)
     pid_ci = tl.program_id(1)
     pid_p = tl.program_id(2)
@@ -308,7 +399,14 @@ def _patch_conv_input_grad_kernel(
         y_last = tl.minimum(gi * PH + PH - 1, gi * PH + (pid_p * BLOCK_P + BLOCK_P - 1) // PW)
         near_y = (y_first <= R) | (y_last >= H - 1 - R)
         near_x = (gj * PW <= R) | (gj * PW + PW - 1 >= W - 1 - R)
-        for s in range(SLOTS * SLOTS):
+        s_first = 0
+        if VEC > 1:
+            s_first = 1 - near_x.to(tl.int32)
+            if s_first == 1:
+                acc += tl.reshape(_input_grad_depthwise3_vectors(
+                    w_ptr, dout_base, b, gi, gj, pid_p * BLOCK_P, ci, ci_mask, H, W, GH, GW, COUT,
+                    PW, VEC, BLOCK_CI, BLOCK_P, ACC), (BLOCK_CI, BLOCK_P))
+        for s in range(s_first, SLOTS * SLOTS):
             vy, vx, ok = qy, qx, q_mask
             vy_lo, vy_hi, vx_lo, vx_hi = y_first, y_last, gj * PW, gj * PW + PW - 1
             if s > 0:
@@ -340,14 +438,15 @@ def _patch_conv_weight_grad_kernel(
         K: tl.constexpr, PAD_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, DEPTHWISE: tl.constexpr,
         DOT_MODE: tl.constexpr, ACC: tl.constexpr,
         BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_P: tl.constexpr, FMA: tl.constexpr,
-        TAIL: tl.constexpr, PW: tl.constexpr):
+        TAIL: tl.constexpr, PW: tl.constexpr, VEC: tl.constexpr):
     # Program (patch, channel block): a block of one patch's kernel, tap by tap,
     # dW[co, ci, t] = sum over the patch's pixels p of dout[co, p] * x[ci, border_index(p + d_t)],
     # accumulated pixel block by pixel block in a fixed order (deterministic). Tiles hold runs of
     # pw contiguous pixels. The programs of the first input-channel block also sum dout over the
     # patch: the bias gradient. Input channels 0 .. CI_DOT come in BLOCK_CI blocks (dots); with
     # TAIL, one more block per output-channel block takes the rest (fewer than 16) one channel at
-    # a time, each a sum over pixels of dout times that channel's row.
+    # a time, each a sum over pixels of dout times that channel's row. VEC > 1 (3 x 3
+    # depthwise): patches away from the left and right borders take x from aligned vectors.
     pid_patch = tl.program_id(0)
     pid_c = tl.program_id(1)
     W = GW * PW                             # (the image's width: a multiple of PW)
@@ -382,6 +481,16 @@ def _patch_conv_weight_grad_kernel(
     if tail_block:
         _weight_grad_tail(pid_patch, g, co, co_mask, x_base, dout_base, dw_ptr, H, W, GH, GW, COUT,
                           CIN_G, CI_DOT, K, PAD_MODE, ACC, BLOCK_CO, BLOCK_P, PW)
+    elif VEC > 1:
+        if (pid_patch % GW > 0) & (pid_patch % GW < GW - 1):
+            _weight_grad_depthwise3_vectors(pid_patch, co, co_mask, x_base, dout_base, dw_ptr,
+                                            db_ptr, H, W, GH, GW, COUT, PAD_MODE, HAS_BIAS, ACC,
+                                            BLOCK_CO, BLOCK_P, PW, VEC)
+        else:
+            _weight_grad_block(pid_patch, co, co_mask, ci, ci_mask, ci_local, first_ci_block,
+                               x_base, dout_base, dw_ptr, db_ptr, H, W, GH, GW, COUT, CIN_G, K,
+                               PAD_MODE, HAS_BIAS, DEPTHWISE, DOT_MODE, ACC, BLOCK_CO, BLOCK_CI,
+                               BLOCK_P, FMA, PW)
     else:
         _weight_grad_block(pid_patch, co, co_mask, ci, ci_mask, ci_local, first_ci_block, x_base,
                            dout_base, dw_ptr, db_ptr, H, W, GH, GW, COUT, CIN_G, K, PAD_MODE,
@@ -448,6 +557,55 @@ def _weight_grad_block(pid_patch, co, co_mask, ci, ci_mask, ci_local, first_ci_b
 
 
 @triton.jit
+def _weight_grad_depthwise3_vectors(pid_patch, co, co_mask, x_base, dout_base, dw_ptr, db_ptr, H, W,
+                                    GH, GW, COUT, PAD_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                    ACC: tl.constexpr, BLOCK_CO: tl.constexpr,
+                                    BLOCK_P: tl.constexpr, PW: tl.constexpr, VEC: tl.constexpr):
+    # The 3 x 3 depthwise kernel gradient (and the bias gradient) of a patch away from the
+    # image's left and right borders, pixel block by pixel block: the block's output gradient is
+    # loaded once for all nine taps; per tap row, x's aligned vectors at the block's pixels and
+    # beside them, shifted in registers. Each tap's sum over the block goes to column t of a
+    # (BLOCK_CO, 16) accumulator, stored as each channel's 9 contiguous taps.
+    GROUPS: tl.constexpr = BLOCK_P // VEC
+    PH = H // GH
+    HW = H * W
+    gj = pid_patch % GW
+    gi = (pid_patch // GW) % GH
+    taps = tl.arange(0, 16)
+    acc = tl.zeros((BLOCK_CO, 16), dtype=ACC)
+    bias_sum = tl.zeros((BLOCK_CO,), dtype=ACC)
+    x_rows = x_base + co.to(tl.int64)[:, None, None] * HW
+    for p0 in range(0, PH * PW, BLOCK_P):
+        yy, xx, p_mask = vector_pixels(p0, gi, gj, PH, PW, VEC, BLOCK_P)
+        gv = tl.load(  # interior: vector of PW
+            dout_base + co.to(tl.int64)[:, None, None] * HW + (yy * W + xx)[None, :, :],
+            mask=co_mask[:, None, None] & p_mask[None, :, :], other=0.0).to(ACC)
+        if HAS_BIAS:
+            bias_sum += tl.sum(tl.sum(gv, axis=2), axis=1)
+        for ky in tl.static_range(3):
+            sy, vy = border_index(yy + (ky - 1), H, PAD_MODE)
+            at = x_rows + (sy * W + xx)[None, :, :]
+            mask = co_mask[:, None, None] & (p_mask & vy)[None, :, :]
+            cur = tl.load(at, mask=mask, other=0.0).to(ACC)  # interior: vector of PW
+            acc += tl.where(taps[None, :] == ky * 3 + 1,
+                            tl.sum(tl.sum(gv * cur, axis=2), axis=1)[:, None], 0.0)
+            prev = tl.load(at - VEC, mask=mask, other=0.0).to(ACC)  # interior: vector of PW
+            left, _ = shift_vectors(prev, cur, cur, VEC, BLOCK_CO, GROUPS)
+            acc += tl.where(taps[None, :] == ky * 3,
+                            tl.sum(tl.sum(gv * left, axis=2), axis=1)[:, None], 0.0)
+            nxt = tl.load(at + VEC, mask=mask, other=0.0).to(ACC)  # interior: vector of PW
+            _, right = shift_vectors(cur, cur, nxt, VEC, BLOCK_CO, GROUPS)
+            acc += tl.where(taps[None, :] == ky * 3 + 2,
+                            tl.sum(tl.sum(gv * right, axis=2), axis=1)[:, None], 0.0)
+    w_off = pid_patch.to(tl.int64) * COUT * 9 + co[:, None] * 9 + taps[None, :]
+    tl.store(dw_ptr + w_off, acc.to(dw_ptr.dtype.element_ty),
+             mask=co_mask[:, None] & (taps < 9)[None, :])
+    if HAS_BIAS:
+        tl.store(db_ptr + pid_patch.to(tl.int64) * COUT + co, bias_sum.to(db_ptr.dtype.element_ty),
+                 mask=co_mask)
+
+
+@triton.jit
 def _weight_grad_tail(pid_patch, g, co, co_mask, x_base, dout_base, dw_ptr, H, W, GH, GW, COUT,
                       CIN_G, CI_DOT, K: tl.constexpr, PAD_MODE: tl.constexpr, ACC: tl.constexpr,
                       BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr, PW: tl.constexpr):
@@ -473,10 +631,11 @@ def _weight_grad_tail(pid_patch, g, co, co_mask, x_base, dout_base, dw_ptr, H, W
             tl.store(dw_ptr + w_off, acc.to(dw_ptr.dtype.element_ty), mask=co_mask)
 
 
-def _input_grad_warps(depthwise: bool, x) -> int:
+def _input_grad_warps(depthwise: bool, x, vec: int = 1) -> int:
     """8 warps for the depthwise input gradient of 16-bit inputs (with 4, ptxas spilled 8 B of
-    its mirror-slot gather at reflect borders), 4 otherwise."""
-    return 8 if depthwise and x.element_size() < 4 else 4
+    its mirror-slot gather at reflect borders) and for its vector taps (``vec`` > 1; with 4, 168
+    registers in float32), 4 otherwise."""
+    return 8 if depthwise and (x.element_size() < 4 or vec > 1) else 4
 
 
 def _launch_backward(dout, x, weight, *, dx, dw, db, groups, padding_mode):
@@ -490,6 +649,7 @@ def _launch_backward(dout, x, weight, *, dx, dw, db, groups, padding_mode):
                   DOT_MODE=dot_mode(x.dtype), ACC=accumulator(x.dtype))
     block_p = pixel_block(ph * pw, low=1 if depthwise or k == 1 else 16)
     fma = uses_fma(depthwise, k, cin_g, cout_g, block_p)
+    vec = tap_vector(x.dtype, k, pw, block_p) if depthwise else 1
     if dx is not None:
         # depthwise gathers a weight and a gradient per (channel, pixel) and tap: 16 channels;
         # dense holds a (BLOCK_CI x BLOCK_P) accumulator and a (BLOCK_CO x BLOCK_P) operand: 32.
@@ -507,10 +667,12 @@ def _launch_backward(dout, x, weight, *, dx, dw, db, groups, padding_mode):
         _patch_conv_input_grad_kernel[(b * gh * gw, n_ci, triton.cdiv(ph * pw, block_p))](
             dout, weight, dx, h, w, gh, gw, cin, cout, cin_g, cout_g, co_dot,
             SLOTS=mirror_slots(padding_mode, k // 2), BLOCK_CI=block_ci, BLOCK_CO=block_co,
-            BLOCK_P=block_p, FMA=fma, TAIL=co_dot < cout_g, PW=pw,
-            num_warps=_input_grad_warps(depthwise, x), **common)
+            BLOCK_P=block_p, FMA=fma, TAIL=co_dot < cout_g, PW=pw, VEC=vec,
+            num_warps=_input_grad_warps(depthwise, x, vec), **common)
     if dw is not None:
-        block_co = channel_block(cout if depthwise else cout_g, 32)
+        # the vector taps: 16 channels (with 32 at 8 warps, ptxas spilled a predicate, 8 B, in
+        # 16-bit at hyperseg-l-voc's 16- and 32-pixel rows)
+        block_co = channel_block(cout if depthwise else cout_g, 16 if vec > 1 else 32)
         block_ci = channel_block(cin_g, 32)
         ci_dot = cin_g
         if fma:
@@ -523,7 +685,10 @@ def _launch_backward(dout, x, weight, *, dx, dw, db, groups, padding_mode):
         _patch_conv_weight_grad_kernel[(b * gh * gw, n_c)](
             x, dout, dw, db if db is not None else dw, h, w, gh, gw, cin, cout, cin_g, cout_g,
             ci_dot, HAS_BIAS=db is not None, BLOCK_CO=block_co, BLOCK_CI=block_ci,
-            BLOCK_P=block_p, FMA=fma, TAIL=tail, PW=pw, num_warps=4,
+            BLOCK_P=block_p, FMA=fma, TAIL=tail, PW=pw, VEC=vec,
+            # the vector taps of 16 x 64 tiles on 8 warps (4 held 80-96 registers, and spilled a
+            # predicate in 16-bit at 8-pixel rows); 16 x 16 tiles on 4 (8 spilled 24 B in bf16)
+            num_warps=8 if vec > 1 and block_co * block_p >= 1024 else 4,
             # with the tail's per-channel loop, a pipelined (3-stage) dense loop spilled 8-24 B
             num_stages=1 if tail else 3, **common)
 

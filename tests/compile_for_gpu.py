@@ -56,20 +56,25 @@ def report(name, dtype, seconds):
     return seconds
 
 
+def vector(dtype):
+    """Pixels per vector of the 3x3 depthwise vector taps (8 bytes; none for float64)."""
+    return {"fp32": 2, "fp16": 4, "bf16": 4}.get(dtype, 1)
+
+
 def forward_variants(dtype):
     """The inference kernels: fp32 with tf32 (3) and IEEE (1) dots, half precision with 0."""
     modes = (3, 1) if dtype == "fp32" else (0,)
     for depthwise, k in itertools.product((False, True), (1, 3, 5)):
         constexprs = dict(K=k, PAD_MODE=1, HAS_BIAS=True, DEPTHWISE=depthwise, DOT_MODE=int(dtype == "fp32"),
                           ACC=tl.float32, BLOCK_CO=32, BLOCK_CI=32, BLOCK_P=64, FMA=False,
-                          TAIL=not depthwise, PW=8)
+                          TAIL=not depthwise, PW=8, VEC=vector(dtype) if depthwise and k == 3 else 1)
         yield f"patch_conv depthwise={depthwise} k={k}", _patch_conv_kernel, constexprs
     # 1x1 on multiply-adds: tiny patches (4 pixels), and 8 output channels
     for block_co, block_ci, block_p in ((32, 16, 4), (8, 8, 64)):
         yield (f"patch_conv fma {block_co}x{block_ci}x{block_p}", _patch_conv_kernel,
                dict(K=1, PAD_MODE=0, HAS_BIAS=True, DEPTHWISE=False, DOT_MODE=int(dtype == "fp32"),
                     ACC=tl.float32, BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_P=block_p, FMA=True,
-                    TAIL=False, PW=2 if block_p == 4 else 8))
+                    TAIL=False, PW=2 if block_p == 4 else 8, VEC=1))
     for mode in modes:
         for patch, spg in (((1, 1), 13), ((2, 2), 6)):
             yield (f"meta_conv_many_patches patch={patch} spg={spg} dot_mode={mode}",
@@ -105,23 +110,27 @@ def backward_variants(dtype):
         tail = not depthwise
         yield (f"patch_conv input grad depthwise={depthwise} k={k} pad={pad}", _patch_conv_input_grad_kernel,
                dict(K=k, PAD_MODE=pad, SLOTS=slots, DEPTHWISE=depthwise, DOT_MODE=mode, ACC=acc,
-                    BLOCK_CI=32, BLOCK_CO=32, BLOCK_P=64, FMA=False, TAIL=tail and k == 1, PW=8))
+                    BLOCK_CI=32, BLOCK_CO=32, BLOCK_P=64, FMA=False, TAIL=tail and k == 1, PW=8,
+                    VEC=vector(dtype) if depthwise and k == 3 else 1))
         yield (f"patch_conv weight grad depthwise={depthwise} k={k} pad={pad}", _patch_conv_weight_grad_kernel,
                dict(K=k, PAD_MODE=pad, HAS_BIAS=True, DEPTHWISE=depthwise, DOT_MODE=mode, ACC=acc,
-                    BLOCK_CO=32, BLOCK_CI=32, BLOCK_P=64, FMA=False, TAIL=tail, PW=8))
+                    BLOCK_CO=32, BLOCK_CI=32, BLOCK_P=64, FMA=False, TAIL=tail, PW=8,
+                    VEC=vector(dtype) if depthwise and k == 3 else 1))
     for block_co, block_ci, block_p in ((32, 16, 4), (8, 8, 64)):
         yield (f"patch_conv input grad fma {block_co}x{block_ci}x{block_p}", _patch_conv_input_grad_kernel,
                dict(K=1, PAD_MODE=0, SLOTS=1, DEPTHWISE=False, DOT_MODE=mode, ACC=acc,
                     BLOCK_CI=block_ci, BLOCK_CO=block_co, BLOCK_P=block_p, FMA=True, TAIL=False,
-                    PW=2 if block_p == 4 else 8))
+                    PW=2 if block_p == 4 else 8, VEC=1))
         yield (f"patch_conv weight grad fma {block_co}x{block_ci}x{block_p}", _patch_conv_weight_grad_kernel,
                dict(K=1, PAD_MODE=0, HAS_BIAS=True, DEPTHWISE=False, DOT_MODE=mode, ACC=acc,
                     BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_P=block_p, FMA=True, TAIL=False,
-                    PW=2 if block_p == 4 else 8))
+                    PW=2 if block_p == 4 else 8, VEC=1))
     yield ("generate_weights", _generate_weights_kernel,
            dict(ACC=acc, BLOCK_N=32, BLOCK_R=64, COUNT_ALIGN=8, GHW_ALIGN=4))
-    yield ("generate_weights signal grad", _generate_weights_signal_grad_kernel,
-           dict(ACC=acc, BLOCK_N=32, BLOCK_S=32, GHW_ALIGN=16))
+    for fma in (False, True):
+        yield (f"generate_weights signal grad fma={fma}", _generate_weights_signal_grad_kernel,
+               dict(DOT_MODE=mode, ACC=acc, BLOCK_N=32, BLOCK_R=16, BLOCK_S=8 if fma else 32,
+                    FMA=fma, GHW_ALIGN=16, ROW_ALIGN=4))
     yield ("generate_weights weight grad", _generate_weights_weight_grad_kernel,
            dict(DOT_MODE=mode, ACC=acc, BLOCK_R=32, BLOCK_S=32, BLOCK_N=32, FMA=False,
                 GHW_ALIGN=16, ROW_ALIGN=8))

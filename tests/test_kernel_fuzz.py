@@ -269,6 +269,7 @@ def patch_budget(k, groups, cin, cout, pixels=0, scale=12):
 
 MPC = importlib.import_module("hyperseg.kernels.meta_patch_conv")
 MIR = importlib.import_module("hyperseg.kernels.meta_inverted_residual")
+PC = importlib.import_module("hyperseg.kernels.patch_conv")
 
 
 def draw_generated(data, rng, b, grid, g, dtype, grad_signal=False, grad_generator=False, fan_in=1):
@@ -359,8 +360,14 @@ def test_fuzz_patch_conv2d(data):
     kind = data.draw(st.sampled_from(["dense", "depthwise", "multiplier"]), label="kind")
     k, groups, cin, cout, ph, pw = data.draw(convolutions(kind, 8), label="k, groups, cin, cout, ph, pw")
     small = data.draw(st.booleans(), label="small tiles")
-    patches = patch_budget(k, groups, cin, cout, ph * pw if small else 0, scale=6)
-    b, gh, gw = data.draw(grids(ph, pw, patches, 384), label="b, gh, gw")
+    if kind == "depthwise" and data.draw(st.booleans(), label="a shape for the 3x3 vector taps"):
+        # 3x3, patches an even number of pixels wide, 3-4 patches per grid row (rare when drawn
+        # freely): the forward and both backward kernels' vector taps
+        k, pw = 3, 2 * data.draw(st.integers(1, 5), label="pw / 2")
+        b, gh, gw = 1, data.draw(st.integers(1, 3), label="gh"), data.draw(st.integers(3, 4), label="gw")
+    else:
+        patches = patch_budget(k, groups, cin, cout, ph * pw if small else 0, scale=6)
+        b, gh, gw = data.draw(grids(ph, pw, patches, 384), label="b, gh, gw")
     mode = data.draw(padding_modes(k, gh * ph, gw * pw), label="padding")
     dtype = data.draw(any_dtype, label="dtype")
     w_dtype = data.draw(st.sampled_from([dtype, torch.float32]), label="weight dtype")
@@ -374,10 +381,17 @@ def test_fuzz_patch_conv2d(data):
                   scale=(cin // groups * k * k) ** -0.5, grad="weight" in wanted)
     bias = make(rng, (b, gh, gw, cout), w_dtype, grad="bias" in wanted) if bias else None
     dout = make(rng, (b, cout, gh * ph, gw * pw), dtype, data.draw(layouts, label="dout layout"))
-    with counted("patch_conv2d", kind=kind, dtype=dtype), tiles(small):
+    with counted("patch_conv2d", kind=kind, dtype=dtype) as variant, tiles(small), \
+            recorded(PC, "tap_vector") as vectors:
         run_and_compare(lambda *t: kernels.patch_conv2d(*t, padding_mode=mode, groups=groups),
                         lambda *t: ops.patch_conv2d(*t, padding_mode=mode, groups=groups),
                         (x, weight, bias), ("x", "weight", "bias"), dout, allocations=2)
+        if kind == "depthwise":         # the vector taps need a patch between two others
+            taps = "vectors" if any(vec > 1 for _, vec in vectors) and gw >= 3 else "per tap"
+            variant["taps"] = taps
+            # (an even width makes every pixel block even: a power of two of at least 2)
+            assert (taps == "vectors") == (k == 3 and pw % 2 == 0 and gw >= 3
+                                           and dtype != torch.float64), vectors
 
 
 @fuzz("generate_weights")

@@ -13,6 +13,10 @@ CASES = [
     (3, (4, 4), 64, 32, 96, 0, 77, "fp32"),
     (2, (3, 5), 24, 8, 48, 13, 35, "fp16"),
     (1, (2, 3), 48, 16, 160, 37, 100, "bf16"),
+    # the signal gradient on dots (>= 16 generated rows per group, 32 inputs): partial first and
+    # last groups, 16-bit
+    (2, (3, 4), 64, 2, 70, 9, 50, "fp16"),
+    (1, (4, 4), 96, 3, 120, 20, 90, "bf16"),
 ]
 
 
