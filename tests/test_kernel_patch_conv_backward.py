@@ -212,25 +212,27 @@ def test_patch_conv2d_dots_and_channel_tail(small_pixel_blocks, small_channel_bl
         assert_grads_match(g, r, dtype, f"{name} (groups {groups}, k {k})")
 
 
-@pytest.mark.parametrize("grid,patch,channels,mode,dtype,small", [
-    ((3, 4), (4, 10), 20, "zeros", "fp32", False),     # 10-pixel rows (the v1 halo layout)
-    ((3, 3), (5, 4), 9, "reflect", "fp32", True),      # 16-pixel blocks across patch rows
-    ((2, 3), (4, 8), 12, "replicate", "fp16", False),  # vectors of 4
-    ((4, 3), (3, 6), 6, "zeros", "bf16", True),        # 16-bit on vectors of 2; 2 patch rows inside
-    ((3, 5), (2, 2), 17, "reflect", "fp16", False),    # one vector per patch row
+@pytest.mark.parametrize("b,grid,patch,channels,mode,dtype,small", [
+    (2, (3, 4), (4, 10), 20, "zeros", "fp32", False),     # 10-pixel rows (the v1 halo layout)
+    (1, (3, 3), (5, 4), 18, "reflect", "fp32", True),     # 16-pixel blocks across patch rows, 2
+                                                          # channel blocks
+    (2, (2, 3), (4, 8), 12, "replicate", "fp16", False),  # vectors of 4
+    (1, (4, 3), (3, 6), 6, "zeros", "bf16", True),        # 16-bit on vectors of 2; 2 patch rows inside
+    (1, (3, 5), (2, 2), 17, "reflect", "fp16", False),    # one vector per patch row
 ])
-def test_patch_conv2d_depthwise_vector_taps(grid, patch, channels, mode, dtype, small, monkeypatch):
+def test_patch_conv2d_depthwise_vector_taps(b, grid, patch, channels, mode, dtype, small, monkeypatch):
     """3x3 depthwise patch_conv2d with patches an even number of pixels wide: the patches away
     from the left and right borders take their taps from aligned vectors shifted in registers in
     the forward, the input gradient (whose kernels come from the patch or, on its edge rows and
     columns, from a neighbour's) and the kernel gradient; the border columns the per-tap path.
     Every output and gradient against the reference's autograd."""
     from hyperseg.kernels import _common, patch_conv
-    if small:
+    if small:       # several pixel blocks per patch and channel blocks per image
         monkeypatch.setattr(_common, "MAX_PIXEL_BLOCK", 16)
+        monkeypatch.setattr(_common, "MAX_CHANNEL_BLOCK", 16)
     dtype = DTYPES[dtype]
     assert patch_conv.tap_vector(dtype, 3, patch[1], 16) > 1 and grid[1] >= 3
-    x, weight, bias = _inputs(2, grid, patch, channels, channels, channels, 3, dtype)
+    x, weight, bias = _inputs(b, grid, patch, channels, channels, channels, 3, dtype)
     out = kernels.patch_conv2d(x, weight, bias, padding_mode=mode, groups=channels)
     leaves = [t.detach().float().requires_grad_() for t in (x, weight, bias)]
     ref = ops.patch_conv2d(*leaves, padding_mode=mode, groups=channels)
