@@ -147,6 +147,11 @@ def signal_channels(start: int, count: int, spg: int, rpg: int) -> Tuple[int, in
     return start // rpg * spg, ((start + count - 1) // rpg + 1) * spg
 
 
+def _generated_rows(group: int, start: int, count: int, rpg: int) -> int:
+    """How many of ``group``'s rows fall in the generated rows start .. start + count."""
+    return min(start + count, group * rpg + rpg) - max(start, group * rpg)
+
+
 def signal_grad_tiles(n: int, rows: int, spg: int, element_size: int):
     """(BLOCK_N, BLOCK_R, BLOCK_S, FMA) of the signal gradient, for ``n`` patches and at most
     ``rows`` generated rows per group of ``spg`` signal inputs: a dot over blocks of rows (at
@@ -197,6 +202,7 @@ def _generate_weights_backward_op(dout: torch.Tensor, signal: torch.Tensor, weig
     dout = dout.contiguous()
     n, ghw, width, spg, rpg = _shapes(signal, weight, groups)
     acc, mode = accumulator(signal.dtype), dot_mode(signal.dtype)
+    row_align = min(map(alignment, (rpg, start, count)))    # where both kernels' row runs align
     dsig = dgen = None
     if signal_grad:
         # only the groups holding generated rows have a gradient: the kernel covers their
@@ -205,14 +211,14 @@ def _generate_weights_backward_op(dout: torch.Tensor, signal: torch.Tensor, weig
         dsig = (torch.empty_like if (c0, c1) == (0, width) else torch.zeros_like)(signal)
         if c1 > c0:
             g0, g1 = c0 // spg, c1 // spg
-            rows = max(min(start + count, g * rpg + rpg) - max(start, g * rpg) for g in range(g0, g1))
+            rows = max(_generated_rows(g, start, count, rpg) for g in range(g0, g1))
             block_n, block_r, block_s, fma = signal_grad_tiles(n, rows, spg, signal.element_size())
             grid = (triton.cdiv(n, block_n), (g1 - g0) * triton.cdiv(spg, block_s))
             _generate_weights_signal_grad_kernel[grid](
                 dout, weight, dsig, n, ghw, width, spg, rpg, start, count, g0,
                 DOT_MODE=mode, ACC=acc, BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_S=block_s,
                 FMA=fma, GHW_ALIGN=alignment(ghw),
-                ROW_ALIGN=min(map(alignment, (rpg, start, count))), num_warps=4)
+                ROW_ALIGN=row_align, num_warps=4)
     if weight_grad:
         dgen = torch.empty_like(weight)
         fma = spg <= 8         # padded to 16 by a dot (9 to 15: a dot still, on tensor cores)
@@ -229,7 +235,7 @@ def _generate_weights_backward_op(dout: torch.Tensor, signal: torch.Tensor, weig
         _generate_weights_weight_grad_kernel[grid](
             dout, signal, dgen, n, ghw, width, spg, rpg, start, count,
             DOT_MODE=mode, ACC=acc, BLOCK_R=block_r, BLOCK_S=block_s, BLOCK_N=block_n, FMA=fma,
-            GHW_ALIGN=alignment(ghw), ROW_ALIGN=min(map(alignment, (rpg, start, count))),
+            GHW_ALIGN=alignment(ghw), ROW_ALIGN=row_align,
             num_warps=4)
     return tuple(signal.new_empty(0) if t is None else t for t in (dsig, dgen))
 
@@ -308,8 +314,7 @@ def executed_work(name: str, launch) -> Optional[dict]:
         row_blocks = 0
         for p in range(launch.grid[1]):
             g = a["G0"] + p // s_blocks
-            rows = min(end, g * rpg + rpg) - max(start, g * rpg)
-            row_blocks += -(-rows // a["BLOCK_R"])
+            row_blocks += -(-_generated_rows(g, start, a["count"], rpg) // a["BLOCK_R"])
         macs = launch.grid[0] * row_blocks * a["BLOCK_N"] * a["BLOCK_R"] * a["BLOCK_S"]
         tensor = macs if a["DOT_MODE"] in (0, 3) and not a["FMA"] else 0
         return {"macs": macs, "tensor_core_macs": tensor, "useful_macs": useful,
