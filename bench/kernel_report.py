@@ -17,6 +17,7 @@ import argparse
 import datetime
 import importlib
 import json
+import multiprocessing
 import operator
 import os
 import platform
@@ -125,9 +126,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="fp32 kernels with IEEE fp32 dots (torch.backends.cudnn.allow_tf32 off); "
                         "by default tf32 tensor cores, PyTorch's default for convolutions")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1),
+                   help="compiler processes (default: the CPU count, at most 4)")
     p.add_argument("--from-json", metavar="PATH", help="print and check a saved report instead of "
                                                        "making one (no recording, no compilation)")
     args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error(f"--jobs must be at least 1, got {args.jobs}")
     dtypes = args.dtype or ["fp32", "fp16"]
     args.dtypes = list(DTYPES) if "all" in dtypes else list(dict.fromkeys(dtypes))
     return args
@@ -192,24 +197,47 @@ def _describe_spec(index: int, launches: list) -> dict:
                 divisible_by_16=divisible)
 
 
-def _compile_groups(groups: list) -> list:
-    """Describe and compile every specialisation (a failed compile is reported, not raised)."""
+# The launch groups of the model being compiled, for the forked workers of _compile_groups (a
+# fork inherits them, so no launch, JIT function or tensor is pickled; only the results are).
+_GROUPS: list = []
+
+
+def _compile_one(index: int) -> dict:
+    """Compile group ``index`` of _GROUPS (a failed compile is reported, not raised)."""
     from kernel_sass import compile_launch
-    kernels = []
-    for index, launches in enumerate(groups, 1):
-        entry = _describe_spec(index, launches)
-        _progress(f"  compile #{index} {entry['kernel']} {' '.join(entry['used_by'])}")
-        try:
-            entry.update(compile_launch(launches[0]))
-        except Exception as error:  # noqa: BLE001 - reported in the table and by --check
-            entry.update(compiled=False, error=f"{type(error).__name__}: {str(error)[-2000:]}")
-        work = [_executed(launch) for launch in launches]
-        entry["executed_macs"] = None if None in work else sum(w["macs"] for w in work)
-        useful = None if None in work else [w.get("useful_macs") for w in work]
-        if useful and None not in useful and sum(useful) > 0:
-            entry["useful_macs"] = sum(useful)
-            entry["redundancy"] = entry["executed_macs"] / entry["useful_macs"]
-        kernels.append(entry)
+    try:
+        return compile_launch(_GROUPS[index][0])
+    except Exception as error:  # noqa: BLE001 - reported in the table and by --check
+        return dict(compiled=False, error=f"{type(error).__name__}: {str(error)[-2000:]}")
+
+
+def _compile_groups(groups: list, jobs: int = 1) -> list:
+    """Describe and compile every specialisation, on ``jobs`` forked processes (each compile is
+    single-threaded: Triton's passes, then ptxas and nvdisasm), in order."""
+    global _GROUPS
+    _GROUPS = groups
+    pool = None
+    if jobs > 1 and len(groups) > 1:
+        pool = multiprocessing.get_context("fork").Pool(min(jobs, len(groups)))
+    try:
+        results = (pool.imap(_compile_one, range(len(groups))) if pool
+                   else map(_compile_one, range(len(groups))))
+        kernels = []
+        for index, (launches, compiled) in enumerate(zip(groups, results), 1):
+            entry = _describe_spec(index, launches)
+            _progress(f"  compiled #{index} {entry['kernel']} {' '.join(entry['used_by'])}")
+            entry.update(compiled)
+            work = [_executed(launch) for launch in launches]
+            entry["executed_macs"] = None if None in work else sum(w["macs"] for w in work)
+            useful = None if None in work else [w.get("useful_macs") for w in work]
+            if useful and None not in useful and sum(useful) > 0:
+                entry["useful_macs"] = sum(useful)
+                entry["redundancy"] = entry["executed_macs"] / entry["useful_macs"]
+            kernels.append(entry)
+    finally:
+        if pool:
+            pool.terminate()
+        _GROUPS = []
     return kernels
 
 
@@ -267,7 +295,7 @@ def report_model(name: str, args, dtype: str) -> dict:
     record_s = time.perf_counter() - start
     _progress(f"{config.name} {dtype}: {len(recorder.launches)} launches recorded in {record_s:.1f}s")
     groups = group_launches(recorder.launches)
-    kernels = _compile_groups(groups)
+    kernels = _compile_groups(groups, args.jobs)
     model.to(torch_dtype)
     blocks = _blocks(model, size, args.batch, dtype, groups, kernels, recorder.inputs)
     return dict(model=config.name, dtype=dtype, size=list(size), batch=args.batch,

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+from typing import Optional
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -298,6 +300,24 @@ def launch_options(kernel, num_warps: int) -> dict:
     return {} if isinstance(kernel, triton.runtime.Autotuner) else {"num_warps": num_warps}
 
 
+def _release(version: str) -> tuple:
+    """(major, minor) of a version string such as '3.6.0' or '2.4.0rc1'."""
+    parts = (version.split("+")[0].split(".") + ["0"])[:2]
+    return tuple(int("".join(ch for ch in part if ch.isdigit()) or 0) for part in parts)
+
+
+def interpreter_problem(triton_version: str = triton.__version__,
+                        numpy_version: str = np.__version__) -> Optional[str]:
+    """Why the Triton interpreter cannot run these kernels with these versions, or None. Up to
+    Triton 3.6 it turns a loop bound computed from a program id into an int by converting a
+    one-element array, which NumPy 2.4 refuses (Triton 3.7 fixed it); a GPU is not affected."""
+    if _release(triton_version) < (3, 7) and _release(numpy_version) >= (2, 4):
+        return (f"the Triton {triton_version} interpreter cannot run these kernels with NumPy "
+                f"{numpy_version} (it converts one-element arrays to int, which NumPy 2.4 "
+                f"refuses): install triton>=3.7 or numpy<2.4 to run them on CPU")
+    return None
+
+
 def check_device(*tensors: torch.Tensor) -> None:
     """Kernels run on CUDA tensors, or on CPU tensors through the Triton interpreter."""
     devices = {t.device for t in tensors if t is not None}
@@ -307,6 +327,8 @@ def check_device(*tensors: torch.Tensor) -> None:
     if device.type == "cpu" and not interpreting():
         raise RuntimeError("the Triton kernels need CUDA tensors; CPU tensors run only through the "
                            "Triton interpreter (set TRITON_INTERPRET=1 before importing triton)")
+    if device.type == "cpu" and interpreter_problem():
+        raise RuntimeError(interpreter_problem())
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"the Triton kernels need CUDA (or interpreted CPU) tensors, got {device}")
 

@@ -5,10 +5,13 @@ show (tl.dot operands under 16, unsupported dtype combinations, type errors in u
 branches) appear here. Run in a process without TRITON_INTERPRET (the kernels must be real
 JIT functions). Prints one line per variant with its compile time.
 """
+import contextlib
 import itertools
+import multiprocessing
 import os
 import sys
 import time
+import traceback
 
 assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "unset TRITON_INTERPRET"
 
@@ -139,16 +142,50 @@ def backward_variants(dtype):
                 ROW_ALIGN=1))
 
 
-def main(dtypes=("fp32", "fp16", "bf16", "fp64")):
-    worst = 0.0
+def variants(dtypes):
+    """(name, dtype, fn, constexprs) of every variant to compile for ``dtypes``."""
+    out = []
     for dtype in dtypes:
         if dtype != "fp64":     # the fused inference kernels take no float64
-            for name, fn, constexprs in forward_variants(dtype):
-                worst = max(worst, report(name, dtype, compile_variant(fn, dtype, constexprs)))
-        for name, fn, constexprs in backward_variants(dtype):
-            worst = max(worst, report(name, dtype, compile_variant(fn, dtype, constexprs)))
+            out += [(name, dtype, fn, c) for name, fn, c in forward_variants(dtype)]
+        out += [(name, dtype, fn, c) for name, fn, c in backward_variants(dtype)]
+    return out
+
+
+_VARIANTS = []      # what the forked workers of main compile, by index (nothing is pickled)
+
+
+def _compile(index):
+    """(name, dtype, seconds, None), or (name, dtype, None, the traceback) if it did not compile
+    (as text: a compiler exception need not survive the trip back from a worker)."""
+    name, dtype, fn, constexprs = _VARIANTS[index]
+    try:
+        return name, dtype, compile_variant(fn, dtype, constexprs), None
+    except Exception:  # noqa: BLE001 - printed and counted by main
+        return name, dtype, None, traceback.format_exc()
+
+
+def main(dtypes=("fp32", "fp16", "bf16", "fp64"), jobs=None):
+    """Compile every variant on ``jobs`` forked processes (default: the CPU count, at most 4;
+    each compile is single-threaded), printing one line per variant in order; 1 if any failed."""
+    global _VARIANTS
+    _VARIANTS = variants(dtypes)
+    jobs = min(jobs or os.cpu_count() or 1, 4)
+    worst, failed = 0.0, 0
+    with contextlib.ExitStack() as stack:
+        if jobs > 1:
+            pool = stack.enter_context(multiprocessing.get_context("fork").Pool(jobs))
+            results = pool.imap(_compile, range(len(_VARIANTS)))
+        else:
+            results = map(_compile, range(len(_VARIANTS)))
+        for name, dtype, seconds, error in results:
+            if error:
+                failed += 1
+                print(f"{name} {dtype} FAILED\n{error}", file=sys.stderr, flush=True)
+            else:
+                worst = max(worst, report(name, dtype, seconds))
     print(f"worst compile time {worst:.1f}s")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """The headline benchmark (bench/profile_kernels.py) runs end to end on CPU and writes every figure."""
+import datetime
 import json
 import math
 import os
@@ -193,3 +194,46 @@ def test_train_step_collects_the_interpreters_cycles_only_within():
     with train_step.interpreter_cycles_collected():
         assert GridExecutor.__call__ is not original
     assert GridExecutor.__call__ is original
+
+
+def _stand_in(folder: Path, name: str, body: str) -> None:
+    path = folder / name
+    path.write_text("#!/usr/bin/env bash\n" + body)
+    path.chmod(0o755)
+
+
+def test_gpu_check_script_brings_back_every_figure(tmp_path):
+    """bench/gpu_check.sh (the prepared GPU run), with stand-ins for python, pip and nvidia-smi:
+    every step runs in order, each measurement's JSON is written under $OUT, the log records each
+    step's exit status (a failing step does not stop the next), the device tool's limit of 8
+    files holds, and the timeouts add up to under 7 minutes."""
+    bin_dir, out = tmp_path / "bin", tmp_path / "out"
+    bin_dir.mkdir()
+    _stand_in(bin_dir, "nvidia-smi", 'echo "NVIDIA H200"\n')
+    _stand_in(bin_dir, "pip", 'echo "pip $*"\n')
+    # python writes the file after --json and fails the pytest step (exit 1)
+    _stand_in(bin_dir, "python", '[ "$1" = -c ] && case "$2" in *xdist*) exit 0;; esac\n'
+              'echo "python $*"\n'
+              'prev=""; for a in "$@"; do [ "$prev" = --json ] && echo "{}" > "$a"; prev=$a; done\n'
+              '[ "$2" = pytest ] && exit 1\nexit 0\n')
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "OUT": str(out), "HOME": str(tmp_path)}
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8, files
+    day = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    assert files == sorted(["log.txt"] + [f"{stem}-NVIDIA-H200-{day}{tail}.json" for stem, tail in [
+        ("train-step", "-fp16-b16"), ("train-step", "-fp32"), ("bench", "-hyperseg-m"),
+        ("bench", "-hyperseg-m-tf32"), ("bench", "-all")]]), files
+    log = (out / "log.txt").read_text()
+    steps = [line.split()[1].rstrip(":") for line in log.splitlines()
+             if line.startswith("=== ") and " exit " in line]
+    assert steps == ["install", "tests", "train-fp16-b16", "train-fp32", "bench-hyperseg-m",
+                     "bench-tf32", "bench-all"], log
+    assert "=== tests: exit 1" in log and "=== bench-all: exit 0" in log
+    assert "python bench/train_step.py --amp fp16 --batch 16" in log
+    assert "python -m pytest -q -p no:cacheprovider -n 8 tests/" in log    # xdist imports here
+    script = (ROOT / "bench" / "gpu_check.sh").read_text()
+    timeouts = [int(line.split()[2]) for line in script.splitlines() if line.startswith("step ")]
+    assert len(timeouts) == len(steps) and sum(timeouts) < 7 * 60, timeouts

@@ -142,6 +142,27 @@ def test_kernels_refuse_cpu_tensors_without_the_interpreter(monkeypatch):
         kernels.patch_conv2d(torch.randn(1, 4, 8, 8), torch.randn(1, 2, 2, 3, 4, 1, 1))
 
 
+@pytest.mark.parametrize("triton_version, numpy_version, refused", [
+    ("3.6.0", "2.4.6", True), ("3.5.1", "2.5.0rc1", True), ("3.6.0", "2.3.5", False),
+    ("3.7.0", "2.4.6", False), ("3.8.0+git1", "2.5.2", False), ("3.10.0", "3.0.0", False)])
+def test_interpreter_versions_that_cannot_run_the_kernels(triton_version, numpy_version, refused):
+    from hyperseg.kernels import _common
+    problem = _common.interpreter_problem(triton_version, numpy_version)
+    assert (problem is not None) == refused
+    if refused:
+        assert triton_version in problem and numpy_version in problem and "triton>=3.7" in problem
+
+
+def test_kernels_refuse_cpu_tensors_on_an_interpreter_that_would_fail(monkeypatch):
+    """Triton 3.6's interpreter with NumPy 2.4 fails inside a kernel with a TypeError about
+    one-element arrays; the launch check names the versions and the fix instead."""
+    from hyperseg.kernels import _common
+    real = _common.interpreter_problem
+    monkeypatch.setattr(_common, "interpreter_problem", lambda: real("3.6.0", "2.4.6"))
+    with pytest.raises(RuntimeError, match="Triton 3.6.0 interpreter"):
+        kernels.patch_conv2d(torch.randn(1, 4, 8, 8), torch.randn(1, 2, 2, 3, 4, 1, 1))
+
+
 def test_kernels_refuse_mixed_devices():
     x = randn(1, 4, 8, 8)
     with pytest.raises(ValueError, match="device"):

@@ -173,6 +173,35 @@ def test_check_option_exit_status(tmp_path):
     shutil.rmtree(tmp_path / "triton-cache", ignore_errors=True)
 
 
+def test_compile_workers_keep_the_order_and_report_a_failed_compile(monkeypatch, tmp_path):
+    """--jobs N compiles on N forked processes: the entries come back in launch order, the same
+    as on one, and a compile that raises is an entry with compiled False and the error."""
+    import kernel_sass
+
+    def compile_launch(launch):
+        if launch == "bad":
+            raise RuntimeError("ptxas fatal: out of registers")
+        return {"compiled": True, "registers": len(launch), "pid": os.getpid()}
+
+    monkeypatch.setattr(kernel_sass, "compile_launch", compile_launch)
+    monkeypatch.setattr(kernel_report, "_describe_spec",
+                        lambda index, launches: {"id": index, "kernel": launches[0], "used_by": []})
+    monkeypatch.setattr(kernel_report, "_executed", lambda launch: None)
+    groups = [["a"], ["bad"], ["ccc"], ["dddd"], ["ee"]]
+    serial = kernel_report._compile_groups(groups, jobs=1)
+    forked = kernel_report._compile_groups(groups, jobs=2)
+    for entries in (serial, forked):
+        assert [e["id"] for e in entries] == [1, 2, 3, 4, 5]
+        assert [e.get("registers") for e in entries] == [1, None, 3, 4, 2]
+        assert entries[1]["compiled"] is False
+        assert entries[1]["error"] == "RuntimeError: ptxas fatal: out of registers"
+    assert {e["pid"] for e in serial if "pid" in e} == {os.getpid()}
+    assert os.getpid() not in {e["pid"] for e in forked if "pid" in e}
+    assert kernel_report._GROUPS == []
+    with pytest.raises(SystemExit):
+        kernel_report.parse_args(["--jobs", "0"])
+
+
 def _run_python(code: str, tmp_path):
     """Run ``code`` with bench/ importable, without TRITON_INTERPRET; assert it succeeds."""
     if not _nvidia_tools_available():
