@@ -221,15 +221,17 @@ def _meta_inverted_residual_kernel(
 def _enough_work_per_warp(configs, args):
     """16 warps only for tiles of at least 128 output pixels: on smaller ones the extra warps hold
     a few elements each and the layout conversions spill. With IEEE float32 dots (operands in
-    registers) and 4,096 output accumulators, 16 warps only: 8 need so many registers that 8
-    warps fill an SM. tf32 dots on patches 32 pixels wide: 16 warps only (on 8, 170 registers
-    at hyperseg-l-camvid's L5, 8 warps per SM)."""
+    registers) and 2,048 output accumulators or more, 16 warps only: at 4,096, 8 need so many
+    registers that 8 warps fill an SM; at 2,048 (hyperseg-s-camvid's and hyperseg-l-camvid's L4)
+    Triton 3.6 spilled 72 B on 8. tf32 and half-precision dots on patches 32 pixels wide: 16
+    warps only (on 8, hyperseg-l-camvid's L5 took 170 registers in tf32, and 182 in fp16 and
+    bf16 with Triton 3.6 (128 with 3.8): 8 warps per SM)."""
     tile = args["BAND"] * args["BLOCK_W"]
     if tile < 128:
         return [c for c in configs if c.num_warps <= 8]
-    if args["DOT_MODE"] == 1 and tile * args["BLOCK_CO"] >= 4096:
+    if args["DOT_MODE"] == 1 and tile * args["BLOCK_CO"] >= 2048:
         return [c for c in configs if c.num_warps >= 16]
-    if args["DOT_MODE"] == 3 and args["BLOCK_W"] >= 32:
+    if args["DOT_MODE"] in (0, 3) and args["BLOCK_W"] >= 32:
         return [c for c in configs if c.num_warps >= 16]
     return configs
 

@@ -256,18 +256,27 @@ def _store_epilogue(acc, out_base, co, co_mask, pix, p_mask, scale_ptr, shift_pt
              acc.to(out_base.dtype.element_ty), mask=co_mask[:, None] & p_mask[None, :])
 
 
-def _multiply_adds_on_8_warps(configs, args):
-    """Multiply-add generation keeps its loads live per thread: 8 warps spread them thin
-    enough (4 spill a few bytes in half precision). IEEE float32 dots hold their operands in
-    registers: 8 warps too (4 took 168 registers, 12 warps per SM, at hyperseg-m's L0)."""
-    if args["GEN_DOT"] and args["DOT_MODE"] != 1:
+def _many_patches_warps(configs, args):
+    """Warps of the many-patches kernel, by the tile of generated weights (BLOCK_O x BLOCK_C
+    rows x BLOCK_N patches). IEEE float32 dots hold their operands in registers: 8 warps for
+    tiles of 4,096 (on 4, hyperseg-m's L0 took 166 registers, 12 warps per SM), 4 below that (on
+    8, Triton 3.6 spilled 16 B at hyperseg-l-voc's L2). Generation on tensor cores otherwise: 4
+    or 8, the faster, but 4 alone below 512 weights (one per thread on 8 warps; there Triton 3.6
+    kept a value in local memory, 8 B of stack, at hyperseg-l-voc's L2). Generation by
+    multiply-adds: 4 warps (on 8, Triton 3.6 did the same at hyperseg-l-camvid's L0 and
+    hyperseg-l-voc's L1 in half precision). On what is left, no zoo block spills with Triton 3.6
+    or 3.8, and each keeps at least 16 warps per SM."""
+    weights = args["BLOCK_O"] * args["BLOCK_C"] * args["BLOCK_N"]
+    if args["DOT_MODE"] == 1:
+        return [c for c in configs if (c.num_warps >= 8) == (weights >= 4096)]
+    if args["GEN_DOT"] and weights >= 512:
         return configs
-    return [c for c in configs if c.num_warps >= 8]
+    return [c for c in configs if c.num_warps == 4]
 
 
 _tuned_many_kernel = autotuned(_meta_conv_many_patches_kernel,
                                ("CIN", "COUT", "PH", "PW", "SPG", "DOT_MODE", "BLOCK_O"),
-                               prune=_multiply_adds_on_8_warps)
+                               prune=_many_patches_warps)
 
 
 def _patch_kernel_configs(configs, args):
