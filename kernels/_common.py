@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Optional
 
 import numpy as np
@@ -301,9 +302,10 @@ def launch_options(kernel, num_warps: int) -> dict:
 
 
 def _release(version: str) -> tuple:
-    """(major, minor) of a version string such as '3.6.0' or '2.4.0rc1'."""
+    """(major, minor) of a version string such as '3.6.0', '2.4.0rc1' or '3.7rc1': the leading
+    digits of its first two parts."""
     parts = (version.split("+")[0].split(".") + ["0"])[:2]
-    return tuple(int("".join(ch for ch in part if ch.isdigit()) or 0) for part in parts)
+    return tuple(int(re.match(r"\d*", part).group() or 0) for part in parts)
 
 
 def interpreter_problem(triton_version: str = triton.__version__,

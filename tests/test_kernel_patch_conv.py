@@ -144,7 +144,8 @@ def test_kernels_refuse_cpu_tensors_without_the_interpreter(monkeypatch):
 
 @pytest.mark.parametrize("triton_version, numpy_version, refused", [
     ("3.6.0", "2.4.6", True), ("3.5.1", "2.5.0rc1", True), ("3.6.0", "2.3.5", False),
-    ("3.7.0", "2.4.6", False), ("3.8.0+git1", "2.5.2", False), ("3.10.0", "3.0.0", False)])
+    ("3.7.0", "2.4.6", False), ("3.8.0+git1", "2.5.2", False), ("3.10.0", "3.0.0", False),
+    ("3.6rc1", "2.4rc2", True), ("3.7rc1", "2.4.1", False), ("3.6.0", "2.3rc1", False)])
 def test_interpreter_versions_that_cannot_run_the_kernels(triton_version, numpy_version, refused):
     from hyperseg.kernels import _common
     problem = _common.interpreter_problem(triton_version, numpy_version)
