@@ -329,8 +329,9 @@ def check_device(*tensors: torch.Tensor) -> None:
     if device.type == "cpu" and not interpreting():
         raise RuntimeError("the Triton kernels need CUDA tensors; CPU tensors run only through the "
                            "Triton interpreter (set TRITON_INTERPRET=1 before importing triton)")
-    if device.type == "cpu" and interpreter_problem():
-        raise RuntimeError(interpreter_problem())
+    problem = interpreter_problem() if device.type == "cpu" else None
+    if problem:
+        raise RuntimeError(problem)
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"the Triton kernels need CUDA (or interpreted CPU) tensors, got {device}")
 
