@@ -7,7 +7,6 @@ after it has decided TRITON_INTERPRET (importing hyperseg imports timm, torch._d
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from typing import Callable, List
 
 import torch
 
+from hyperseg.options import interpreting_triton as interpreting  # noqa: F401  (for bench/)
 from hyperseg.timing import MemoryMeter
 
 VARIANTS = ("triton", "torch", "official")
@@ -29,10 +29,6 @@ _T0 = time.perf_counter()
 
 def progress(message: str) -> None:
     print(f"[bench {time.perf_counter() - _T0:6.1f}s] {message}", file=sys.stderr, flush=True)
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def tolerance(dtype: str) -> float:

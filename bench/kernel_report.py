@@ -97,6 +97,18 @@ def _size(text: str):
     return h, w
 
 
+def _train_batch(text: str):
+    if text == "recipe":
+        return text
+    try:
+        batch = int(text)
+    except ValueError:
+        batch = 0
+    if batch < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'recipe', got {text!r}")
+    return batch
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="kernel_report.py", allow_abbrev=False, description=(
         "Compile every Triton launch of a HyperSeg model for sm_90 without a GPU; report registers, "
@@ -106,10 +118,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", choices=DTYPES + ("all",), action="append",
                    help="repeatable; default fp32 and fp16; 'all': fp32, fp16, bf16")
-    p.add_argument("--train", action="store_true", help="also record one training step")
-    p.add_argument("--train-batch", type=int, default=2,
-                   help="batch of the recorded training step (default 2; the tiles the launchers "
-                        "pick do not depend on the batch, only the grids do)")
+    p.add_argument("--train", action="store_true", help="also record a training step per --train-batch")
+    p.add_argument("--train-batch", type=_train_batch, action="append",
+                   help="batch of a recorded training step, or 'recipe' (the model's official "
+                        "recipe batch); repeatable, default: 'recipe' and 2. The tiles the "
+                        "launchers pick do not depend on the batch, but the JIT specialises "
+                        "integer arguments divisible by 16, and the patch count is one")
     p.add_argument("--train-size", type=_size, help="HxW (default: the model's official recipe crop; "
                                                     "with --size, half of it)")
     p.add_argument("--gpu", choices=sorted(GPUS), default="h100", help="GPU of the printed floors "
@@ -133,9 +147,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error(f"--jobs must be at least 1, got {args.jobs}")
+    args.train_batch = args.train_batch or ["recipe", 2]
     dtypes = args.dtype or ["fp32", "fp16"]
     args.dtypes = list(DTYPES) if "all" in dtypes else list(dict.fromkeys(dtypes))
     return args
+
+
+def _train_batches(args, name) -> list:
+    """The training batches to record for one model: ``--train-batch`` with 'recipe' replaced by
+    the model's official recipe batch, each once."""
+    from hyperseg.train import RECIPES
+    import hyperseg
+    recipe = RECIPES[hyperseg.get_config(name).name].batch_size
+    return list(dict.fromkeys(recipe if b == "recipe" else b for b in args.train_batch))
 
 
 def _model_sizes(args, name):
@@ -290,8 +314,9 @@ def report_model(name: str, args, dtype: str) -> dict:
     start = time.perf_counter()
     model = hyperseg.build(config.name)
     record_inference(model, size, args.batch, torch_dtype, recorder, fast_encoder=not args.half_encoder)
-    if args.train:
-        record_train_step(model, train_size, args.train_batch, torch_dtype, recorder)
+    batches = _train_batches(args, name) if args.train else []
+    for batch in batches:
+        record_train_step(model, train_size, batch, torch_dtype, recorder)
     record_s = time.perf_counter() - start
     _progress(f"{config.name} {dtype}: {len(recorder.launches)} launches recorded in {record_s:.1f}s")
     groups = group_launches(recorder.launches)
@@ -299,7 +324,7 @@ def report_model(name: str, args, dtype: str) -> dict:
     model.to(torch_dtype)
     blocks = _blocks(model, size, args.batch, dtype, groups, kernels, recorder.inputs)
     return dict(model=config.name, dtype=dtype, size=list(size), batch=args.batch,
-                train=dict(size=list(train_size), batch=args.train_batch) if args.train else None,
+                train=dict(size=list(train_size), batches=batches) if args.train else None,
                 launches=len(recorder.launches), record_s=round(record_s, 2),
                 wall_s=round(time.perf_counter() - start, 2), kernels=kernels, blocks=blocks)
 
@@ -381,7 +406,11 @@ def block_table(entry: dict, gpu: str) -> list:
 def print_report(entry: dict, gpu: str) -> None:
     spec = GPUS[gpu]
     train = entry["train"]
-    step = f"  (+ train step {train['batch']}x{train['size'][0]}x{train['size'][1]})" if train else ""
+    if train:       # reports before 2026-11-29 recorded one batch ("batch")
+        batches = "/".join(str(b) for b in train.get("batches", [train.get("batch")]))
+        step = f"  (+ train steps at batch {batches}, {train['size'][0]}x{train['size'][1]})"
+    else:
+        step = ""
     print(f"\n== {entry['model']}  {entry['size'][0]}x{entry['size'][1]}  batch {entry['batch']}  "
           f"{entry['dtype']}{step}  {entry['launches']} launches ==")
     print("Kernels (sm_90a, static SASS instruction counts; warps/SM on an H100):")

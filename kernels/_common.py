@@ -1,7 +1,6 @@
 """Helpers shared by the kernels: border handling, in-kernel weight generation, launch checks."""
 from __future__ import annotations
 
-import os
 import re
 from typing import Optional
 
@@ -10,6 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..options import interpreting_triton as interpreting
 from ..layout import (check_generated, check_generator, check_grid, check_padding,
                       patch_conv_rows)
 
@@ -265,10 +265,6 @@ def activate(t, ACT: tl.constexpr):
     elif ACT == 2:
         t = tl.minimum(tl.maximum(t, 0.0), 6.0)
     return t
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def autotuned(kernel, key, warps=(4, 8), prune=None, stages=(3,)):

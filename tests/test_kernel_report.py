@@ -249,6 +249,44 @@ def test_train_step_launches_are_recorded_and_tagged(tmp_path):
         "print('ok')\n", tmp_path)
 
 
+def test_backbone_on_one_image_leaves_every_launch_as_it_was(tmp_path):
+    """The recorded training step runs the backbone on one image and repeats its outputs: every
+    launch (arguments with their shapes, dtypes and strides, grid, specialisation, level) is the
+    one the whole-batch backbone gives, in fp32 and under fp16 autocast; and the backbone's own
+    forward is restored afterwards."""
+    _run_python(
+        "import contextlib, torch, hyperseg, kernel_record\n"
+        "from kernel_record import Recorder, record_train_step\n"
+        "def launches(dtype, one_image):\n"
+        "    saved = kernel_record.backbone_on_one_image\n"
+        "    if not one_image:\n"
+        "        kernel_record.backbone_on_one_image = lambda model: contextlib.nullcontext()\n"
+        "    try:\n"
+        "        r = Recorder()\n"
+        "        model = hyperseg.build('hyperseg-m')\n"
+        "        record_train_step(model, (64, 128), 3, dtype, r)\n"
+        "    finally:\n"
+        "        kernel_record.backbone_on_one_image = saved\n"
+        "    assert 'forward' not in vars(model.backbone)\n"
+        "    return [(l.spec_key, l.grid, l.level, l.args) for l in r.launches]\n"
+        "for dtype in (torch.float32, torch.float16):\n"
+        "    whole, one = launches(dtype, False), launches(dtype, True)\n"
+        "    assert whole and whole == one, dtype\n"
+        "print('ok')\n", tmp_path)
+
+
+def test_train_batches_default_to_the_recipe_and_two():
+    args = kernel_report.parse_args(["--train"])
+    assert kernel_report._train_batches(args, "hyperseg-m") == [16, 2]
+    assert kernel_report._train_batches(args, "hyperseg-l-voc") == [32, 2]
+    assert kernel_report._train_batches(args, "hyperseg-s-camvid") == [2]     # its recipe: 2
+    args = kernel_report.parse_args(["--train", "--train-batch", "4", "--train-batch", "recipe"])
+    assert kernel_report._train_batches(args, "hyperseg-m") == [4, 16]
+    for bad in ("0", "-2", "two"):
+        with pytest.raises(SystemExit):
+            kernel_report.parse_args(["--train", "--train-batch", bad])
+
+
 PTXAS_LOG = """ptxas info    : 0 bytes gmem
 ptxas info    : Compiling entry function '_k' for 'sm_90a'
 ptxas info    : Function properties for _k
