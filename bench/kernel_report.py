@@ -463,8 +463,13 @@ def _finish(report: dict, args) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.from_json:
-        with open(args.from_json) as f:
-            report = json.load(f)
+        try:
+            with open(args.from_json) as f:
+                report = json.load(f)
+            report["reports"]
+        except (OSError, ValueError, TypeError, KeyError) as error:
+            raise SystemExit(f"kernel_report.py: --from-json {args.from_json}: not a readable "
+                             f"report ({type(error).__name__}: {error})")
         for entry in report["reports"]:
             print_report(entry, args.gpu)
         return _finish(report, args)

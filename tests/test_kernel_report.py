@@ -478,3 +478,15 @@ def test_check_flags_a_block_that_does_too_much_work():
                                       dict(level=4, block="InvRes v1", redundancy=1.6)]
     failures = property_failures(report)
     assert len(failures) == 1 and "L3" in failures[0] and "redundancy <= 2.0" in failures[0]
+
+
+def test_from_json_refuses_a_missing_or_malformed_report(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    other = tmp_path / "other.json"
+    other.write_text('{"tool": "something else"}')
+    for path in (tmp_path / "missing.json", bad, other):
+        result = _run(["--from-json", str(path)], tmp_path, timeout=120)
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert f"--from-json {path}: not a readable report" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
