@@ -21,22 +21,31 @@ from ._common import (accumulator, alignment, autocast, block, channel_block, ch
 
 @triton.jit
 def _generate_weights_kernel(
-        sig_ptr, gen_ptr, out_ptr, N, GHW, S, SPG, RPG, start, count,
+        sig_ptr, gen_ptr, out_ptr, N, GHW, S, SPG, RPG, start, count, width, ROW, ROW_S,
         ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-        COUNT_ALIGN: tl.constexpr, GHW_ALIGN: tl.constexpr):
-    # Program (patch block, row block): out[n, r] = sum_s gen[start + r, s] * signal[n, c(r) + s]
-    # where c(r) is the first signal channel of row start + r's group. The output is
-    # (patches, count) row-major, so each tile row stores BLOCK_R contiguous values, from an
-    # offset that is a multiple of COUNT_ALIGN (a power of two dividing count, from the launcher);
-    # a tile column of the signal is BLOCK_N consecutive patches (GHW_ALIGN: a power of two
-    # dividing the patches per image, hence also N).
-    count = count // COUNT_ALIGN * COUNT_ALIGN
+        COUNT_ALIGN: tl.constexpr, GHW_ALIGN: tl.constexpr, PADDED: tl.constexpr):
+    # Program (patch block, column block): out[n, j] = sum_s gen[start + r, s] * signal[n, c(r) + s]
+    # for the generated row r that column j holds, where c(r) is the first signal channel of
+    # row start + r's group. The output is (patches, width) row-major, so each tile row stores
+    # BLOCK_R contiguous values, from an offset that is a multiple of COUNT_ALIGN (a power of two
+    # dividing width, from the launcher); a tile column of the signal is BLOCK_N consecutive
+    # patches (GHW_ALIGN: a power of two dividing the patches per image, hence also N). Unpadded,
+    # column j holds row j (width = count); PADDED, the count rows come in runs of ROW that start
+    # every ROW_S columns (width = count / ROW x ROW_S), and the columns between runs hold zeros.
+    width = width // COUNT_ALIGN * COUNT_ALIGN
     GHW = GHW // GHW_ALIGN * GHW_ALIGN
     N = N // GHW_ALIGN * GHW_ALIGN          # (N = images x GHW)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    j = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     n_mask = n < N
-    r_mask = r < count
+    j_mask = j < width
+    if PADDED:
+        run = j // ROW_S
+        r = run * ROW + (j - run * ROW_S)
+        r_mask = j_mask & (j - run * ROW_S < ROW)
+    else:
+        r = j
+        r_mask = j_mask
     rows = (start + r).to(tl.int64)
     chan = (rows // RPG) * SPG
     sig_n = (n // GHW).to(tl.int64) * S * GHW + n % GHW
@@ -48,8 +57,8 @@ def _generate_weights_kernel(
             sig_ptr + sig_n[:, None] + (chan + s)[None, :] * GHW, mask=mask, other=0.0)
         acc += v.to(ACC) * g[None, :]
     tl.store(  # interior: vector when COUNT_ALIGN >= 4
-        out_ptr + n.to(tl.int64)[:, None] * count + r[None, :], acc.to(out_ptr.dtype.element_ty),
-        mask=mask)
+        out_ptr + n.to(tl.int64)[:, None] * width + j[None, :], acc.to(out_ptr.dtype.element_ty),
+        mask=n_mask[:, None] & j_mask[None, :])
 
 
 @triton.jit
@@ -178,20 +187,26 @@ def _shapes(signal: torch.Tensor, weight: torch.Tensor, groups: int):
 
 @torch.library.custom_op("hyperseg::generate_weights", mutates_args=())
 def _generate_weights_op(signal: torch.Tensor, weight: torch.Tensor, groups: int, start: int,
-                         count: int) -> torch.Tensor:
-    n, ghw, width, spg, rpg = _shapes(signal, weight, groups)
-    out = signal.new_empty(signal.shape[0], *signal.shape[2:], count)
-    block_n, block_r = channel_block(n, 32), block(count, high=64)
-    _generate_weights_kernel[(triton.cdiv(n, block_n), triton.cdiv(count, block_r))](
-        signal, weight, out, n, ghw, width, spg, rpg, start, count,
+                         count: int, row: int, row_stride: int) -> torch.Tensor:
+    """(B, GH, GW, width): the count generated values per patch, in runs of ``row`` values
+    that start every ``row_stride`` (>= row; ``row`` divides count) with zeros between them:
+    width = count / row x row_stride (count when row_stride == row)."""
+    n, ghw, channels, spg, rpg = _shapes(signal, weight, groups)
+    padded = row_stride != row
+    width = count // row * row_stride if padded else count
+    out = signal.new_empty(signal.shape[0], *signal.shape[2:], width)
+    block_n, block_r = channel_block(n, 32), block(width, high=64)
+    _generate_weights_kernel[(triton.cdiv(n, block_n), triton.cdiv(width, block_r))](
+        signal, weight, out, n, ghw, channels, spg, rpg, start, count, width, row, row_stride,
         ACC=accumulator(signal.dtype), BLOCK_N=block_n, BLOCK_R=block_r,
-        COUNT_ALIGN=alignment(count), GHW_ALIGN=alignment(ghw), num_warps=4)
+        COUNT_ALIGN=alignment(width), GHW_ALIGN=alignment(ghw), PADDED=padded, num_warps=4)
     return out
 
 
 @_generate_weights_op.register_fake
-def _generate_weights_fake(signal, weight, groups, start, count):
-    return signal.new_empty(signal.shape[0], *signal.shape[2:], count)
+def _generate_weights_fake(signal, weight, groups, start, count, row, row_stride):
+    width = count // row * row_stride if row_stride != row else count
+    return signal.new_empty(signal.shape[0], *signal.shape[2:], width)
 
 
 @torch.library.custom_op("hyperseg::generate_weights_backward", mutates_args=())
@@ -257,7 +272,7 @@ class GenerateWeightsFunction(torch.autograd.Function):
         weight = weight.contiguous()
         ctx.save_for_backward(signal, weight)
         ctx.generation = (groups, start, count)
-        return torch.ops.hyperseg.generate_weights(signal, weight, groups, start, count)
+        return torch.ops.hyperseg.generate_weights(signal, weight, groups, start, count, count, count)
 
     @staticmethod
     def backward(ctx, dout):

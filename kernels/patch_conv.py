@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (PADDING_CODES, accumulator, autocast, block, border_index, channel_block,
-                      check_common, check_device, depthwise3_vectors, dot_acc, mac,
+from ._common import (PADDING_CODES, accumulator, alignment, autocast, block, border_index,
+                      channel_block, check_common, check_device, depthwise3_vectors, dot_acc, mac,
                       dot_mode, mirror_slots, mirror_source, output_like, patch_pixels, pixel_block,
                       shift_vectors, tap_source, tap_vector, vector_pixels)
 from ..layout import check_patch_weight
@@ -44,18 +44,21 @@ def _depthwise_taps(rows, w_taps, co, co_mask, yy, xx, p_mask, H, W, K: tl.const
 @triton.jit
 def _patch_conv_kernel(
         x_ptr, out_ptr, w_ptr, bias_ptr,
-        H, W, GH, GW, CIN, COUT, CIN_G, COUT_G, CI_DOT,
+        H, W, GH, GW, CIN, COUT, CIN_G, COUT_G, CI_DOT, W_ROW,
         K: tl.constexpr, PAD_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
         DEPTHWISE: tl.constexpr, DOT_MODE: tl.constexpr, ACC: tl.constexpr,
         BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_P: tl.constexpr, FMA: tl.constexpr,
-        TAIL: tl.constexpr, PW: tl.constexpr, VEC: tl.constexpr):
+        TAIL: tl.constexpr, PW: tl.constexpr, VEC: tl.constexpr, W_ALIGN: tl.constexpr):
     # Program (patch, channel block, pixel block): axis 0 is one patch of one image, axis 1 a
     # block of output channels within one group (depthwise: a block of channels), axis 2 a block
     # of the patch's pixels in row-major order, so a tile row of x is pw contiguous pixels.
     # Dense: input channels 0 .. CI_DOT in blocks of BLOCK_CI (dots); with TAIL the rest, fewer
     # than 16, one rank-1 multiply-add each (a dot would pad them to 16). VEC > 1 (3 x 3
     # depthwise, PW and BLOCK_P multiples of VEC): patches away from the left and right borders
-    # take their taps from aligned vectors of VEC pixels shifted in registers.
+    # take their taps from aligned vectors of VEC pixels shifted in registers. W_ROW: the
+    # elements from one output channel's kernel to the next (CIN_G * K * K, or more where the
+    # generator pads the rows; W_ALIGN: a power of two dividing it), so a dense 1x1 tile row of
+    # kernel values is BLOCK_CI contiguous values from an aligned offset.
     pid_patch = tl.program_id(0)
     pid_co = tl.program_id(1)
     pid_p = tl.program_id(2)
@@ -64,8 +67,9 @@ def _patch_conv_kernel(
     HW = H * W
     KK: tl.constexpr = K * K
     x_base = x_ptr + b.to(tl.int64) * CIN * HW
-    # the kernels: (B, GH, GW, COUT, CIN_G, K, K) contiguous
-    w_base = w_ptr + pid_patch.to(tl.int64) * COUT * CIN_G * KK
+    # the kernels: (B, GH, GW, COUT, CIN_G, K, K), COUT rows W_ROW apart, each row contiguous
+    W_ROW = W_ROW // W_ALIGN * W_ALIGN
+    w_base = w_ptr + pid_patch.to(tl.int64) * COUT * W_ROW
 
     if DEPTHWISE:
         co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
@@ -102,8 +106,9 @@ def _patch_conv_kernel(
                     x_base + ci.to(tl.int64)[:, None] * HW + src[None, :],
                     mask=m, other=0.0)
                 # index of (co, ci, t) in the (COUT, CIN_G, K, K) kernel of this patch
-                widx = (co[:, None] * CIN_G + ci_local[None, :]) * KK + t
-                wv = tl.load(w_base + widx, mask=w_mask, other=0.0)
+                widx = co[:, None] * W_ROW + ci_local[None, :] * KK + t
+                wv = tl.load(  # interior: vector of W_ALIGN when K == 1 and FMA == False
+                    w_base + widx, mask=w_mask, other=0.0)
                 acc = mac(wv, xv, acc, DOT_MODE, FMA)
         if TAIL:
             for ci_t in range(CI_DOT, CIN_G):
@@ -112,7 +117,7 @@ def _patch_conv_kernel(
                     src, valid = tap_source(yy, xx, t, H, W, K, PAD_MODE)
                     xv = tl.load(  # interior: vector of PW when K == 1
                         x_row + src, mask=p_mask & valid, other=0.0)
-                    wv = tl.load(w_base + (co * CIN_G + ci_t) * KK + t, mask=co_mask, other=0.0)
+                    wv = tl.load(w_base + co * W_ROW + ci_t * KK + t, mask=co_mask, other=0.0)
                     acc += wv.to(ACC)[:, None] * xv.to(ACC)[None, :]
 
     if HAS_BIAS:
@@ -158,8 +163,38 @@ def dot_channels(n: int, block: int) -> Tuple[int, int]:
     return dots, block
 
 
+def kernel_rows(weight: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    """(kernels, row stride): ``weight`` (B, GH, GW, Cout, Cin / groups, k, k) as the kernels
+    read it, and the elements from one output channel's kernel to the next. A weight whose rows
+    are padded (the layout ``padded_row`` gives, which ``generated_patch_conv2d`` generates) is
+    read in place; any other layout is copied to a contiguous one (row stride Cin / groups x k x k)."""
+    _, gh, gw, cout, cin_g, k, _ = weight.shape
+    row = weight.stride(3)
+    padded = (gh * gw * cout * row, gw * cout * row, cout * row, row, k * k, k, 1)
+    if row > cin_g * k * k and weight.stride() == padded:
+        return weight, row
+    return weight.contiguous(), cin_g * k * k
+
+
+def padded_row(element_size: int, cin_g: int, cout_g: int, kernel_size: int,
+               patch: Tuple[int, int]) -> int:
+    """The row stride at which to generate the kernels of a patch-wise convolution (patches of
+    ``patch`` = (ph, pw) pixels, kernels of ``element_size`` bytes): a dense 1x1 convolution on
+    dots reads each output channel's kernel row as vectors along the input channels, which needs
+    rows that start 16-byte aligned, so its rows are padded to a multiple of 16 bytes (82 channels
+    in 16-bit: 88, +7%). Otherwise (k x k, depthwise, multiply-adds) Cin / groups x k x k."""
+    row = cin_g * kernel_size * kernel_size
+    depthwise = cin_g == 1 and cout_g == 1
+    if kernel_size != 1 or depthwise or uses_fma(False, 1, cin_g, cout_g,
+                                                 pixel_block(patch[0] * patch[1], low=1)):
+        return row
+    per_vector = max(1, 16 // element_size)
+    return -(-row // per_vector) * per_vector
+
+
 def _launch(x, out, weight, bias, groups, padding_mode):
     b, cin, h, w = x.shape
+    weight, w_row = kernel_rows(weight)
     cout = out.shape[1]
     _, gh, gw, _, cin_g, kernel_size, _ = weight.shape
     ph, pw = h // gh, w // gw
@@ -187,10 +222,11 @@ def _launch(x, out, weight, bias, groups, padding_mode):
     vec = tap_vector(x.dtype, kernel_size, pw, block_p) if depthwise else 1
     _patch_conv_kernel[grid](
         x, out, weight, bias if bias is not None else x, h, w, gh, gw, cin, cout, cin_g, cout_g,
-        ci_dot, K=kernel_size, PAD_MODE=PADDING_CODES[padding_mode], HAS_BIAS=bias is not None,
+        ci_dot, w_row, K=kernel_size, PAD_MODE=PADDING_CODES[padding_mode],
+        HAS_BIAS=bias is not None,
         DEPTHWISE=depthwise, DOT_MODE=dot_mode(x.dtype), ACC=accumulator(x.dtype),
         BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_P=block_p, FMA=fma, TAIL=ci_dot < cin_g,
-        PW=pw, VEC=vec, num_warps=8 if vec > 1 else 4,
+        PW=pw, VEC=vec, W_ALIGN=alignment(w_row), num_warps=8 if vec > 1 else 4,
         # tf32 tensor cores read both dot operands K-major from shared memory: a pipelined
         # (asynchronous) copy of an image tile, contiguous along the pixels, moves 4 bytes per
         # thread; unpipelined, it is loaded as vectors and transposed on its way there
@@ -204,14 +240,16 @@ def _launch(x, out, weight, bias, groups, padding_mode):
 
 @triton.jit
 def _input_grad_1x1(acc, pid_patch, g, ci, ci_local, ci_mask, pix, q_mask, w_ptr, dout_base, HW,
-                    COUT, CIN_G, COUT_G, CO_DOT, DEPTHWISE: tl.constexpr, DOT_MODE: tl.constexpr,
-                    ACC: tl.constexpr, BLOCK_CO: tl.constexpr, FMA: tl.constexpr,
-                    TAIL: tl.constexpr):
+                    COUT, CIN_G, COUT_G, CO_DOT, W_ROW, DEPTHWISE: tl.constexpr,
+                    DOT_MODE: tl.constexpr, ACC: tl.constexpr, BLOCK_CO: tl.constexpr,
+                    FMA: tl.constexpr, TAIL: tl.constexpr):
     # A 1x1 convolution reads each input pixel only at the same output pixel, with its own
     # patch's kernel: no halo, no neighbours, no border cases (straight-line code, which keeps
     # the accumulator in registers). Output channels 0 .. CO_DOT go through dots; with TAIL the
-    # rest (fewer than 16) through rank-1 multiply-adds.
-    w_base = w_ptr + pid_patch.to(tl.int64) * COUT * CIN_G
+    # rest (fewer than 16) through rank-1 multiply-adds. A kernel row is read up to W_ROW (its
+    # padded length; aligned): the values past CIN_G only reach accumulator rows not stored.
+    w_base = w_ptr + pid_patch.to(tl.int64) * COUT * W_ROW
+    w_mask = ci_local < W_ROW
     if DEPTHWISE:
         wv = tl.load(w_base + ci, mask=ci_mask, other=0.0)
         gv = tl.load(  # interior: vector of PW
@@ -223,8 +261,9 @@ def _input_grad_1x1(acc, pid_patch, g, ci, ci_local, ci_mask, pix, q_mask, w_ptr
             co_local = co0 + tl.arange(0, BLOCK_CO)
             co_mask = co_local < CO_DOT
             co = g * COUT_G + co_local
-            wt = tl.load(w_base + co[None, :] * CIN_G + ci_local[:, None],
-                         mask=ci_mask[:, None] & co_mask[None, :], other=0.0)
+            wt = tl.load(  # interior: vector of W_ALIGN when FMA == False
+                w_base + co[None, :] * W_ROW + ci_local[:, None],
+                mask=w_mask[:, None] & co_mask[None, :], other=0.0)
             gv = tl.load(  # interior: vector of PW
                 dout_base + co.to(tl.int64)[:, None] * HW + pix[None, :],
                 mask=co_mask[:, None] & q_mask[None, :], other=0.0)
@@ -232,7 +271,7 @@ def _input_grad_1x1(acc, pid_patch, g, ci, ci_local, ci_mask, pix, q_mask, w_ptr
         if TAIL:
             for co_t in range(CO_DOT, COUT_G):
                 co1 = g * COUT_G + co_t
-                wt = tl.load(w_base + co1 * CIN_G + ci_local, mask=ci_mask, other=0.0)
+                wt = tl.load(w_base + co1 * W_ROW + ci_local, mask=w_mask, other=0.0)
                 gv = tl.load(  # interior: vector of PW
                     dout_base + co1.to(tl.int64) * HW + pix, mask=q_mask,
                     other=0.0)
@@ -242,7 +281,8 @@ def _input_grad_1x1(acc, pid_patch, g, ci, ci_local, ci_mask, pix, q_mask, w_ptr
 
 @triton.jit
 def _input_grad_tap(acc, t, vy, vx, ok, vy_lo, vy_hi, vx_lo, vx_hi, b, g, ci, ci_local, ci_mask,
-                    w_ptr, dout_base, H, W, GH, GW, PH, PW, COUT, CIN_G, COUT_G, K: tl.constexpr,
+                    w_ptr, dout_base, H, W, GH, GW, PH, PW, COUT, CIN_G, COUT_G, W_ROW,
+                    K: tl.constexpr,
                     DEPTHWISE: tl.constexpr, DOT_MODE: tl.constexpr, ACC: tl.constexpr,
                     BLOCK_CO: tl.constexpr):
     # Tap t of the input gradient: add to ``acc`` (input channels x pixels) the contribution of
@@ -277,12 +317,12 @@ def _input_grad_tap(acc, t, vy, vx, ok, vy_lo, vy_hi, vx_lo, vx_hi, b, g, ci, ci
         for nr in range(r_lo, r_hi + 1):
             for nc in range(c_lo, c_hi + 1):
                 nm = pm & (pr == nr) & (pc == nc)
-                w_base = w_ptr + ((b * GH + nr) * GW + nc).to(tl.int64) * COUT * CIN_G * KK
+                w_base = w_ptr + ((b * GH + nr) * GW + nc).to(tl.int64) * COUT * W_ROW
                 for co0 in range(0, COUT_G, BLOCK_CO):
                     co_local = co0 + tl.arange(0, BLOCK_CO)
                     co_mask = co_local < COUT_G
                     co = g * COUT_G + co_local
-                    wt = tl.load(w_base + (co[None, :] * CIN_G + ci_local[:, None]) * KK + t,
+                    wt = tl.load(w_base + co[None, :] * W_ROW + ci_local[:, None] * KK + t,
                                  mask=ci_mask[:, None] & co_mask[None, :], other=0.0)
                     gv = tl.load(dout_base + co.to(tl.int64)[:, None] * HW + pix[None, :],
                                  mask=co_mask[:, None] & nm[None, :], other=0.0)
@@ -355,11 +395,11 @@ def _input_grad_depthwise3_vectors(w_ptr, dout_base, b, gi, gj, p0, ci, ci_mask,
 @triton.jit
 def _patch_conv_input_grad_kernel(
         dout_ptr, w_ptr, dx_ptr,
-        H, W, GH, GW, CIN, COUT, CIN_G, COUT_G, CO_DOT,
+        H, W, GH, GW, CIN, COUT, CIN_G, COUT_G, CO_DOT, W_ROW,
         K: tl.constexpr, PAD_MODE: tl.constexpr, SLOTS: tl.constexpr, DEPTHWISE: tl.constexpr,
         DOT_MODE: tl.constexpr, ACC: tl.constexpr,
         BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr, FMA: tl.constexpr,
-        TAIL: tl.constexpr, PW: tl.constexpr, VEC: tl.constexpr):
+        TAIL: tl.constexpr, PW: tl.constexpr, VEC: tl.constexpr, W_ALIGN: tl.constexpr):
     # Program (patch, input-channel block, pixel block), the forward's layout with input and
     # output channels swapped: the gradient of a block of input pixels q of one patch, gathered
     # from every output pixel that read them (a gather, not a scatter: no atomics, deterministic).
@@ -367,6 +407,7 @@ def _patch_conv_input_grad_kernel(
     # virtual index v of q (``mirror_source``: q itself, or its mirror images beyond the border).
     # p may lie in a neighbouring patch, whose kernel then applies. VEC > 1 (3 x 3 depthwise):
     # in patches away from the left and right borders, q itself (slot 0) from aligned vectors.
+    # W_ROW (W_ALIGN): the kernels' row stride, as in the forward.
     pid_patch = tl.program_id(0)
     pid_ci = tl.program_id(1)
     pid_p = tl.program_id(2)
@@ -376,6 +417,8 @@ def _patch_conv_input_grad_kernel(
     KK: tl.constexpr = K * K
     R: tl.constexpr = K // 2
     PH = H // GH
+    if not FMA:     # (rows read as vectors; with FMA, ptxas spilled 36 B of a 32 -> 6 in fp16)
+        W_ROW = W_ROW // W_ALIGN * W_ALIGN
     dout_base = dout_ptr + b.to(tl.int64) * COUT * HW
     if DEPTHWISE:
         g = 0
@@ -391,8 +434,8 @@ def _patch_conv_input_grad_kernel(
     acc = tl.zeros((BLOCK_CI, BLOCK_P), dtype=ACC)
     if K == 1:
         acc = _input_grad_1x1(acc, pid_patch, g, ci, ci_local, ci_mask, qy * W + qx, q_mask, w_ptr,
-                              dout_base, HW, COUT, CIN_G, COUT_G, CO_DOT, DEPTHWISE, DOT_MODE,
-                              ACC, BLOCK_CO, FMA, TAIL)
+                              dout_base, HW, COUT, CIN_G, COUT_G, CO_DOT, W_ROW, DEPTHWISE,
+                              DOT_MODE, ACC, BLOCK_CO, FMA, TAIL)
     else:
         # the block's bounding box; mirror images exist only for pixels within R of the border
         y_first = gi * PH + (pid_p * BLOCK_P) // PW
@@ -425,7 +468,8 @@ def _patch_conv_input_grad_kernel(
                 for t in range(KK):
                     acc = _input_grad_tap(acc, t, vy, vx, ok, vy_lo, vy_hi, vx_lo, vx_hi, b, g, ci,
                                           ci_local, ci_mask, w_ptr, dout_base, H, W, GH, GW, PH, PW,
-                                          COUT, CIN_G, COUT_G, K, DEPTHWISE, DOT_MODE, ACC, BLOCK_CO)
+                                          COUT, CIN_G, COUT_G, W_ROW, K, DEPTHWISE, DOT_MODE, ACC,
+                                          BLOCK_CO)
     dx_off = b.to(tl.int64) * CIN * HW + ci.to(tl.int64)[:, None] * HW + (qy * W + qx)[None, :]
     tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty),  # interior: vector of PW
              mask=ci_mask[:, None] & q_mask[None, :])
@@ -639,8 +683,9 @@ def _input_grad_warps(depthwise: bool, x, vec: int = 1) -> int:
 
 
 def _launch_backward(dout, x, weight, *, dx, dw, db, groups, padding_mode):
-    """Fill ``dx`` (if not None) and ``dw`` / ``db`` (if not None) from ``dout``."""
+    """Fill ``dx`` (if not None) and ``dw`` / ``db`` (if not None, contiguous) from ``dout``."""
     b, cin, h, w = x.shape
+    weight, w_row = kernel_rows(weight)
     _, gh, gw, cout, cin_g, k, _ = weight.shape
     ph, pw = h // gh, w // gw
     cout_g = cout // groups
@@ -665,9 +710,10 @@ def _launch_backward(dout, x, weight, *, dx, dw, db, groups, padding_mode):
             co_dot, block_co = dot_channels(cout_g, block_co)
         n_ci = triton.cdiv(cin, block_ci) if depthwise else groups * triton.cdiv(cin_g, block_ci)
         _patch_conv_input_grad_kernel[(b * gh * gw, n_ci, triton.cdiv(ph * pw, block_p))](
-            dout, weight, dx, h, w, gh, gw, cin, cout, cin_g, cout_g, co_dot,
+            dout, weight, dx, h, w, gh, gw, cin, cout, cin_g, cout_g, co_dot, w_row,
             SLOTS=mirror_slots(padding_mode, k // 2), BLOCK_CI=block_ci, BLOCK_CO=block_co,
             BLOCK_P=block_p, FMA=fma, TAIL=co_dot < cout_g, PW=pw, VEC=vec,
+            W_ALIGN=alignment(w_row),
             num_warps=_input_grad_warps(depthwise, x, vec), **common)
     if dw is not None:
         # the vector taps: 16 channels (with 32 at 8 warps, ptxas spilled a predicate, 8 B, in
@@ -706,7 +752,7 @@ def _patch_conv2d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
                      padding_mode: str, groups: int) -> torch.Tensor:
     x = x.contiguous()
     out = output_like(x, weight.shape[3])
-    return _launch(x, out, weight.contiguous(), None if bias is None else bias.contiguous(), groups,
+    return _launch(x, out, weight, None if bias is None else bias.contiguous(), groups,
                    padding_mode)
 
 
@@ -724,7 +770,7 @@ def _patch_conv2d_backward_op(dout: torch.Tensor, x: torch.Tensor, weight: torch
     float64) and is accumulated in the kernel that computes dweight."""
     dout = dout.contiguous()
     dx = torch.empty_like(x) if input_grad else None
-    dw = torch.empty_like(weight) if weight_grad else None
+    dw = weight.new_empty(weight.shape) if weight_grad else None   # contiguous
     db = (x.new_empty(weight.shape[:4], dtype=torch.promote_types(x.dtype, torch.float32))
           if bias_grad else None)
     _launch_backward(dout, x, weight, dx=dx, dw=dw, db=db, groups=groups, padding_mode=padding_mode)
@@ -735,7 +781,7 @@ def _patch_conv2d_backward_op(dout: torch.Tensor, x: torch.Tensor, weight: torch
 def _patch_conv2d_backward_fake(dout, x, weight, input_grad, weight_grad, bias_grad, padding_mode,
                                 groups):
     return (torch.empty_like(x) if input_grad else x.new_empty(0),
-            torch.empty_like(weight) if weight_grad else x.new_empty(0),
+            weight.new_empty(weight.shape) if weight_grad else x.new_empty(0),
             x.new_empty(weight.shape[:4], dtype=torch.promote_types(x.dtype, torch.float32))
             if bias_grad else x.new_empty(0))
 

@@ -70,14 +70,15 @@ def forward_variants(dtype):
     for depthwise, k in itertools.product((False, True), (1, 3, 5)):
         constexprs = dict(K=k, PAD_MODE=1, HAS_BIAS=True, DEPTHWISE=depthwise, DOT_MODE=int(dtype == "fp32"),
                           ACC=tl.float32, BLOCK_CO=32, BLOCK_CI=32, BLOCK_P=64, FMA=False,
-                          TAIL=not depthwise, PW=8, VEC=vector(dtype) if depthwise and k == 3 else 1)
+                          TAIL=not depthwise, PW=8, VEC=vector(dtype) if depthwise and k == 3 else 1,
+                          W_ALIGN=1 if depthwise else 8)      # (dense: rows padded to 8)
         yield f"patch_conv depthwise={depthwise} k={k}", _patch_conv_kernel, constexprs
     # 1x1 on multiply-adds: tiny patches (4 pixels), and 8 output channels
     for block_co, block_ci, block_p in ((32, 16, 4), (8, 8, 64)):
         yield (f"patch_conv fma {block_co}x{block_ci}x{block_p}", _patch_conv_kernel,
                dict(K=1, PAD_MODE=0, HAS_BIAS=True, DEPTHWISE=False, DOT_MODE=int(dtype == "fp32"),
                     ACC=tl.float32, BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_P=block_p, FMA=True,
-                    TAIL=False, PW=2 if block_p == 4 else 8, VEC=1))
+                    TAIL=False, PW=2 if block_p == 4 else 8, VEC=1, W_ALIGN=2))
     for mode in modes:
         for patch, spg in (((1, 1), 13), ((2, 2), 6)):
             yield (f"meta_conv_many_patches patch={patch} spg={spg} dot_mode={mode}",
@@ -114,7 +115,8 @@ def backward_variants(dtype):
         yield (f"patch_conv input grad depthwise={depthwise} k={k} pad={pad}", _patch_conv_input_grad_kernel,
                dict(K=k, PAD_MODE=pad, SLOTS=slots, DEPTHWISE=depthwise, DOT_MODE=mode, ACC=acc,
                     BLOCK_CI=32, BLOCK_CO=32, BLOCK_P=64, FMA=False, TAIL=tail and k == 1, PW=8,
-                    VEC=vector(dtype) if depthwise and k == 3 else 1))
+                    VEC=vector(dtype) if depthwise and k == 3 else 1,
+                    W_ALIGN=1 if depthwise else 8))
         yield (f"patch_conv weight grad depthwise={depthwise} k={k} pad={pad}", _patch_conv_weight_grad_kernel,
                dict(K=k, PAD_MODE=pad, HAS_BIAS=True, DEPTHWISE=depthwise, DOT_MODE=mode, ACC=acc,
                     BLOCK_CO=32, BLOCK_CI=32, BLOCK_P=64, FMA=False, TAIL=tail, PW=8,
@@ -123,13 +125,14 @@ def backward_variants(dtype):
         yield (f"patch_conv input grad fma {block_co}x{block_ci}x{block_p}", _patch_conv_input_grad_kernel,
                dict(K=1, PAD_MODE=0, SLOTS=1, DEPTHWISE=False, DOT_MODE=mode, ACC=acc,
                     BLOCK_CI=block_ci, BLOCK_CO=block_co, BLOCK_P=block_p, FMA=True, TAIL=False,
-                    PW=2 if block_p == 4 else 8, VEC=1))
+                    PW=2 if block_p == 4 else 8, VEC=1, W_ALIGN=2))
         yield (f"patch_conv weight grad fma {block_co}x{block_ci}x{block_p}", _patch_conv_weight_grad_kernel,
                dict(K=1, PAD_MODE=0, HAS_BIAS=True, DEPTHWISE=False, DOT_MODE=mode, ACC=acc,
                     BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_P=block_p, FMA=True, TAIL=False,
                     PW=2 if block_p == 4 else 8, VEC=1))
-    yield ("generate_weights", _generate_weights_kernel,
-           dict(ACC=acc, BLOCK_N=32, BLOCK_R=64, COUNT_ALIGN=8, GHW_ALIGN=4))
+    for padded in (False, True):
+        yield (f"generate_weights padded={padded}", _generate_weights_kernel,
+               dict(ACC=acc, BLOCK_N=32, BLOCK_R=64, COUNT_ALIGN=8, GHW_ALIGN=4, PADDED=padded))
     for fma in (False, True):
         yield (f"generate_weights signal grad fma={fma}", _generate_weights_signal_grad_kernel,
                dict(DOT_MODE=mode, ACC=acc, BLOCK_N=32, BLOCK_R=16, BLOCK_S=8 if fma else 32,

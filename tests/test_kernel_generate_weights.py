@@ -104,3 +104,31 @@ def test_alignment_of_row_lengths_and_offsets():
     for n in range(0, 200):
         a = alignment(n)
         assert n % a == 0 and a in (1, 2, 4, 8, 16) and (a == 16 or n % (2 * a))
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_generate_weights_op_pads_rows(dtype):
+    """The op behind ``generated_patch_conv2d``: rows of ``row`` generated values stored every
+    ``row_stride`` columns, as the reference's values in place, zeros between the runs."""
+    dtype = DTYPES[dtype]
+    signal, weight = _leaves(2, (2, 3), 24, 3, 90, dtype)
+    row, stride, start, count = 18, 24, 4, 72                   # 4 runs of 18 (groups of 30 rows)
+    got = torch.ops.hyperseg.generate_weights(signal.detach(), weight.detach().to(dtype), 3, start,
+                                              count, row, stride)
+    ref = ops.generate_weights(signal.detach().float(), weight.detach(), groups=3, start=start,
+                               count=count)
+    assert got.shape == (2, 2, 3, count // row * stride)
+    runs = got.view(2, 2, 3, count // row, stride)
+    assert_matches(runs[..., :row].reshape(2, 2, 3, count), ref, dtype)
+    assert runs[..., row:].abs().sum() == 0
+    # unpadded (row_stride == row): the plain layout
+    plain = torch.ops.hyperseg.generate_weights(signal.detach(), weight.detach().to(dtype), 3,
+                                                start, count, count, count)
+    assert plain.shape == (2, 2, 3, count)
+    assert_matches(plain, ref, dtype)
+    # the fake implementation (torch.compile) gives the padded shape; schema, fake and dispatch
+    args = (signal.detach(), weight.detach().to(dtype), 3, start, count, row, stride)
+    meta = torch.ops.hyperseg.generate_weights(*(a.to("meta") if torch.is_tensor(a) else a
+                                                 for a in args))
+    assert meta.shape == got.shape and meta.dtype == got.dtype
+    torch.library.opcheck(torch.ops.hyperseg.generate_weights.default, args)

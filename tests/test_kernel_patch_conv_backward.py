@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from hyperseg import kernels, ops
-from kernel_utils import (DEVICE, DTYPES, assert_grads_match, randn, small_channel_blocks,  # noqa: F401
-                          small_pixel_blocks)
+from kernel_utils import (DEVICE, DTYPES, assert_grads_match, assert_matches, randn,  # noqa: F401
+                          small_channel_blocks, small_pixel_blocks)
 
 # (B, grid, patch, Cin, Cout, groups, k, padding mode, dtype, contiguous x): the features of the
 # forward grid (patch shapes 1x1 .. 16x16 and non-square, grouped / depthwise / dense, every
@@ -151,6 +151,95 @@ def test_generated_patch_conv2d_matches_reference(b, grid, patch, cin, cout, gro
     for name, g, r in zip(("x", "signal", "generator"), torch.autograd.grad(got, (x, signal, gen), dout),
                           torch.autograd.grad(ref, (x, signal, gen), dout)):
         assert_grads_match(g, r, torch.float32, name)
+
+
+# (B, grid, patch, Cin, Cout, groups, generator groups, signal offset, row start, dtype): dense
+# 1x1 on dots whose kernel rows (Cin / groups) are not a multiple of 16 bytes, so the generator
+# pads them (18 -> 20 in float32, 22 -> 24 and 18 -> 24 in 16-bit) and the convolution reads them
+# in place; with a channel tail in both reductions (22 = 16 + 6; 17 output channels = 16 + 1)
+PADDED_CASES = [
+    (2, (2, 2), (4, 4), 36, 32, 2, 2, 3, 5, "fp32"),
+    (1, (1, 2), (4, 8), 22, 17, 1, 1, 0, 0, "fp32"),
+    (1, (2, 1), (4, 4), 22, 16, 1, 3, 1, 2, "bf16"),
+    (1, (1, 2), (4, 4), 18, 16, 1, 2, 0, 3, "fp16"),
+]
+
+
+@pytest.mark.parametrize("b,grid,patch,cin,cout,groups,ggroups,offset,start,dtype", PADDED_CASES)
+def test_generated_patch_conv2d_on_padded_rows(b, grid, patch, cin, cout, groups, ggroups, offset,
+                                               start, dtype):
+    from hyperseg.kernels.generated_patch_conv import GeneratedPatchConv2dFunction
+    from hyperseg.kernels.patch_conv import padded_row
+    dtype = DTYPES[dtype]
+    x = randn(b, cin, grid[0] * patch[0], grid[1] * patch[1], dtype=dtype).requires_grad_()
+    signal = randn(b, offset + 18 + 2, *grid, dtype=dtype).requires_grad_()
+    rows = -(-(start + cout * cin // groups + 3) // ggroups) * ggroups
+    gen = randn(rows, 18 // ggroups, 1, 1, scale=(ggroups / 18) ** 0.5,
+                dtype=dtype).requires_grad_()
+    kw = dict(out_channels=cout, signal_offset=offset, generator_groups=ggroups, row_start=start,
+              groups=groups, kernel_size=1)
+    # the kernels are generated padded
+    cin_g = cin // groups
+    stride = padded_row(x.element_size(), cin_g, cout // groups, 1, patch)
+    assert stride > cin_g and stride * x.element_size() % 16 == 0
+    kernels_ = GeneratedPatchConv2dFunction._kernels(
+        x, signal[:, offset:offset + 18], gen, cout, ggroups, start, groups, 1)
+    assert kernels_.shape == (b, *grid, cout, cin_g, 1, 1) and kernels_.stride(3) == stride
+    got = kernels.generated_patch_conv2d(x, signal, gen, **kw)
+    refs = [t.detach().float().requires_grad_() for t in (x, signal, gen)]
+    ref = ops.meta_patch_conv(*refs, **kw)
+    assert_matches(got, ref, dtype)
+    dout = randn(*ref.shape, dtype=dtype)
+    for name, g, r in zip(("x", "signal", "generator"),
+                          torch.autograd.grad(got, (x, signal, gen), dout),
+                          torch.autograd.grad(ref, refs, dout.float())):
+        assert_grads_match(g, r, dtype, name)
+
+
+def test_padded_row():
+    """Rows are padded to 16 bytes only where the convolution reads them as vectors: dense 1x1
+    on dots (>= 16 input and output channels per group and pixels per patch)."""
+    from hyperseg.kernels.patch_conv import padded_row
+    assert padded_row(4, 82, 64, 1, (8, 8)) == 84
+    assert padded_row(2, 82, 64, 1, (8, 8)) == 88
+    assert padded_row(2, 94, 32, 1, (4, 4)) == 96
+    assert padded_row(8, 21, 16, 1, (4, 4)) == 22
+    assert padded_row(2, 48, 16, 1, (8, 8)) == 48          # aligned already
+    assert padded_row(2, 82, 64, 3, (8, 8)) == 82 * 9      # k x k: rows strided by the taps
+    assert padded_row(2, 1, 1, 1, (8, 8)) == 1             # depthwise
+    assert padded_row(2, 82, 8, 1, (8, 8)) == 82           # multiply-adds (8 output channels)
+    assert padded_row(2, 82, 64, 1, (2, 2)) == 82          # multiply-adds (4-pixel patches)
+
+
+def test_patch_conv2d_reads_padded_kernel_rows_in_place():
+    """``kernel_rows``: kernels whose rows are padded (generated_patch_conv2d's layout) are read
+    in place, and the padding never reaches a result (NaN there changes nothing); other layouts
+    are copied. The kernel gradient comes back contiguous."""
+    from hyperseg.kernels.patch_conv import kernel_rows
+    b, grid, patch, cin, cout = 1, (2, 2), (4, 4), 22, 18
+    x = randn(b, cin, 8, 8).requires_grad_()
+    buf = torch.full((b, *grid, cout, 24), float("nan"), device=x.device)
+    w = randn(b, *grid, cout, cin, 1, 1)
+    buf[..., :cin] = w.flatten(4)
+    padded = buf.as_strided((b, *grid, cout, cin, 1, 1),
+                            (4 * cout * 24, 2 * cout * 24, cout * 24, 24, 1, 1, 1))
+    assert kernel_rows(padded)[0] is padded and kernel_rows(padded)[1] == 24
+    assert kernel_rows(w)[1] == cin
+    swapped = w.transpose(1, 2)                   # not the padded layout: copied
+    assert kernel_rows(swapped)[0].is_contiguous() and kernel_rows(swapped)[1] == cin
+    out = torch.ops.hyperseg.patch_conv2d(x, padded, None, "reflect", 1)
+    torch.testing.assert_close(out, torch.ops.hyperseg.patch_conv2d(x, w, None, "reflect", 1))
+    assert not out.isnan().any()
+    dout = randn(*out.shape)
+    dx, dw, _ = torch.ops.hyperseg.patch_conv2d_backward(dout, x, padded, True, True, False,
+                                                         "reflect", 1)
+    rx, rw, _ = torch.ops.hyperseg.patch_conv2d_backward(dout, x, w, True, True, False,
+                                                         "reflect", 1)
+    assert not dx.isnan().any() and dw.is_contiguous()
+    torch.testing.assert_close(dx, rx)
+    torch.testing.assert_close(dw, rw)
+    torch.library.opcheck(torch.ops.hyperseg.patch_conv2d_backward.default,
+                          (dout, x.detach(), padded, True, True, False, "reflect", 1))
 
 
 def test_generated_patch_conv2d_gradcheck_float64():
