@@ -211,6 +211,9 @@ def test_padded_row():
     assert padded_row(2, 82, 64, 1, (2, 2)) == 82          # multiply-adds (4-pixel patches)
 
 
+# the input gradient's dot reads the NaN padding into accumulator rows it never stores: numpy
+# (the interpreter's matmul) warns about them
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")
 def test_patch_conv2d_reads_padded_kernel_rows_in_place():
     """``kernel_rows``: kernels whose rows are padded (generated_patch_conv2d's layout) are read
     in place, and the padding never reaches a result (NaN there changes nothing); other layouts
