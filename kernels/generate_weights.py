@@ -185,6 +185,11 @@ def _shapes(signal: torch.Tensor, weight: torch.Tensor, groups: int):
 # PyTorch custom ops (see the note in patch_conv.py): opaque to torch.compile, with fake
 # implementations; they take validated, contiguous arguments only.
 
+def _padded_width(count: int, row: int, row_stride: int) -> int:
+    """Values per patch of ``count`` generated in runs of ``row`` every ``row_stride``."""
+    return count if row_stride == row else count // row * row_stride
+
+
 @torch.library.custom_op("hyperseg::generate_weights", mutates_args=())
 def _generate_weights_op(signal: torch.Tensor, weight: torch.Tensor, groups: int, start: int,
                          count: int, row: int, row_stride: int) -> torch.Tensor:
@@ -193,7 +198,7 @@ def _generate_weights_op(signal: torch.Tensor, weight: torch.Tensor, groups: int
     width = count / row x row_stride (count when row_stride == row)."""
     n, ghw, channels, spg, rpg = _shapes(signal, weight, groups)
     padded = row_stride != row
-    width = count // row * row_stride if padded else count
+    width = _padded_width(count, row, row_stride)
     out = signal.new_empty(signal.shape[0], *signal.shape[2:], width)
     block_n, block_r = channel_block(n, 32), block(width, high=64)
     _generate_weights_kernel[(triton.cdiv(n, block_n), triton.cdiv(width, block_r))](
@@ -205,8 +210,7 @@ def _generate_weights_op(signal: torch.Tensor, weight: torch.Tensor, groups: int
 
 @_generate_weights_op.register_fake
 def _generate_weights_fake(signal, weight, groups, start, count, row, row_stride):
-    width = count // row * row_stride if row_stride != row else count
-    return signal.new_empty(signal.shape[0], *signal.shape[2:], width)
+    return signal.new_empty(signal.shape[0], *signal.shape[2:], _padded_width(count, row, row_stride))
 
 
 @torch.library.custom_op("hyperseg::generate_weights_backward", mutates_args=())

@@ -38,11 +38,8 @@ class GeneratedPatchConv2dFunction(torch.autograd.Function):
         count = patch_conv_rows(cin, out_channels, groups, kernel_size)
         params = torch.ops.hyperseg.generate_weights(signal, weight, generator_groups, row_start,
                                                      count, row, stride)
-        k = kernel_size
-        return params.as_strided(
-            (b, gh, gw, out_channels, cin_g, k, k),
-            (gh * gw * out_channels * stride, gw * out_channels * stride, out_channels * stride,
-             stride, k * k, k, 1))
+        shape = (b, gh, gw, out_channels, cin_g, kernel_size, kernel_size)
+        return params.as_strided(shape, _patch_conv_ops.padded_strides(shape, stride))
 
     @staticmethod
     def forward(ctx, x, signal, weight, out_channels, generator_groups, row_start, groups,

@@ -168,12 +168,18 @@ def kernel_rows(weight: torch.Tensor) -> Tuple[torch.Tensor, int]:
     read it, and the elements from one output channel's kernel to the next. A weight whose rows
     are padded (the layout ``padded_row`` gives, which ``generated_patch_conv2d`` generates) is
     read in place; any other layout is copied to a contiguous one (row stride Cin / groups x k x k)."""
-    _, gh, gw, cout, cin_g, k, _ = weight.shape
+    cin_g, k = weight.shape[4:6]
     row = weight.stride(3)
-    padded = (gh * gw * cout * row, gw * cout * row, cout * row, row, k * k, k, 1)
-    if row > cin_g * k * k and weight.stride() == padded:
+    if row > cin_g * k * k and weight.stride() == padded_strides(weight.shape, row):
         return weight, row
     return weight.contiguous(), cin_g * k * k
+
+
+def padded_strides(shape, row: int) -> Tuple[int, ...]:
+    """Strides of per-patch kernels of ``shape`` (B, GH, GW, Cout, Cin / groups, k, k) whose
+    output channels' rows start ``row`` elements apart (the padded layout)."""
+    _, gh, gw, cout, _, k, _ = shape
+    return (gh * gw * cout * row, gw * cout * row, cout * row, row, k * k, k, 1)
 
 
 def padded_row(element_size: int, cin_g: int, cout_g: int, kernel_size: int,
