@@ -29,12 +29,11 @@ class GeneratedPatchConv2dFunction(torch.autograd.Function):
         """The per-patch kernels, (B, GH, GW, Cout, Cin / groups, k, k), generated with each
         output channel's row padded where the convolution reads rows as aligned vectors
         (``patch_conv.padded_row``; the padding holds zeros and is never used)."""
-        b, cin, h, w = x.shape
+        b, cin = x.shape[:2]
         gh, gw = signal.shape[2:4]
         cin_g, cout_g = cin // groups, out_channels // groups
         row = cin_g * kernel_size * kernel_size
-        stride = _patch_conv_ops.padded_row(signal.element_size(), cin_g, cout_g, kernel_size,
-                                            (h // gh, w // gw))
+        stride = _patch_conv_ops.padded_row(signal.element_size(), cin_g, cout_g, kernel_size)
         count = patch_conv_rows(cin, out_channels, groups, kernel_size)
         params = torch.ops.hyperseg.generate_weights(signal, weight, generator_groups, row_start,
                                                      count, row, stride)

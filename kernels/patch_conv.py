@@ -107,8 +107,17 @@ def _patch_conv_kernel(
                     mask=m, other=0.0)
                 # index of (co, ci, t) in the (COUT, CIN_G, K, K) kernel of this patch
                 widx = co[:, None] * W_ROW + ci_local[None, :] * KK + t
-                wv = tl.load(  # interior: vector of W_ALIGN when K == 1 and FMA == False
-                    w_base + widx, mask=w_mask, other=0.0)
+                if FMA:
+                    # the last block reads on to the (aligned) row's end, so that its mask is
+                    # constant over aligned vectors; what lies past CIN_G (the padding) is zeroed
+                    # in registers, so no value there reaches the sum, whatever it holds
+                    wv = tl.load(  # interior: vector of W_ALIGN
+                        w_base + widx, mask=co_mask[:, None] & (ci_local < W_ROW)[None, :],
+                        other=0.0)
+                    wv = tl.where(ci_mask[None, :], wv, 0.0)
+                else:
+                    wv = tl.load(  # interior: vector of W_ALIGN when K == 1
+                        w_base + widx, mask=w_mask, other=0.0)
                 acc = mac(wv, xv, acc, DOT_MODE, FMA)
         if TAIL:
             for ci_t in range(CI_DOT, CIN_G):
@@ -182,17 +191,17 @@ def padded_strides(shape, row: int) -> Tuple[int, ...]:
     return (gh * gw * cout * row, gw * cout * row, cout * row, row, k * k, k, 1)
 
 
-def padded_row(element_size: int, cin_g: int, cout_g: int, kernel_size: int,
-               patch: Tuple[int, int]) -> int:
-    """The row stride at which to generate the kernels of a patch-wise convolution (patches of
-    ``patch`` = (ph, pw) pixels, kernels of ``element_size`` bytes): a dense 1x1 convolution on
-    dots reads each output channel's kernel row as vectors along the input channels, which needs
-    rows that start 16-byte aligned, so its rows are padded to a multiple of 16 bytes (82 channels
-    in 16-bit: 88, +7%). Otherwise (k x k, depthwise, multiply-adds) Cin / groups x k x k."""
+def padded_row(element_size: int, cin_g: int, cout_g: int, kernel_size: int) -> int:
+    """The row stride at which to generate the kernels of a patch-wise convolution (kernels of
+    ``element_size`` bytes): a dense 1x1 convolution with at least 16 input and 16 output
+    channels per group reads each output channel's kernel row as vectors along the input
+    channels (on dots, or on multiply-adds for patches of fewer than 16 pixels, whose per-patch
+    kernels are most of what they read), which needs rows that start 16-byte aligned, so its
+    rows are padded to a multiple of 16 bytes (82 channels in 16-bit: 88, +7%). Otherwise (k x k,
+    depthwise, narrow groups, whose weight tiles hold about one value per thread) Cin / groups x
+    k x k."""
     row = cin_g * kernel_size * kernel_size
-    depthwise = cin_g == 1 and cout_g == 1
-    if kernel_size != 1 or depthwise or uses_fma(False, 1, cin_g, cout_g,
-                                                 pixel_block(patch[0] * patch[1], low=1)):
+    if kernel_size != 1 or min(cin_g, cout_g) < 16:
         return row
     per_vector = max(1, 16 // element_size)
     return -(-row // per_vector) * per_vector
@@ -267,7 +276,7 @@ def _input_grad_1x1(acc, pid_patch, g, ci, ci_local, ci_mask, pix, q_mask, w_ptr
             co_local = co0 + tl.arange(0, BLOCK_CO)
             co_mask = co_local < CO_DOT
             co = g * COUT_G + co_local
-            wt = tl.load(  # interior: vector of W_ALIGN when FMA == False
+            wt = tl.load(  # interior: vector of W_ALIGN
                 w_base + co[None, :] * W_ROW + ci_local[:, None],
                 mask=w_mask[:, None] & co_mask[None, :], other=0.0)
             gv = tl.load(  # interior: vector of PW
@@ -423,8 +432,7 @@ def _patch_conv_input_grad_kernel(
     KK: tl.constexpr = K * K
     R: tl.constexpr = K // 2
     PH = H // GH
-    if not FMA:     # (rows read as vectors; with FMA, ptxas spilled 36 B of a 32 -> 6 in fp16)
-        W_ROW = W_ROW // W_ALIGN * W_ALIGN
+    W_ROW = W_ROW // W_ALIGN * W_ALIGN
     dout_base = dout_ptr + b.to(tl.int64) * COUT * HW
     if DEPTHWISE:
         g = 0
@@ -719,7 +727,9 @@ def _launch_backward(dout, x, weight, *, dx, dw, db, groups, padding_mode):
             dout, weight, dx, h, w, gh, gw, cin, cout, cin_g, cout_g, co_dot, w_row,
             SLOTS=mirror_slots(padding_mode, k // 2), BLOCK_CI=block_ci, BLOCK_CO=block_co,
             BLOCK_P=block_p, FMA=fma, TAIL=co_dot < cout_g, PW=pw, VEC=vec,
-            W_ALIGN=alignment(w_row),
+            # (multiply-adds on unpadded rows: not rounded; with 32-value rows rounded to 16,
+            # ptxas spilled 36 B of hyperseg-l-voc's 32 -> 6 in fp16)
+            W_ALIGN=alignment(w_row) if w_row > cin_g * k * k or not fma else 1,
             num_warps=_input_grad_warps(depthwise, x, vec), **common)
     if dw is not None:
         # the vector taps: 16 channels (with 32 at 8 warps, ptxas spilled a predicate, 8 B, in

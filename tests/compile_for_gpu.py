@@ -78,7 +78,8 @@ def forward_variants(dtype):
         yield (f"patch_conv fma {block_co}x{block_ci}x{block_p}", _patch_conv_kernel,
                dict(K=1, PAD_MODE=0, HAS_BIAS=True, DEPTHWISE=False, DOT_MODE=int(dtype == "fp32"),
                     ACC=tl.float32, BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_P=block_p, FMA=True,
-                    TAIL=False, PW=2 if block_p == 4 else 8, VEC=1, W_ALIGN=2))
+                    TAIL=False, PW=2 if block_p == 4 else 8, VEC=1,
+                    W_ALIGN=8 if block_p == 4 else 2))    # (tiny patches: rows padded to 8)
     for mode in modes:
         for patch, spg in (((1, 1), 13), ((2, 2), 6)):
             yield (f"meta_conv_many_patches patch={patch} spg={spg} dot_mode={mode}",
@@ -125,7 +126,7 @@ def backward_variants(dtype):
         yield (f"patch_conv input grad fma {block_co}x{block_ci}x{block_p}", _patch_conv_input_grad_kernel,
                dict(K=1, PAD_MODE=0, SLOTS=1, DEPTHWISE=False, DOT_MODE=mode, ACC=acc,
                     BLOCK_CI=block_ci, BLOCK_CO=block_co, BLOCK_P=block_p, FMA=True, TAIL=False,
-                    PW=2 if block_p == 4 else 8, VEC=1, W_ALIGN=2))
+                    PW=2 if block_p == 4 else 8, VEC=1, W_ALIGN=8 if block_p == 4 else 2))
         yield (f"patch_conv weight grad fma {block_co}x{block_ci}x{block_p}", _patch_conv_weight_grad_kernel,
                dict(K=1, PAD_MODE=0, HAS_BIAS=True, DEPTHWISE=False, DOT_MODE=mode, ACC=acc,
                     BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_P=block_p, FMA=True, TAIL=False,

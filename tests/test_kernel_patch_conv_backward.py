@@ -154,7 +154,7 @@ def test_generated_patch_conv2d_matches_reference(b, grid, patch, cin, cout, gro
 
 
 # (B, grid, patch, Cin, Cout, groups, generator groups, signal offset, row start, dtype): dense
-# 1x1 on dots whose kernel rows (Cin / groups) are not a multiple of 16 bytes, so the generator
+# 1x1 whose kernel rows (Cin / groups) are not a multiple of 16 bytes, so the generator
 # pads them (18 -> 20 in float32, 22 -> 24 and 18 -> 24 in 16-bit) and the convolution reads them
 # in place; with a channel tail in both reductions (22 = 16 + 6; 17 output channels = 16 + 1)
 PADDED_CASES = [
@@ -162,6 +162,11 @@ PADDED_CASES = [
     (1, (1, 2), (4, 8), 22, 17, 1, 1, 0, 0, "fp32"),
     (1, (2, 1), (4, 4), 22, 16, 1, 3, 1, 2, "bf16"),
     (1, (1, 2), (4, 4), 18, 16, 1, 2, 0, 3, "fp16"),
+    # on multiply-adds, whose last input-channel block reads on into the padding: 1- and
+    # 2-pixel patches (hyperseg-m's L0 / L1), and 4-pixel ones; 17 and 16 output channels per group
+    (2, (3, 2), (1, 1), 18, 20, 1, 2, 2, 1, "fp16"),
+    (1, (2, 2), (1, 2), 42, 34, 2, 1, 0, 3, "fp32"),
+    (1, (2, 2), (2, 2), 44, 32, 2, 3, 1, 0, "bf16"),
 ]
 
 
@@ -180,7 +185,7 @@ def test_generated_patch_conv2d_on_padded_rows(b, grid, patch, cin, cout, groups
               groups=groups, kernel_size=1)
     # the kernels are generated padded
     cin_g = cin // groups
-    stride = padded_row(x.element_size(), cin_g, cout // groups, 1, patch)
+    stride = padded_row(x.element_size(), cin_g, cout // groups, 1)
     assert stride > cin_g and stride * x.element_size() % 16 == 0
     kernels_ = GeneratedPatchConv2dFunction._kernels(
         x, signal[:, offset:offset + 18], gen, cout, ggroups, start, groups, 1)
@@ -198,34 +203,36 @@ def test_generated_patch_conv2d_on_padded_rows(b, grid, patch, cin, cout, groups
 
 def test_padded_row():
     """Rows are padded to 16 bytes only where the convolution reads them as vectors: dense 1x1
-    on dots (>= 16 input and output channels per group and pixels per patch)."""
+    with at least 16 input and output channels per group (on dots, or multiply-adds over tiny
+    patches)."""
     from hyperseg.kernels.patch_conv import padded_row
-    assert padded_row(4, 82, 64, 1, (8, 8)) == 84
-    assert padded_row(2, 82, 64, 1, (8, 8)) == 88
-    assert padded_row(2, 94, 32, 1, (4, 4)) == 96
-    assert padded_row(8, 21, 16, 1, (4, 4)) == 22
-    assert padded_row(2, 48, 16, 1, (8, 8)) == 48          # aligned already
-    assert padded_row(2, 82, 64, 3, (8, 8)) == 82 * 9      # k x k: rows strided by the taps
-    assert padded_row(2, 1, 1, 1, (8, 8)) == 1             # depthwise
-    assert padded_row(2, 82, 8, 1, (8, 8)) == 82           # multiply-adds (8 output channels)
-    assert padded_row(2, 82, 64, 1, (2, 2)) == 82          # multiply-adds (4-pixel patches)
+    assert padded_row(4, 82, 64, 1) == 84
+    assert padded_row(2, 82, 64, 1) == 88                  # (hyperseg-m L0: 1-pixel patches)
+    assert padded_row(2, 94, 32, 1) == 96
+    assert padded_row(8, 21, 16, 1) == 22
+    assert padded_row(2, 82, 8, 1) == 82                   # 8 output channels per group
+    assert padded_row(2, 48, 16, 1) == 48                  # aligned already
+    assert padded_row(2, 82, 64, 3) == 82 * 9              # k x k: rows strided by the taps
+    assert padded_row(2, 1, 1, 1) == 1                     # depthwise
+    assert padded_row(2, 6, 32, 1) == 6                    # short rows: padding would cost 33%
 
 
 # the input gradient's dot reads the NaN padding into accumulator rows it never stores: numpy
 # (the interpreter's matmul) warns about them
 @pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")
-def test_patch_conv2d_reads_padded_kernel_rows_in_place():
+@pytest.mark.parametrize("grid", [(2, 2), (4, 4)], ids=["dots", "multiply-adds"])
+def test_patch_conv2d_reads_padded_kernel_rows_in_place(grid):
     """``kernel_rows``: kernels whose rows are padded (generated_patch_conv2d's layout) are read
-    in place, and the padding never reaches a result (NaN there changes nothing); other layouts
-    are copied. The kernel gradient comes back contiguous."""
-    from hyperseg.kernels.patch_conv import kernel_rows
-    b, grid, patch, cin, cout = 1, (2, 2), (4, 4), 22, 18
+    in place, and the padding never reaches a result (NaN there changes nothing: the
+    multiply-adds of 4-pixel patches read it, and zero it in registers); other layouts are
+    copied. The kernel gradient comes back contiguous."""
+    from hyperseg.kernels.patch_conv import kernel_rows, padded_strides
+    b, cin, cout = 1, 22, 18
     x = randn(b, cin, 8, 8).requires_grad_()
     buf = torch.full((b, *grid, cout, 24), float("nan"), device=x.device)
     w = randn(b, *grid, cout, cin, 1, 1)
     buf[..., :cin] = w.flatten(4)
-    padded = buf.as_strided((b, *grid, cout, cin, 1, 1),
-                            (4 * cout * 24, 2 * cout * 24, cout * 24, 24, 1, 1, 1))
+    padded = buf.as_strided(w.shape, padded_strides(w.shape, 24))
     assert kernel_rows(padded)[0] is padded and kernel_rows(padded)[1] == 24
     assert kernel_rows(w)[1] == cin
     swapped = w.transpose(1, 2)                   # not the padded layout: copied
