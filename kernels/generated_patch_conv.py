@@ -28,7 +28,7 @@ class GeneratedPatchConv2dFunction(torch.autograd.Function):
     def _kernels(x, signal, weight, out_channels, generator_groups, row_start, groups, kernel_size):
         """The per-patch kernels, (B, GH, GW, Cout, Cin / groups, k, k), generated with each
         output channel's row padded where the convolution reads rows as aligned vectors
-        (``patch_conv.padded_row``; the padding holds zeros and is never used)."""
+        (``patch_conv.padded_row``; the padding holds zeros, which never reach a result)."""
         b, cin = x.shape[:2]
         gh, gw = signal.shape[2:4]
         cin_g, cout_g = cin // groups, out_channels // groups

@@ -214,7 +214,7 @@ def test_padded_row():
     assert padded_row(2, 48, 16, 1) == 48                  # aligned already
     assert padded_row(2, 82, 64, 3) == 82 * 9              # k x k: rows strided by the taps
     assert padded_row(2, 1, 1, 1) == 1                     # depthwise
-    assert padded_row(2, 6, 32, 1) == 6                    # short rows: padding would cost 33%
+    assert padded_row(2, 6, 32, 1) == 6                    # fewer than 16 input channels
 
 
 # the input gradient's dot reads the NaN padding into accumulator rows it never stores: numpy
