@@ -1,14 +1,17 @@
 """Compile one recorded launch for sm_90 on the CPU and read what the compiler made of it.
 
 ``compile_launch`` runs ``triton.compile`` on the launch's ``ASTSource`` with the JIT's own
-signature, constexprs, specialisation attributes and options; then ``ptxas -v`` (the binary and
-the flags Triton's backend uses) on the PTX for registers, stack frame and spill bytes, and
-``cuobjdump -sass`` on the cubin for static instruction counts. ``occupancy`` gives the warps per
+signature, constexprs, specialisation attributes and options, past Triton's cache, and reads
+registers, stack frame and spill bytes from the ``ptxas -v`` log of the very ptxas run that made
+the cubin (so the flags are those of the installed Triton: 3.8 passes ``--regAllocOptLevel=2``,
+3.6 does not), and static instruction counts from ``cuobjdump -sass`` on the cubin. ``occupancy`` gives the warps per
 SM an H100 can hold for the kernel.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
+import io
 import operator
 import os
 import re
@@ -17,7 +20,7 @@ import tempfile
 import time
 
 import triton
-from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
 from kernel_record import TARGET
@@ -38,17 +41,19 @@ def _tool(name: str) -> str:
     return os.path.join(os.path.dirname(get_ptxas(90).path), name)
 
 
-def ptxas_usage(ptx: str, options, capability: int = 90) -> dict:
-    """Registers, stack frame and spill bytes from ``ptxas -v`` with Triton's flags."""
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "kernel.ptx")
-        with open(src, "w") as f:
-            f.write(ptx)
-        fmad = [] if options.enable_fp_fusion else ["--fmad=false"]
-        cmd = [get_ptxas(capability).path, "-lineinfo", *fmad, "-v", "--regAllocOptLevel=2",
-               f"--gpu-name={sm_arch_from_capability(capability)}", src, "-o", src + ".o"]
-        log = subprocess.run(cmd, check=True, capture_output=True, text=True).stderr
-    return parse_ptxas_log(log)
+def compile_with_ptxas_log(source, options: dict):
+    """``triton.compile`` on the CPU, always compiling (a cached kernel runs no ptxas), with
+    Triton's own ``ptxas -v`` log of that compile, which its backend prints when asked."""
+    from triton import knobs
+    saved = knobs.compilation.always_compile, knobs.nvidia.dump_ptxas_log
+    log = io.StringIO()
+    try:
+        knobs.compilation.always_compile, knobs.nvidia.dump_ptxas_log = True, True
+        with contextlib.redirect_stdout(log):
+            kernel = triton.compile(source, target=TARGET, options=options)
+    finally:
+        knobs.compilation.always_compile, knobs.nvidia.dump_ptxas_log = saved
+    return kernel, log.getvalue()
 
 
 def parse_ptxas_log(log: str) -> dict:
@@ -308,9 +313,9 @@ def compile_launch(launch) -> dict:
     """Compile a recorded launch exactly as the JIT would for sm_90 and read the results."""
     start = time.perf_counter()
     source = ASTSource(launch.fn, launch.signature, launch.constexprs, launch.attrs)
-    kernel = triton.compile(source, target=TARGET, options=launch.options.__dict__)
+    kernel, log = compile_with_ptxas_log(source, launch.options.__dict__)
     compile_s = time.perf_counter() - start
-    usage = ptxas_usage(kernel.asm["ptx"], launch.options)
+    usage = parse_ptxas_log(log)
     sass = sass_summary(sass_opcodes(kernel.asm["cubin"]))
     shared = int(kernel.metadata.shared)
     result = dict(compiled=True, compile_s=round(compile_s, 2), **usage,

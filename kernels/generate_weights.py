@@ -161,6 +161,15 @@ def _generated_rows(group: int, start: int, count: int, rpg: int) -> int:
     return min(start + count, group * rpg + rpg) - max(start, group * rpg)
 
 
+def generation_tiles(n: int, width: int) -> Tuple[int, int]:
+    """(BLOCK_N, BLOCK_R) of the forward, for ``n`` patches of ``width`` values: 32 patches a
+    tile whenever there are more than 16, even where 16 would pad fewer (the 656 patches of
+    hyperseg-s-camvid's training step): Triton 3.6 (the GPU machine's) compiles the 16-patch
+    bf16 tile to 32 registers and 4 spilled bytes, the 32-patch one to 56 and no spill (Triton
+    3.8: 32 and 56, no spill); up to 64 values."""
+    return channel_block(n, 32, tight=False), block(width, high=64)
+
+
 def signal_grad_tiles(n: int, rows: int, spg: int, element_size: int):
     """(BLOCK_N, BLOCK_R, BLOCK_S, FMA) of the signal gradient, for ``n`` patches and at most
     ``rows`` generated rows per group of ``spg`` signal inputs: a dot over blocks of rows (at
@@ -200,7 +209,7 @@ def _generate_weights_op(signal: torch.Tensor, weight: torch.Tensor, groups: int
     padded = row_stride != row
     width = _padded_width(count, row, row_stride)
     out = signal.new_empty(signal.shape[0], *signal.shape[2:], width)
-    block_n, block_r = channel_block(n, 32), block(width, high=64)
+    block_n, block_r = generation_tiles(n, width)
     _generate_weights_kernel[(triton.cdiv(n, block_n), triton.cdiv(width, block_r))](
         signal, weight, out, n, ghw, channels, spg, rpg, start, count, width, row, row_stride,
         ACC=accumulator(signal.dtype), BLOCK_N=block_n, BLOCK_R=block_r,

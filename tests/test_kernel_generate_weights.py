@@ -132,3 +132,16 @@ def test_generate_weights_op_pads_rows(dtype):
                                                  for a in args))
     assert meta.shape == got.shape and meta.dtype == got.dtype
     torch.library.opcheck(torch.ops.hyperseg.generate_weights.default, args)
+
+
+def test_generation_tiles_on_a_gpu(monkeypatch):
+    """The forward's tiles on a GPU: 32 patches whenever there are more than 16, also where 16
+    would pad fewer (656 = 41 x 16, a 16-patch bf16 tile spills 4 bytes with Triton 3.6)."""
+    from hyperseg.kernels import _common
+    from hyperseg.kernels.generate_weights import generation_tiles
+    monkeypatch.setattr(_common, "interpreting", lambda: False)
+    assert generation_tiles(656, 1536) == (32, 64)
+    assert generation_tiles(8192, 48) == (32, 64)
+    assert generation_tiles(12, 40) == (16, 64)
+    assert generation_tiles(17, 16) == (32, 16)
+    assert _common.tight_block(656, 32) == 16          # what the tight rule would have taken

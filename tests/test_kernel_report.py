@@ -440,6 +440,45 @@ def test_vector_check_on_compiled_kernels(tmp_path):
     _run_python(VECTORS, tmp_path)
 
 
+PTXAS_LOG_OF_THE_COMPILE = '''
+import subprocess
+import triton, triton.language as tl
+import triton.backends.nvidia.compiler as nvidia
+from triton import knobs
+from triton.compiler import ASTSource
+from kernel_sass import compile_with_ptxas_log, parse_ptxas_log
+
+@triton.jit
+def _double(x_ptr, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    tl.store(x_ptr + i, 2 * tl.load(x_ptr + i))
+
+commands, original_run = [], subprocess.run
+def run(cmd, *args, **kwargs):
+    commands.append(cmd)
+    return original_run(cmd, *args, **kwargs)
+nvidia.subprocess.run = run       # the backend's own ptxas call (and every other), recorded
+
+before = knobs.compilation.always_compile, knobs.nvidia.dump_ptxas_log
+source = ASTSource(_double, {"x_ptr": "*fp32", "BLOCK": "constexpr"}, {(1,): 1024})
+for compiles in (1, 2):           # the second finds the first in Triton's cache
+    kernel, log = compile_with_ptxas_log(source, {"num_warps": 4})
+    ptxas = [c for c in commands if "-v" in c and any("gpu-name" in a for a in c)]
+    assert len(ptxas) == compiles, commands
+    usage = parse_ptxas_log(log)
+    assert usage["registers"] > 0 and usage["stack"] == usage["spill_stores"] == 0, log
+assert (knobs.compilation.always_compile, knobs.nvidia.dump_ptxas_log) == before
+print("ok")
+'''
+
+
+def test_registers_and_spills_come_from_tritons_own_ptxas_run(tmp_path):
+    """Registers and spills are read from the log of the ptxas run that made the cubin, with
+    the flags of the installed Triton (3.8 passes --regAllocOptLevel=2, 3.6 does not), also
+    when the kernel is already in Triton's cache; the compiler's settings are left as found."""
+    _run_python(PTXAS_LOG_OF_THE_COMPILE, tmp_path)
+
+
 AUTOTUNED = '''
 import torch, triton, triton.language as tl
 from kernel_record import Recorder, group_launches, recording
