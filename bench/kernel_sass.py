@@ -4,8 +4,8 @@
 signature, constexprs, specialisation attributes and options, past Triton's cache, and reads
 registers, stack frame and spill bytes from the ``ptxas -v`` log of the very ptxas run that made
 the cubin (so the flags are those of the installed Triton: 3.8 passes ``--regAllocOptLevel=2``,
-3.6 does not), and static instruction counts from ``cuobjdump -sass`` on the cubin. ``occupancy`` gives the warps per
-SM an H100 can hold for the kernel.
+3.6 does not), and static instruction counts from ``cuobjdump -sass`` on the cubin.
+``occupancy`` gives the warps per SM an H100 can hold for the kernel.
 """
 from __future__ import annotations
 
