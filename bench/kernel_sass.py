@@ -20,6 +20,7 @@ import tempfile
 import time
 
 import triton
+from triton import knobs
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
@@ -44,7 +45,6 @@ def _tool(name: str) -> str:
 def compile_with_ptxas_log(source, options: dict):
     """``triton.compile`` on the CPU, always compiling (a cached kernel runs no ptxas), with
     Triton's own ``ptxas -v`` log of that compile, which its backend prints when asked."""
-    from triton import knobs
     saved = knobs.compilation.always_compile, knobs.nvidia.dump_ptxas_log
     log = io.StringIO()
     try:

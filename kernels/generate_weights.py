@@ -162,11 +162,11 @@ def _generated_rows(group: int, start: int, count: int, rpg: int) -> int:
 
 
 def generation_tiles(n: int, width: int) -> Tuple[int, int]:
-    """(BLOCK_N, BLOCK_R) of the forward, for ``n`` patches of ``width`` values: 32 patches a
-    tile whenever there are more than 16, even where 16 would pad fewer (the 656 patches of
-    hyperseg-s-camvid's training step): Triton 3.6 (the GPU machine's) compiles the 16-patch
-    bf16 tile to 32 registers and 4 spilled bytes, the 32-patch one to 56 and no spill (Triton
-    3.8: 32 and 56, no spill); up to 64 values."""
+    """(BLOCK_N, BLOCK_R) of the forward, for ``n`` patches of ``width`` values: on a GPU, 32
+    patches a tile whenever there are more than 16 (the interpreter takes up to 128), even where
+    16 would pad fewer (the 656 patches of hyperseg-s-camvid's training step): Triton 3.6 (the
+    GPU machine's) compiles the 16-patch bf16 tile to 32 registers and 4 spilled bytes, the
+    32-patch one to 56 and no spill (Triton 3.8: 32 and 56, no spill); up to 64 values."""
     return channel_block(n, 32, tight=False), block(width, high=64)
 
 
