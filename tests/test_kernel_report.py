@@ -312,6 +312,9 @@ def test_compiler_output_parsers():
     import kernel_sass
     assert kernel_sass.parse_ptxas_log(PTXAS_LOG) == dict(
         registers=255, stack=2472, spill_stores=3772, spill_loads=3544)
+    # an empty log (a Triton whose backend printed none) is an error, not zero registers
+    with pytest.raises(RuntimeError, match="could not parse the ptxas output"):
+        kernel_sass.parse_ptxas_log("")
     lines = map(kernel_sass._SASS_LINE.search, SASS.splitlines())
     opcodes = collections.Counter(m.group(1) for m in lines if m)
     s = kernel_sass.sass_summary(opcodes)
