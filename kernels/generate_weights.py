@@ -75,11 +75,14 @@ def _generate_weights_signal_grad_kernel(
     # rows per group, broadcast multiply-adds). Groups G0 onwards: those that hold generated rows
     # (the launcher zeroes the others). Each program owns its outputs (no atomics); the row
     # blocks come in a fixed order. GHW_ALIGN: a power of two dividing the patches per image;
-    # ROW_ALIGN: one dividing RPG, start and count (where the row runs are aligned).
+    # ROW_ALIGN: one dividing count (at most a 16-byte vector), so that a patch's count values
+    # start aligned; the row blocks start at the offset of the group's first generated row in
+    # them rounded down to ROW_ALIGN: whatever the rows per group (odd in most models) and
+    # start, each tile row of the output gradient is read as aligned vectors. The rows of the neighbouring groups that
+    # this rounding reads are set to zero in registers (a select, not a product, so that not even
+    # a NaN there reaches this group's sums), and their generator rows are not read.
     GHW = GHW // GHW_ALIGN * GHW_ALIGN
     N = N // GHW_ALIGN * GHW_ALIGN          # (N = images x GHW)
-    RPG = RPG // ROW_ALIGN * ROW_ALIGN
-    start = start // ROW_ALIGN * ROW_ALIGN
     count = count // ROW_ALIGN * ROW_ALIGN
     n_s_blocks = tl.cdiv(SPG, BLOCK_S)
     g = G0 + tl.program_id(1) // n_s_blocks
@@ -87,17 +90,21 @@ def _generate_weights_signal_grad_kernel(
     s_mask = s < SPG
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
-    lo = tl.maximum(start, g * RPG)                     # the group's generated rows lo .. hi
-    hi = tl.minimum(start + count, g * RPG + RPG)
+    # the group's generated rows, as offsets into a patch's count values: o_lo .. o_hi
+    o_lo = tl.maximum(start, g * RPG) - start
+    o_hi = tl.minimum(start + count, g * RPG + RPG) - start
+    o_first = o_lo // ROW_ALIGN * ROW_ALIGN
+    o_end = (o_hi + ROW_ALIGN - 1) // ROW_ALIGN * ROW_ALIGN    # (<= count)
     acc = tl.zeros((BLOCK_N, BLOCK_S), dtype=ACC)
-    for k in range(0, tl.cdiv(hi - lo, BLOCK_R)):
-        r = lo + k * BLOCK_R + tl.arange(0, BLOCK_R)
-        r_mask = r < hi
+    for k in range(0, tl.cdiv(o_hi - o_first, BLOCK_R)):
+        o = o_first + k * BLOCK_R + tl.arange(0, BLOCK_R)
+        in_group = (o >= o_lo) & (o < o_hi)
         d = tl.load(  # interior: vector of ROW_ALIGN
-            dout_ptr + n.to(tl.int64)[:, None] * count + (r - start)[None, :],
-            mask=n_mask[:, None] & r_mask[None, :], other=0.0)
-        w = tl.load(gen_ptr + r.to(tl.int64)[:, None] * SPG + s[None, :],
-                    mask=r_mask[:, None] & s_mask[None, :], other=0.0)
+            dout_ptr + n.to(tl.int64)[:, None] * count + o[None, :],
+            mask=n_mask[:, None] & (o < o_end)[None, :], other=0.0)
+        d = tl.where(in_group[None, :], d, 0.0)
+        w = tl.load(gen_ptr + (start + o).to(tl.int64)[:, None] * SPG + s[None, :],
+                    mask=in_group[:, None] & s_mask[None, :], other=0.0)
         acc = mac(d, w.to(d.dtype), acc, DOT_MODE, FMA)
     off = (n // GHW).to(tl.int64)[:, None] * S * GHW + (g * SPG + s)[None, :] * GHW + (n % GHW)[:, None]
     tl.store(dsig_ptr + off, acc.to(dsig_ptr.dtype.element_ty),  # interior: vector
@@ -112,40 +119,46 @@ def _generate_weights_weight_grad_kernel(
         GHW_ALIGN: tl.constexpr, ROW_ALIGN: tl.constexpr):
     # Program (group and row block within it, signal block): dgen[r, s] = sum over all patches n
     # of dout[n, r - start] * signal[n, group * SPG + s], one dot per block of patches, in a
-    # fixed order (deterministic). Rows that were not generated get a zero gradient. With FMA
+    # fixed order (deterministic). Rows that were not generated keep the launcher's zeros. With FMA
     # (at most 8 signal inputs per group, which a dot would pad to 16: 2x or more) the product is
     # summed from broadcast multiply-adds over a (BLOCK_R, BLOCK_N, BLOCK_S) tile instead.
-    # GHW_ALIGN: a power of two dividing the patches per image; ROW_ALIGN: one dividing RPG,
-    # start and count, so that the compiler sees where a tile's run of output-gradient values
-    # (rows r - start of a patch's count values) is aligned.
+    # GHW_ALIGN: a power of two dividing the patches per image; ROW_ALIGN: one dividing count
+    # (at most a 16-byte vector), so that each patch's count values start aligned. A group's row
+    # blocks start at its first generated row's offset in them rounded down to ROW_ALIGN, so that
+    # each tile column of the output gradient (a patch's values for the block's rows) is read as
+    # aligned vectors whatever the rows per group (odd in most models) and start: the rows of
+    # the previous group in the first block, and those past the group's end in the last, are
+    # read but not stored (each row of the product is its own sum; the neighbouring group's
+    # programs own them). Only generated rows are stored: the launcher zeroes the others.
     GHW = GHW // GHW_ALIGN * GHW_ALIGN
     N = N // GHW_ALIGN * GHW_ALIGN          # (N = images x GHW)
-    RPG = RPG // ROW_ALIGN * ROW_ALIGN
-    start = start // ROW_ALIGN * ROW_ALIGN
     count = count // ROW_ALIGN * ROW_ALIGN
-    n_row_blocks = tl.cdiv(RPG, BLOCK_R)
+    n_row_blocks = tl.cdiv(RPG + ROW_ALIGN - 1, BLOCK_R)
     group = tl.program_id(0) // n_row_blocks
-    j = (tl.program_id(0) % n_row_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
+    # the group's generated rows, as offsets into a patch's count values: o_lo .. o_hi
+    o_lo = tl.maximum(start, group * RPG) - start
+    o_hi = tl.minimum(start + count, group * RPG + RPG) - start
+    o_end = (o_hi + ROW_ALIGN - 1) // ROW_ALIGN * ROW_ALIGN    # (<= count)
+    o = (o_lo // ROW_ALIGN * ROW_ALIGN + (tl.program_id(0) % n_row_blocks) * BLOCK_R
+         + tl.arange(0, BLOCK_R))
+    r_mask = (o >= o_lo) & (o < o_hi)
     s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
-    r = group * RPG + j
-    r_out = j < RPG
-    r_mask = r_out & (r >= start) & (r < start + count)
     s_mask = s < SPG
     chan = group * SPG + s
-    acc = tl.zeros((BLOCK_R, BLOCK_S), dtype=ACC)
     if tl.max(r_mask.to(tl.int32), axis=0) > 0:
+        acc = tl.zeros((BLOCK_R, BLOCK_S), dtype=ACC)
         for n0 in range(0, N, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             n_mask = n < N
             d = tl.load(  # interior: vector of ROW_ALIGN
-                dout_ptr + n.to(tl.int64)[None, :] * count + (r - start)[:, None],
-                mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+                dout_ptr + n.to(tl.int64)[None, :] * count + o[:, None],
+                mask=(o < o_end)[:, None] & n_mask[None, :], other=0.0)
             sig_n = (n // GHW).to(tl.int64) * S * GHW + n % GHW
             v = tl.load(sig_ptr + sig_n[:, None] + chan[None, :] * GHW,  # interior: vector
                         mask=n_mask[:, None] & s_mask[None, :], other=0.0)
             acc = mac(d, v, acc, DOT_MODE, FMA)
-    tl.store(dgen_ptr + r.to(tl.int64)[:, None] * SPG + s[None, :], acc.to(dgen_ptr.dtype.element_ty),
-             mask=r_out[:, None] & s_mask[None, :])
+        tl.store(dgen_ptr + (start + o).to(tl.int64)[:, None] * SPG + s[None, :],
+                 acc.to(dgen_ptr.dtype.element_ty), mask=r_mask[:, None] & s_mask[None, :])
 
 
 def signal_channels(start: int, count: int, spg: int, rpg: int) -> Tuple[int, int]:
@@ -230,7 +243,9 @@ def _generate_weights_backward_op(dout: torch.Tensor, signal: torch.Tensor, weig
     dout = dout.contiguous()
     n, ghw, width, spg, rpg = _shapes(signal, weight, groups)
     acc, mode = accumulator(signal.dtype), dot_mode(signal.dtype)
-    row_align = min(map(alignment, (rpg, start, count)))    # where both kernels' row runs align
+    # both kernels read each patch's count values in runs that start at multiples of row_align:
+    # what divides count, up to a 16-byte vector
+    row_align = min(alignment(count), max(1, 16 // dout.element_size()))
     dsig = dgen = None
     if signal_grad:
         # only the groups holding generated rows have a gradient: the kernel covers their
@@ -248,7 +263,8 @@ def _generate_weights_backward_op(dout: torch.Tensor, signal: torch.Tensor, weig
                 FMA=fma, GHW_ALIGN=alignment(ghw),
                 ROW_ALIGN=row_align, num_warps=4)
     if weight_grad:
-        dgen = torch.empty_like(weight)
+        # the kernel stores the generated rows only
+        dgen = (torch.empty_like if (start, count) == (0, weight.shape[0]) else torch.zeros_like)(weight)
         fma = spg <= 8         # padded to 16 by a dot (9 to 15: a dot still, on tensor cores)
         if fma:
             # the signal inputs padded to a power of two only; a 3-D tile of at most 4,096
@@ -259,7 +275,7 @@ def _generate_weights_backward_op(dout: torch.Tensor, signal: torch.Tensor, weig
             block_n = min(channel_block(n, 32), max(1, tile // (block_r * block_s)))
         else:
             block_r, block_s, block_n = channel_block(rpg, 32), channel_block(spg, 32), channel_block(n, 32)
-        grid = (groups * triton.cdiv(rpg, block_r), triton.cdiv(spg, block_s))
+        grid = (groups * triton.cdiv(rpg + row_align - 1, block_r), triton.cdiv(spg, block_s))
         _generate_weights_weight_grad_kernel[grid](
             dout, signal, dgen, n, ghw, width, spg, rpg, start, count,
             DOT_MODE=mode, ACC=acc, BLOCK_R=block_r, BLOCK_S=block_s, BLOCK_N=block_n, FMA=fma,
@@ -326,9 +342,10 @@ def executed_work(name: str, launch) -> Optional[dict]:
     """Multiply-accumulates a recorded launch executes, padded tiles included, and the useful ones
     (the interface of ``bench/kernel_report.py``, see bench/README.md): the forward, BLOCK_N x
     BLOCK_R x SPG per program; the signal gradient, a BLOCK_N x BLOCK_R x BLOCK_S dot (or
-    multiply-add tile) per block of its group's generated rows; the weight gradient, a BLOCK_R x BLOCK_S x BLOCK_N
-    dot (or multiply-add tile) per patch block in the programs whose rows were generated (the
-    others only write zeros). Useful: patches x
+    multiply-add tile) per block of its group's generated rows, the first block starting at a
+    multiple of ROW_ALIGN; the weight gradient, a BLOCK_R x BLOCK_S x BLOCK_N dot (or
+    multiply-add tile) per patch block in the programs holding generated rows (their blocks
+    likewise start at a multiple of ROW_ALIGN; the others do nothing). Useful: patches x
     generated rows x SPG, for each of the three."""
     a = launch.args
     programs = launch.grid[0] * launch.grid[1] * launch.grid[2]
@@ -337,21 +354,26 @@ def executed_work(name: str, launch) -> Optional[dict]:
         macs = programs * a["BLOCK_N"] * a["BLOCK_R"] * a["SPG"]
         return {"macs": macs, "tensor_core_macs": 0, "useful_macs": useful, "parts": {"generation": macs}}
     start, end, rpg, spg = a["start"], a["start"] + a["count"], a["RPG"], a["SPG"]
+    align = a["ROW_ALIGN"]      # (row blocks start at offsets from start that are multiples of it)
     if name == "_generate_weights_signal_grad_kernel":
         s_blocks = -(-spg // a["BLOCK_S"])
         row_blocks = 0
         for p in range(launch.grid[1]):
             g = a["G0"] + p // s_blocks
-            row_blocks += -(-_generated_rows(g, start, a["count"], rpg) // a["BLOCK_R"])
+            lo, hi = max(start, g * rpg) - start, min(end, g * rpg + rpg) - start
+            row_blocks += -(-(hi - lo // align * align) // a["BLOCK_R"])
         macs = launch.grid[0] * row_blocks * a["BLOCK_N"] * a["BLOCK_R"] * a["BLOCK_S"]
         tensor = macs if a["DOT_MODE"] in (0, 3) and not a["FMA"] else 0
         return {"macs": macs, "tensor_core_macs": tensor, "useful_macs": useful,
                 "parts": {"signal_grad": macs}}
     if name == "_generate_weights_weight_grad_kernel":
-        row_blocks = -(-rpg // a["BLOCK_R"])
-        active = sum(1 for p in range(launch.grid[0])
-                     if max((p // row_blocks) * rpg + (p % row_blocks) * a["BLOCK_R"], start)
-                     < min((p // row_blocks) * rpg + min((p % row_blocks + 1) * a["BLOCK_R"], rpg), end))
+        row_blocks = -(-(rpg + align - 1) // a["BLOCK_R"])
+        active = 0
+        for p in range(launch.grid[0]):
+            g = p // row_blocks
+            lo, hi = max(start, g * rpg) - start, min(end, g * rpg + rpg) - start
+            first = lo // align * align + (p % row_blocks) * a["BLOCK_R"]
+            active += max(first, lo) < min(first + a["BLOCK_R"], hi)
         macs = active * launch.grid[1] * -(-a["N"] // a["BLOCK_N"]) * a["BLOCK_N"] * a["BLOCK_R"] * a["BLOCK_S"]
         tensor = macs if a["DOT_MODE"] in (0, 3) and not a["FMA"] else 0
         return {"macs": macs, "tensor_core_macs": tensor, "useful_macs": useful,

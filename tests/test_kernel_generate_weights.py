@@ -1,4 +1,8 @@
 """Triton generate_weights (forward and backward) against hyperseg.ops.generate_weights."""
+import importlib
+import inspect
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -17,6 +21,13 @@ CASES = [
     # last groups, 16-bit
     (2, (3, 4), 64, 2, 70, 9, 50, "fp16"),
     (1, (4, 4), 96, 3, 120, 20, 90, "bf16"),
+    # odd rows per group (37), count a multiple of 8: the gradient kernels' row blocks start at
+    # the group's first row rounded down to a 16-byte vector (on dots: 16 inputs per group; with
+    # multiply-adds: 4), reading the neighbouring groups' rows beside the group's own
+    (2, (3, 4), 64, 4, 148, 16, 112, "fp16"),
+    (2, (3, 4), 64, 4, 148, 0, 148, "fp32"),
+    (2, (2, 4), 16, 4, 148, 8, 136, "bf16"),
+    (1, (4, 4), 16, 4, 148, 24, 96, "fp32"),
 ]
 
 
@@ -46,15 +57,26 @@ def test_generate_weights_matches_reference(b, grid, width, groups, rows, start,
     assert dgen[:start].abs().sum() == 0 and dgen[start + count:].abs().sum() == 0
 
 
-def test_generate_weights_several_blocks(small_channel_blocks):
-    signal, weight = _leaves(2, (3, 4), 64, 2, 70, torch.float32)
-    got = kernels.generate_weights(signal, weight, groups=2, start=3, count=60)
-    ref = ops.generate_weights(signal, weight, groups=2, start=3, count=60)
-    assert_matches(got, ref, torch.float32)
-    dout = torch.randn_like(got)
+@pytest.mark.parametrize("width,groups,rows,start,count,dtype", [
+    (64, 2, 70, 3, 60, "fp32"),
+    # 29 rows per group, count a multiple of 8: the row blocks of groups 1-3 start 5, 2 and 7
+    # rows before the group (fp16: 8-row alignment), and group 1 spans 3 blocks of 16; an odd
+    # start shifts them
+    (64, 4, 116, 8, 104, "fp16"), (16, 4, 116, 8, 104, "bf16"), (64, 4, 116, 8, 104, "fp32"),
+    (64, 4, 116, 5, 104, "fp16"), (16, 4, 116, 11, 104, "fp32")])
+def test_generate_weights_several_blocks(small_channel_blocks, width, groups, rows, start, count,
+                                         dtype):
+    dtype = DTYPES[dtype]
+    signal, weight = _leaves(2, (3, 4), width, groups, rows, dtype)
+    got = kernels.generate_weights(signal, weight, groups=groups, start=start, count=count)
+    ref_signal = signal.detach().float().requires_grad_()
+    ref_weight = weight.detach().clone().requires_grad_()
+    ref = ops.generate_weights(ref_signal, ref_weight, groups=groups, start=start, count=count)
+    assert_matches(got, ref, dtype)
+    dout = randn(*got.shape, dtype=dtype)
     for name, g, r in zip(("signal", "weight"), torch.autograd.grad(got, (signal, weight), dout),
-                          torch.autograd.grad(ref, (signal, weight), dout)):
-        assert_grads_match(g, r, torch.float32, name)
+                          torch.autograd.grad(ref, (ref_signal, ref_weight), dout.float())):
+        assert_grads_match(g, r, dtype, name)
 
 
 def test_generate_weights_gradcheck_float64():
@@ -65,6 +87,96 @@ def test_generate_weights_gradcheck_float64():
         return kernels.generate_weights(signal, weight, groups=2, start=2, count=9)
 
     assert torch.autograd.gradcheck(generate, (signal, weight), fast_mode=True)
+
+
+def test_generate_weights_gradcheck_float64_odd_groups():
+    """Rows per group odd (7), count even: float64 row blocks start at even offsets."""
+    signal = randn(2, 9, 2, 2, dtype=torch.float64).requires_grad_()
+    weight = randn(21, 3, 1, 1, dtype=torch.float64).requires_grad_()
+
+    def generate(signal, weight):
+        return kernels.generate_weights(signal, weight, groups=3, start=3, count=16)
+
+    assert torch.autograd.gradcheck(generate, (signal, weight), fast_mode=True)
+
+
+@pytest.mark.parametrize("width,dtype", [(64, "fp16"), (16, "fp32")])
+def test_a_nan_gradient_stays_in_its_rows(width, dtype):
+    """The gradient kernels read the rows of neighbouring groups beside a group's own (aligned
+    vectors) and discard them by selection: a NaN in one generated row's gradient reaches that
+    row's generator gradient and its own group's signal gradient, nothing else, as in the
+    reference."""
+    dtype = DTYPES[dtype]
+    groups, rows, start, count = 4, 148, 16, 112                # 37 rows per group
+    signal, weight = _leaves(2, (2, 4), width, groups, rows, dtype)
+    got = kernels.generate_weights(signal, weight, groups=groups, start=start, count=count)
+    dout = randn(*got.shape, dtype=dtype)
+    bad = 74 - start                    # row 74: the first of group 2, beside group 1's last
+    dout[..., bad] = float("nan")
+    dsig, dgen = torch.autograd.grad(got, (signal, weight), dout)
+    spg = width // groups
+    nan_channels = dsig.isnan().any(dim=(0, 2, 3)).nonzero().flatten().tolist()
+    assert nan_channels == list(range(2 * spg, 3 * spg))
+    assert dgen.isnan().any(dim=(1, 2, 3)).nonzero().flatten().tolist() == [74]
+    ref_signal = signal.detach().float().requires_grad_()
+    ref_weight = weight.detach().clone().requires_grad_()
+    ref = ops.generate_weights(ref_signal, ref_weight, groups=groups, start=start, count=count)
+    rsig, rgen = torch.autograd.grad(ref, (ref_signal, ref_weight), dout.float())
+    keep = torch.ones(width, dtype=torch.bool)
+    keep[2 * spg:3 * spg] = False
+    assert_grads_match(dsig[:, keep], rsig[:, keep], dtype, "signal")
+    assert_grads_match(dgen[torch.arange(rows) != 74], rgen[torch.arange(rows) != 74], dtype,
+                       "generator weight")
+
+
+@pytest.mark.parametrize("width,groups,rows,start,count,dtype", [
+    (64, 4, 116, 8, 104, "fp16"), (16, 4, 116, 8, 104, "fp32"), (64, 4, 116, 5, 104, "bf16"),
+    (64, 2, 70, 9, 50, "fp16"), (32, 4, 40, 5, 30, "fp32")])
+def test_backward_executed_work_counts_what_runs(monkeypatch, small_channel_blocks, width, groups,
+                                                 rows, start, count, dtype):
+    """``executed_work`` of the two gradient kernels (what the report's redundancy check reads)
+    against the products their launches actually form, counted in the interpreter: every tile
+    product (a dot or a multiply-add tile) of (M x K) by (K x N) adds M K N. 16-row blocks, so
+    that a group's rows span several, as on a GPU."""
+    from hyperseg.kernels import _common
+    # (the module: the package's attribute of that name is the op)
+    module = importlib.import_module("hyperseg.kernels.generate_weights")
+    if not _common.interpreting():
+        pytest.skip("counts the products in the Triton interpreter")
+    counted, launches, running = {}, [], []
+    real_mac = module.mac
+
+    def counting_mac(a, b, acc, *args):
+        counted[running[-1]] = counted.get(running[-1], 0) + a.shape[0] * a.shape[1] * b.shape[1]
+        return real_mac(a, b, acc, *args)
+
+    def recorded(kernel):
+        name = kernel.fn.__name__
+
+        class Recorded:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    params = {k: v for k, v in kwargs.items() if k != "num_warps"}
+                    bound = inspect.signature(kernel.fn).bind(*args, **params).arguments
+                    grid3 = tuple(grid) + (1,) * (3 - len(grid))
+                    launches.append(SimpleNamespace(args=bound, grid=grid3, name=name))
+                    running.append(name)
+                    return kernel[grid](*args, **kwargs)
+                return launch
+        return Recorded()
+
+    names = ("_generate_weights_signal_grad_kernel", "_generate_weights_weight_grad_kernel")
+    monkeypatch.setattr(module, "mac", counting_mac)
+    for name in names:
+        monkeypatch.setattr(module, name, recorded(getattr(module, name)))
+    dtype = DTYPES[dtype]
+    signal, weight = _leaves(2, (3, 4), width, groups, rows, dtype)
+    got = kernels.generate_weights(signal, weight, groups=groups, start=start, count=count)
+    torch.autograd.grad(got, (signal, weight), torch.ones_like(got))
+    assert sorted(l.name for l in launches) == sorted(names)
+    for launch in launches:
+        assert counted[launch.name] > 0
+        assert module.executed_work(launch.name, launch)["macs"] == counted[launch.name], launch.name
 
 
 def test_generate_weights_backward_is_deterministic():
