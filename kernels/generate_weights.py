@@ -78,9 +78,10 @@ def _generate_weights_signal_grad_kernel(
     # ROW_ALIGN: one dividing count (at most a 16-byte vector), so that a patch's count values
     # start aligned; the row blocks start at the offset of the group's first generated row in
     # them rounded down to ROW_ALIGN: whatever the rows per group (odd in most models) and
-    # start, each tile row of the output gradient is read as aligned vectors. The rows of the neighbouring groups that
-    # this rounding reads are set to zero in registers (a select, not a product, so that not even
-    # a NaN there reaches this group's sums), and their generator rows are not read.
+    # start, each tile row of the output gradient is read as aligned vectors. The neighbouring
+    # groups' rows that this rounding reads are set to zero in registers (a select, not a
+    # product, so that not even a NaN there reaches this group's sums), and their generator
+    # rows are not read.
     GHW = GHW // GHW_ALIGN * GHW_ALIGN
     N = N // GHW_ALIGN * GHW_ALIGN          # (N = images x GHW)
     count = count // ROW_ALIGN * ROW_ALIGN
@@ -264,7 +265,8 @@ def _generate_weights_backward_op(dout: torch.Tensor, signal: torch.Tensor, weig
                 ROW_ALIGN=row_align, num_warps=4)
     if weight_grad:
         # the kernel stores the generated rows only
-        dgen = (torch.empty_like if (start, count) == (0, weight.shape[0]) else torch.zeros_like)(weight)
+        every_row = (start, count) == (0, weight.shape[0])
+        dgen = torch.empty_like(weight) if every_row else torch.zeros_like(weight)
         fma = spg <= 8         # padded to 16 by a dot (9 to 15: a dot still, on tensor cores)
         if fma:
             # the signal inputs padded to a power of two only; a 3-D tile of at most 4,096

@@ -176,7 +176,8 @@ def test_backward_executed_work_counts_what_runs(monkeypatch, small_channel_bloc
     assert sorted(l.name for l in launches) == sorted(names)
     for launch in launches:
         assert counted[launch.name] > 0
-        assert module.executed_work(launch.name, launch)["macs"] == counted[launch.name], launch.name
+        executed = module.executed_work(launch.name, launch)["macs"]
+        assert executed == counted[launch.name], launch.name
 
 
 def test_generate_weights_backward_is_deterministic():
