@@ -79,23 +79,16 @@ def test_generate_weights_several_blocks(small_channel_blocks, width, groups, ro
         assert_grads_match(g, r, dtype, name)
 
 
-def test_generate_weights_gradcheck_float64():
-    signal = randn(2, 8, 1, 2, dtype=torch.float64).requires_grad_()
-    weight = randn(12, 4, 1, 1, dtype=torch.float64).requires_grad_()
+# (signal channels, grid, groups, generator rows, start, count): the second has odd rows per
+# group (7) and an even count, so its float64 row blocks start at even offsets
+@pytest.mark.parametrize("width,grid,groups,rows,start,count", [
+    (8, (1, 2), 2, 12, 2, 9), (9, (2, 2), 3, 21, 3, 16)])
+def test_generate_weights_gradcheck_float64(width, grid, groups, rows, start, count):
+    signal = randn(2, width, *grid, dtype=torch.float64).requires_grad_()
+    weight = randn(rows, width // groups, 1, 1, dtype=torch.float64).requires_grad_()
 
     def generate(signal, weight):
-        return kernels.generate_weights(signal, weight, groups=2, start=2, count=9)
-
-    assert torch.autograd.gradcheck(generate, (signal, weight), fast_mode=True)
-
-
-def test_generate_weights_gradcheck_float64_odd_groups():
-    """Rows per group odd (7), count even: float64 row blocks start at even offsets."""
-    signal = randn(2, 9, 2, 2, dtype=torch.float64).requires_grad_()
-    weight = randn(21, 3, 1, 1, dtype=torch.float64).requires_grad_()
-
-    def generate(signal, weight):
-        return kernels.generate_weights(signal, weight, groups=3, start=3, count=16)
+        return kernels.generate_weights(signal, weight, groups=groups, start=start, count=count)
 
     assert torch.autograd.gradcheck(generate, (signal, weight), fast_mode=True)
 
