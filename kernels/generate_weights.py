@@ -63,7 +63,7 @@ def _generate_weights_kernel(
 
 @triton.jit
 def _generate_weights_signal_grad_kernel(
-        dout_ptr, gen_ptr, dsig_ptr, N, GHW, S, SPG, RPG, start, count, G0,
+        dout_ptr, gen_ptr, dsig_ptr, N, GHW, S, SPG, RPG, start, count, patch_stride, G0,
         DOT_MODE: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
         BLOCK_S: tl.constexpr, FMA: tl.constexpr, GHW_ALIGN: tl.constexpr,
         ROW_ALIGN: tl.constexpr):
@@ -75,16 +75,18 @@ def _generate_weights_signal_grad_kernel(
     # rows per group, broadcast multiply-adds). Groups G0 onwards: those that hold generated rows
     # (the launcher zeroes the others). Each program owns its outputs (no atomics); the row
     # blocks come in a fixed order. GHW_ALIGN: a power of two dividing the patches per image;
-    # ROW_ALIGN: one dividing count (at most a 16-byte vector), so that a patch's count values
+    # a patch's count values start patch_stride (>= count) values after the previous patch's;
+    # ROW_ALIGN: a power of two dividing patch_stride (at most a 16-byte vector), so that they
     # start aligned; the row blocks start at the offset of the group's first generated row in
-    # them rounded down to ROW_ALIGN: whatever the rows per group (odd in most models) and
-    # start, each tile row of the output gradient is read as aligned vectors. The neighbouring
-    # groups' rows that this rounding reads are set to zero in registers (a select, not a
-    # product, so that not even a NaN there reaches this group's sums), and their generator
-    # rows are not read.
+    # them rounded down to ROW_ALIGN, and end at its last rounded up: whatever the rows per
+    # group (odd in most models), start and count, each tile row of the output gradient is
+    # read as aligned vectors. The values this rounding reads outside the group's rows (the
+    # neighbouring groups', or the padding after count) are set to zero in registers (a select,
+    # not a product, so that not even a NaN there reaches this group's sums), and no generator
+    # rows are read for them.
     GHW = GHW // GHW_ALIGN * GHW_ALIGN
     N = N // GHW_ALIGN * GHW_ALIGN          # (N = images x GHW)
-    count = count // ROW_ALIGN * ROW_ALIGN
+    patch_stride = patch_stride // ROW_ALIGN * ROW_ALIGN
     n_s_blocks = tl.cdiv(SPG, BLOCK_S)
     g = G0 + tl.program_id(1) // n_s_blocks
     s = (tl.program_id(1) % n_s_blocks) * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -95,13 +97,13 @@ def _generate_weights_signal_grad_kernel(
     o_lo = tl.maximum(start, g * RPG) - start
     o_hi = tl.minimum(start + count, g * RPG + RPG) - start
     o_first = o_lo // ROW_ALIGN * ROW_ALIGN
-    o_end = (o_hi + ROW_ALIGN - 1) // ROW_ALIGN * ROW_ALIGN    # (<= count)
+    o_end = (o_hi + ROW_ALIGN - 1) // ROW_ALIGN * ROW_ALIGN    # (<= patch_stride)
     acc = tl.zeros((BLOCK_N, BLOCK_S), dtype=ACC)
     for k in range(0, tl.cdiv(o_hi - o_first, BLOCK_R)):
         o = o_first + k * BLOCK_R + tl.arange(0, BLOCK_R)
         in_group = (o >= o_lo) & (o < o_hi)
         d = tl.load(  # interior: vector of ROW_ALIGN
-            dout_ptr + n.to(tl.int64)[:, None] * count + o[None, :],
+            dout_ptr + n.to(tl.int64)[:, None] * patch_stride + o[None, :],
             mask=n_mask[:, None] & (o < o_end)[None, :], other=0.0)
         d = tl.where(in_group[None, :], d, 0.0)
         w = tl.load(gen_ptr + (start + o).to(tl.int64)[:, None] * SPG + s[None, :],
@@ -114,7 +116,7 @@ def _generate_weights_signal_grad_kernel(
 
 @triton.jit
 def _generate_weights_weight_grad_kernel(
-        dout_ptr, sig_ptr, dgen_ptr, N, GHW, S, SPG, RPG, start, count,
+        dout_ptr, sig_ptr, dgen_ptr, N, GHW, S, SPG, RPG, start, count, patch_stride,
         DOT_MODE: tl.constexpr, ACC: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, FMA: tl.constexpr,
         GHW_ALIGN: tl.constexpr, ROW_ALIGN: tl.constexpr):
@@ -123,23 +125,24 @@ def _generate_weights_weight_grad_kernel(
     # fixed order (deterministic). Rows that were not generated keep the launcher's zeros. With FMA
     # (at most 8 signal inputs per group, which a dot would pad to 16: 2x or more) the product is
     # summed from broadcast multiply-adds over a (BLOCK_R, BLOCK_N, BLOCK_S) tile instead.
-    # GHW_ALIGN: a power of two dividing the patches per image; ROW_ALIGN: one dividing count
-    # (at most a 16-byte vector), so that each patch's count values start aligned. A group's row
-    # blocks start at its first generated row's offset in them rounded down to ROW_ALIGN, so that
-    # each tile column of the output gradient (a patch's values for the block's rows) is read as
-    # aligned vectors whatever the rows per group (odd in most models) and start: the rows of
-    # the previous group in the first block, and those past the group's end in the last, are
-    # read but not stored (each row of the product is its own sum; the neighbouring group's
-    # programs own them). Only generated rows are stored: the launcher zeroes the others.
+    # GHW_ALIGN: a power of two dividing the patches per image; a patch's count values start
+    # patch_stride (>= count) values after the previous patch's, and ROW_ALIGN, a power of two
+    # dividing patch_stride (at most a 16-byte vector), aligns them. A group's row blocks start
+    # at its first generated row's offset in them rounded down to ROW_ALIGN, so that each tile
+    # column of the output gradient (a patch's values for the block's rows) is read as aligned
+    # vectors whatever the rows per group (odd in most models), start and count: the rows of the
+    # previous group in the first block, and those past the group's end (or count's) in the
+    # last, are read but not stored (each row of the product is its own sum; the neighbouring
+    # group's programs own them). Only generated rows are stored: the launcher zeroes the others.
     GHW = GHW // GHW_ALIGN * GHW_ALIGN
     N = N // GHW_ALIGN * GHW_ALIGN          # (N = images x GHW)
-    count = count // ROW_ALIGN * ROW_ALIGN
+    patch_stride = patch_stride // ROW_ALIGN * ROW_ALIGN
     n_row_blocks = tl.cdiv(RPG + ROW_ALIGN - 1, BLOCK_R)
     group = tl.program_id(0) // n_row_blocks
     # the group's generated rows, as offsets into a patch's count values: o_lo .. o_hi
     o_lo = tl.maximum(start, group * RPG) - start
     o_hi = tl.minimum(start + count, group * RPG + RPG) - start
-    o_end = (o_hi + ROW_ALIGN - 1) // ROW_ALIGN * ROW_ALIGN    # (<= count)
+    o_end = (o_hi + ROW_ALIGN - 1) // ROW_ALIGN * ROW_ALIGN    # (<= patch_stride)
     o = (o_lo // ROW_ALIGN * ROW_ALIGN + (tl.program_id(0) % n_row_blocks) * BLOCK_R
          + tl.arange(0, BLOCK_R))
     r_mask = (o >= o_lo) & (o < o_hi)
@@ -152,7 +155,7 @@ def _generate_weights_weight_grad_kernel(
             n = n0 + tl.arange(0, BLOCK_N)
             n_mask = n < N
             d = tl.load(  # interior: vector of ROW_ALIGN
-                dout_ptr + n.to(tl.int64)[None, :] * count + o[:, None],
+                dout_ptr + n.to(tl.int64)[None, :] * patch_stride + o[:, None],
                 mask=(o < o_end)[:, None] & n_mask[None, :], other=0.0)
             sig_n = (n // GHW).to(tl.int64) * S * GHW + n % GHW
             v = tl.load(sig_ptr + sig_n[:, None] + chan[None, :] * GHW,  # interior: vector
@@ -199,6 +202,15 @@ def signal_grad_tiles(n: int, rows: int, spg: int, element_size: int):
     return block_n, block_r, block_s, True
 
 
+def gradient_stride(count: int, element_size: int) -> int:
+    """The patch stride at which to hand ``count`` generated values' gradient (elements of
+    ``element_size`` bytes) to ``generate_weights_backward``: count rounded up to a multiple of
+    16 bytes, so that each patch's values start 16-byte aligned, which lets both gradient kernels
+    read them as 16-byte vectors (count = 882 in 16-bit: 888, +0.7%)."""
+    per_vector = max(1, 16 // element_size)
+    return -(-count // per_vector) * per_vector
+
+
 def _shapes(signal: torch.Tensor, weight: torch.Tensor, groups: int):
     b, width, gh, gw = signal.shape
     rows, spg = weight.shape[:2]
@@ -240,13 +252,17 @@ def _generate_weights_fake(signal, weight, groups, start, count, row, row_stride
 def _generate_weights_backward_op(dout: torch.Tensor, signal: torch.Tensor, weight: torch.Tensor,
                                   groups: int, start: int, count: int, signal_grad: bool,
                                   weight_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(dsignal, dweight); a gradient not asked for is an empty tensor."""
+    """(dsignal, dweight); a gradient not asked for is an empty tensor. ``dout`` (B, GH, GW, P):
+    the gradient of each patch's count generated values, in the first count of its P (the rest
+    is never used: a P rounded up to a 16-byte multiple, ``gradient_stride``, makes each patch's
+    values start aligned)."""
     dout = dout.contiguous()
     n, ghw, width, spg, rpg = _shapes(signal, weight, groups)
     acc, mode = accumulator(signal.dtype), dot_mode(signal.dtype)
-    # both kernels read each patch's count values in runs that start at multiples of row_align:
-    # what divides count, up to a 16-byte vector
-    row_align = min(alignment(count), max(1, 16 // dout.element_size()))
+    patch_stride = dout.shape[3]
+    # both kernels read each patch's values in runs that start at multiples of row_align: what
+    # divides the patch stride, up to a 16-byte vector
+    row_align = min(alignment(patch_stride), max(1, 16 // dout.element_size()))
     dsig = dgen = None
     if signal_grad:
         # only the groups holding generated rows have a gradient: the kernel covers their
@@ -259,7 +275,7 @@ def _generate_weights_backward_op(dout: torch.Tensor, signal: torch.Tensor, weig
             block_n, block_r, block_s, fma = signal_grad_tiles(n, rows, spg, signal.element_size())
             grid = (triton.cdiv(n, block_n), (g1 - g0) * triton.cdiv(spg, block_s))
             _generate_weights_signal_grad_kernel[grid](
-                dout, weight, dsig, n, ghw, width, spg, rpg, start, count, g0,
+                dout, weight, dsig, n, ghw, width, spg, rpg, start, count, patch_stride, g0,
                 DOT_MODE=mode, ACC=acc, BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_S=block_s,
                 FMA=fma, GHW_ALIGN=alignment(ghw),
                 ROW_ALIGN=row_align, num_warps=4)
@@ -279,7 +295,7 @@ def _generate_weights_backward_op(dout: torch.Tensor, signal: torch.Tensor, weig
             block_r, block_s, block_n = channel_block(rpg, 32), channel_block(spg, 32), channel_block(n, 32)
         grid = (groups * triton.cdiv(rpg + row_align - 1, block_r), triton.cdiv(spg, block_s))
         _generate_weights_weight_grad_kernel[grid](
-            dout, signal, dgen, n, ghw, width, spg, rpg, start, count,
+            dout, signal, dgen, n, ghw, width, spg, rpg, start, count, patch_stride,
             DOT_MODE=mode, ACC=acc, BLOCK_R=block_r, BLOCK_S=block_s, BLOCK_N=block_n, FMA=fma,
             GHW_ALIGN=alignment(ghw), ROW_ALIGN=row_align,
             num_warps=4)

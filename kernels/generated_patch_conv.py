@@ -8,15 +8,19 @@ It launches no kernel of its own: the forward and backward passes compose the cu
 which importing those modules registers. The per-patch kernels pass between them in one layout:
 generated with each output channel's row padded to a multiple of 16 bytes where the convolution
 reads rows as vectors (dense 1x1 on dots: 82 input channels are 84 values apart in float32, 88
-in 16-bit), the padding zeros, never read into a result; their gradient comes back unpadded.
+in 16-bit), the padding zeros, never read into a result. Their gradient passes with each patch's
+values padded to a multiple of 16 bytes instead (``generate_weights.gradient_stride``), the
+padding zeros too, never read into a result: the generator's gradient kernels read each patch's
+values as aligned vectors then, whatever their count (98 channels' 3 x 3 depthwise kernels, 882
+values, are 1,764 bytes in 16-bit: 4-byte aligned unpadded).
 """
 from __future__ import annotations
 
 import torch
 
-from . import generate_weights as _generate_weights_ops  # noqa: F401  (registers its custom ops)
 from . import patch_conv as _patch_conv_ops  # noqa: F401  (registers its custom ops)
 from ..layout import patch_conv_rows
+from .generate_weights import gradient_stride  # (importing it registers its custom ops)
 from ._common import autocast, check_device, check_dtype, check_generated_op
 
 
@@ -56,15 +60,17 @@ class GeneratedPatchConv2dFunction(torch.autograd.Function):
         need_x, need_signal, need_weight = ctx.needs_input_grad[:3]
         kernels = GeneratedPatchConv2dFunction._kernels(x, signal, weight, *ctx.config[:5])
         need_kernels = need_signal or need_weight
-        dx, dkernels, _ = torch.ops.hyperseg.patch_conv2d_backward(
-            dout, x, kernels, need_x, need_kernels, False, padding_mode, groups)
+        count = patch_conv_rows(x.shape[1], out_channels, groups, kernel_size)
+        stride = gradient_stride(count, kernels.element_size())
+        # dparams: (B, GH, GW, stride), each patch's count values first, then zeros
+        dx, dparams, _ = torch.ops.hyperseg.patch_conv2d_backward(
+            dout, x, kernels, need_x, need_kernels, False, padding_mode, groups, stride)
         del kernels              # regenerated for this backward only: freed before the generator's
         dsignal = dweight = None
         if need_kernels:
-            dparams = dkernels.flatten(3)                      # (B, GH, GW, rows generated)
             dsignal, dweight = torch.ops.hyperseg.generate_weights_backward(
-                dparams, signal, weight, generator_groups, row_start, dparams.shape[3],
-                need_signal, need_weight)
+                dparams, signal, weight, generator_groups, row_start, count, need_signal,
+                need_weight)
         return (dx if need_x else None, dsignal if need_signal else None,
                 dweight if need_weight else None, None, None, None, None, None, None)
 

@@ -9,6 +9,7 @@ kernels is ``generated_patch_conv2d`` (generated_patch_conv.py); the fused infer
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -492,7 +493,7 @@ def _patch_conv_input_grad_kernel(
 @triton.jit
 def _patch_conv_weight_grad_kernel(
         x_ptr, dout_ptr, dw_ptr, db_ptr,
-        H, W, GH, GW, CIN, COUT, CIN_G, COUT_G, CI_DOT,
+        H, W, GH, GW, CIN, COUT, CIN_G, COUT_G, CI_DOT, DW_PATCH,
         K: tl.constexpr, PAD_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, DEPTHWISE: tl.constexpr,
         DOT_MODE: tl.constexpr, ACC: tl.constexpr,
         BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_P: tl.constexpr, FMA: tl.constexpr,
@@ -505,6 +506,8 @@ def _patch_conv_weight_grad_kernel(
     # TAIL, one more block per output-channel block takes the rest (fewer than 16) one channel at
     # a time, each a sum over pixels of dout times that channel's row. VEC > 1 (3 x 3
     # depthwise): patches away from the left and right borders take x from aligned vectors.
+    # A patch's kernel gradient, COUT x CIN_G x K*K values, starts DW_PATCH values after the
+    # previous patch's (more than that where the generator's gradient reads it as vectors).
     pid_patch = tl.program_id(0)
     pid_c = tl.program_id(1)
     W = GW * PW                             # (the image's width: a multiple of PW)
@@ -512,6 +515,7 @@ def _patch_conv_weight_grad_kernel(
     b = pid_patch // (GH * GW)
     x_base = x_ptr + b.to(tl.int64) * CIN * HW
     dout_base = dout_ptr + b.to(tl.int64) * COUT * HW
+    dw_patch = dw_ptr + pid_patch.to(tl.int64) * DW_PATCH
     if DEPTHWISE:
         co = pid_c * BLOCK_CO + tl.arange(0, BLOCK_CO)
         co_mask = co < COUT
@@ -537,21 +541,21 @@ def _patch_conv_weight_grad_kernel(
     else:
         tail_block = False
     if tail_block:
-        _weight_grad_tail(pid_patch, g, co, co_mask, x_base, dout_base, dw_ptr, H, W, GH, GW, COUT,
+        _weight_grad_tail(pid_patch, g, co, co_mask, x_base, dout_base, dw_patch, H, W, GH, GW,
                           CIN_G, CI_DOT, K, PAD_MODE, ACC, BLOCK_CO, BLOCK_P, PW)
     elif VEC > 1:
         if (pid_patch % GW > 0) & (pid_patch % GW < GW - 1):
-            _weight_grad_depthwise3_vectors(pid_patch, co, co_mask, x_base, dout_base, dw_ptr,
+            _weight_grad_depthwise3_vectors(pid_patch, co, co_mask, x_base, dout_base, dw_patch,
                                             db_ptr, H, W, GH, GW, COUT, PAD_MODE, HAS_BIAS, ACC,
                                             BLOCK_CO, BLOCK_P, PW, VEC)
         else:
             _weight_grad_block(pid_patch, co, co_mask, ci, ci_mask, ci_local, first_ci_block,
-                               x_base, dout_base, dw_ptr, db_ptr, H, W, GH, GW, COUT, CIN_G, K,
+                               x_base, dout_base, dw_patch, db_ptr, H, W, GH, GW, COUT, CIN_G, K,
                                PAD_MODE, HAS_BIAS, DEPTHWISE, DOT_MODE, ACC, BLOCK_CO, BLOCK_CI,
                                BLOCK_P, FMA, PW)
     else:
         _weight_grad_block(pid_patch, co, co_mask, ci, ci_mask, ci_local, first_ci_block, x_base,
-                           dout_base, dw_ptr, db_ptr, H, W, GH, GW, COUT, CIN_G, K, PAD_MODE,
+                           dout_base, dw_patch, db_ptr, H, W, GH, GW, COUT, CIN_G, K, PAD_MODE,
                            HAS_BIAS, DEPTHWISE, DOT_MODE, ACC, BLOCK_CO, BLOCK_CI, BLOCK_P, FMA,
                            PW)
 
@@ -569,14 +573,14 @@ def _tap_pixels(pid_patch, p0, t, H, W, GH, GW, K: tl.constexpr, PAD_MODE: tl.co
 
 @triton.jit
 def _weight_grad_block(pid_patch, co, co_mask, ci, ci_mask, ci_local, first_ci_block, x_base,
-                       dout_base, dw_ptr, db_ptr, H, W, GH, GW, COUT, CIN_G, K: tl.constexpr,
+                       dout_base, dw_patch, db_ptr, H, W, GH, GW, COUT, CIN_G, K: tl.constexpr,
                        PAD_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, DEPTHWISE: tl.constexpr,
                        DOT_MODE: tl.constexpr, ACC: tl.constexpr, BLOCK_CO: tl.constexpr,
                        BLOCK_CI: tl.constexpr, BLOCK_P: tl.constexpr, FMA: tl.constexpr,
                        PW: tl.constexpr):
     # One (output-channel block x input-channel block) tile of a patch's kernel gradient (and
     # with the first input-channel block, the bias gradient), tap by tap, pixel block by pixel
-    # block.
+    # block; dw_patch: the patch's kernel gradient.
     HW = H * W
     KK: tl.constexpr = K * K
     n_pix = (H // GH) * (W // GW)
@@ -603,11 +607,10 @@ def _weight_grad_block(pid_patch, co, co_mask, ci, ci_mask, ci_local, first_ci_b
                 if t == 0:
                     bias_sum += tl.sum(gv.to(ACC), axis=1)
         if DEPTHWISE:
-            tl.store(dw_ptr + pid_patch.to(tl.int64) * COUT * KK + co * KK + t,
-                     acc.to(dw_ptr.dtype.element_ty), mask=co_mask)
+            tl.store(dw_patch + co * KK + t, acc.to(dw_patch.dtype.element_ty), mask=co_mask)
         else:
-            w_off = ((pid_patch.to(tl.int64) * COUT + co[:, None]) * CIN_G + ci_local[None, :]) * KK + t
-            tl.store(dw_ptr + w_off, acc.to(dw_ptr.dtype.element_ty),
+            w_off = (co[:, None] * CIN_G + ci_local[None, :]) * KK + t
+            tl.store(dw_patch + w_off, acc.to(dw_patch.dtype.element_ty),
                      mask=co_mask[:, None] & ci_mask[None, :])
     if HAS_BIAS:
         tl.store(db_ptr + pid_patch.to(tl.int64) * COUT + co, bias_sum.to(db_ptr.dtype.element_ty),
@@ -615,7 +618,7 @@ def _weight_grad_block(pid_patch, co, co_mask, ci, ci_mask, ci_local, first_ci_b
 
 
 @triton.jit
-def _weight_grad_depthwise3_vectors(pid_patch, co, co_mask, x_base, dout_base, dw_ptr, db_ptr, H, W,
+def _weight_grad_depthwise3_vectors(pid_patch, co, co_mask, x_base, dout_base, dw_patch, db_ptr, H, W,
                                     GH, GW, COUT, PAD_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
                                     ACC: tl.constexpr, BLOCK_CO: tl.constexpr,
                                     BLOCK_P: tl.constexpr, PW: tl.constexpr, VEC: tl.constexpr):
@@ -655,8 +658,7 @@ def _weight_grad_depthwise3_vectors(pid_patch, co, co_mask, x_base, dout_base, d
             _, right = shift_vectors(cur, cur, nxt, VEC, BLOCK_CO, GROUPS)
             acc += tl.where(taps[None, :] == ky * 3 + 2,
                             tl.sum(tl.sum(gv * right, axis=2), axis=1)[:, None], 0.0)
-    w_off = pid_patch.to(tl.int64) * COUT * 9 + co[:, None] * 9 + taps[None, :]
-    tl.store(dw_ptr + w_off, acc.to(dw_ptr.dtype.element_ty),
+    tl.store(dw_patch + co[:, None] * 9 + taps[None, :], acc.to(dw_patch.dtype.element_ty),
              mask=co_mask[:, None] & (taps < 9)[None, :])
     if HAS_BIAS:
         tl.store(db_ptr + pid_patch.to(tl.int64) * COUT + co, bias_sum.to(db_ptr.dtype.element_ty),
@@ -664,7 +666,7 @@ def _weight_grad_depthwise3_vectors(pid_patch, co, co_mask, x_base, dout_base, d
 
 
 @triton.jit
-def _weight_grad_tail(pid_patch, g, co, co_mask, x_base, dout_base, dw_ptr, H, W, GH, GW, COUT,
+def _weight_grad_tail(pid_patch, g, co, co_mask, x_base, dout_base, dw_patch, H, W, GH, GW,
                       CIN_G, CI_DOT, K: tl.constexpr, PAD_MODE: tl.constexpr, ACC: tl.constexpr,
                       BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr, PW: tl.constexpr):
     # dW[co, ci, t] for the tail input channels CI_DOT .. CIN_G, one channel and tap at a time:
@@ -685,8 +687,8 @@ def _weight_grad_tail(pid_patch, g, co, co_mask, x_base, dout_base, dw_ptr, H, W
                 xv = tl.load(  # interior: vector of PW when K == 1
                     x_row + src, mask=s_mask, other=0.0)
                 acc += tl.sum(gv.to(ACC) * xv.to(ACC)[None, :], axis=1)
-            w_off = ((pid_patch.to(tl.int64) * COUT + co) * CIN_G + ci_t) * KK + t
-            tl.store(dw_ptr + w_off, acc.to(dw_ptr.dtype.element_ty), mask=co_mask)
+            tl.store(dw_patch + (co * CIN_G + ci_t) * KK + t, acc.to(dw_patch.dtype.element_ty),
+                     mask=co_mask)
 
 
 def _input_grad_warps(depthwise: bool, x, vec: int = 1) -> int:
@@ -697,7 +699,9 @@ def _input_grad_warps(depthwise: bool, x, vec: int = 1) -> int:
 
 
 def _launch_backward(dout, x, weight, *, dx, dw, db, groups, padding_mode):
-    """Fill ``dx`` (if not None) and ``dw`` / ``db`` (if not None, contiguous) from ``dout``."""
+    """Fill ``dx`` (if not None) and ``dw`` / ``db`` (if not None, contiguous) from ``dout``. ``dw``
+    is shaped like the kernels, or (B, GH, GW, S): each patch's kernel gradient in the first of
+    its S values."""
     b, cin, h, w = x.shape
     weight, w_row = kernel_rows(weight)
     _, gh, gw, cout, cin_g, k, _ = weight.shape
@@ -746,7 +750,7 @@ def _launch_backward(dout, x, weight, *, dx, dw, db, groups, padding_mode):
                else groups * triton.cdiv(cout_g, block_co) * (triton.cdiv(ci_dot, block_ci) + tail))
         _patch_conv_weight_grad_kernel[(b * gh * gw, n_c)](
             x, dout, dw, db if db is not None else dw, h, w, gh, gw, cin, cout, cin_g, cout_g,
-            ci_dot, HAS_BIAS=db is not None, BLOCK_CO=block_co, BLOCK_CI=block_ci,
+            ci_dot, dw.stride(2), HAS_BIAS=db is not None, BLOCK_CO=block_co, BLOCK_CI=block_ci,
             BLOCK_P=block_p, FMA=fma, TAIL=tail, PW=pw, VEC=vec,
             # the vector taps of 16 x 64 tiles on 8 warps (4 held 80-96 registers, and spilled a
             # predicate in 16-bit at 8-pixel rows); 16 x 16 tiles on 4 (8 spilled 24 B in bf16)
@@ -777,16 +781,33 @@ def _patch_conv2d_fake(x, weight, bias, padding_mode, groups):
     return output_like(x, weight.shape[3])
 
 
+def _weight_grad_like(weight: torch.Tensor, patch_stride: int) -> torch.Tensor:
+    """The kernel gradient ``patch_conv2d_backward`` returns: contiguous, shaped like ``weight``
+    (patch_stride 0), or (B, GH, GW, patch_stride) with each patch's kernel gradient in the first
+    Cout x Cin / groups x k x k of its values, zeros after them."""
+    if patch_stride == 0:
+        return weight.new_empty(weight.shape)
+    values = math.prod(weight.shape[3:])
+    if patch_stride < values:
+        raise ValueError(f"a patch stride of {patch_stride} cannot hold a patch's {values} "
+                         "kernel values")
+    dw = weight.new_empty(*weight.shape[:3], patch_stride)
+    dw[..., values:].zero_()            # (the kernel writes the rest)
+    return dw
+
+
 @torch.library.custom_op("hyperseg::patch_conv2d_backward", mutates_args=())
 def _patch_conv2d_backward_op(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                               input_grad: bool, weight_grad: bool, bias_grad: bool,
-                              padding_mode: str, groups: int
+                              padding_mode: str, groups: int, patch_stride: int = 0
                               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dweight, dbias); a gradient not asked for is an empty tensor. dbias is float32 (or
-    float64) and is accumulated in the kernel that computes dweight."""
+    float64) and is accumulated in the kernel that computes dweight. dweight: see
+    ``_weight_grad_like`` (a ``patch_stride`` that rounds each patch's values up to a 16-byte
+    multiple lets the generator's gradient read them as aligned vectors)."""
     dout = dout.contiguous()
     dx = torch.empty_like(x) if input_grad else None
-    dw = weight.new_empty(weight.shape) if weight_grad else None   # contiguous
+    dw = _weight_grad_like(weight, patch_stride) if weight_grad else None
     db = (x.new_empty(weight.shape[:4], dtype=torch.promote_types(x.dtype, torch.float32))
           if bias_grad else None)
     _launch_backward(dout, x, weight, dx=dx, dw=dw, db=db, groups=groups, padding_mode=padding_mode)
@@ -795,9 +816,9 @@ def _patch_conv2d_backward_op(dout: torch.Tensor, x: torch.Tensor, weight: torch
 
 @_patch_conv2d_backward_op.register_fake
 def _patch_conv2d_backward_fake(dout, x, weight, input_grad, weight_grad, bias_grad, padding_mode,
-                                groups):
+                                groups, patch_stride=0):
     return (torch.empty_like(x) if input_grad else x.new_empty(0),
-            weight.new_empty(weight.shape) if weight_grad else x.new_empty(0),
+            _weight_grad_like(weight, patch_stride) if weight_grad else x.new_empty(0),
             x.new_empty(weight.shape[:4], dtype=torch.promote_types(x.dtype, torch.float32))
             if bias_grad else x.new_empty(0))
 

@@ -122,6 +122,35 @@ def test_a_nan_gradient_stays_in_its_rows(width, dtype):
                        "generator weight")
 
 
+GRADIENT_KERNELS = ("_generate_weights_signal_grad_kernel", "_generate_weights_weight_grad_kernel")
+
+
+def _record_launches(monkeypatch, module, running=None):
+    """Wrap the two gradient kernels of ``module`` so that each launch is appended, as
+    (args by name, 3-D grid, kernel name), to the list returned (and its name to ``running``)."""
+    launches = []
+
+    def recorded(kernel):
+        name = kernel.fn.__name__
+
+        class Recorded:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    params = {k: v for k, v in kwargs.items() if k != "num_warps"}
+                    bound = inspect.signature(kernel.fn).bind(*args, **params).arguments
+                    grid3 = tuple(grid) + (1,) * (3 - len(grid))
+                    launches.append(SimpleNamespace(args=bound, grid=grid3, name=name))
+                    if running is not None:
+                        running.append(name)
+                    return kernel[grid](*args, **kwargs)
+                return launch
+        return Recorded()
+
+    for name in GRADIENT_KERNELS:
+        monkeypatch.setattr(module, name, recorded(getattr(module, name)))
+    return launches
+
+
 @pytest.mark.parametrize("width,groups,rows,start,count,dtype", [
     (64, 4, 116, 8, 104, "fp16"), (16, 4, 116, 8, 104, "fp32"), (64, 4, 116, 5, 104, "bf16"),
     (64, 2, 70, 9, 50, "fp16"), (32, 4, 40, 5, 30, "fp32")])
@@ -136,41 +165,62 @@ def test_backward_executed_work_counts_what_runs(monkeypatch, small_channel_bloc
     module = importlib.import_module("hyperseg.kernels.generate_weights")
     if not _common.interpreting():
         pytest.skip("counts the products in the Triton interpreter")
-    counted, launches, running = {}, [], []
+    counted, running = {}, []
     real_mac = module.mac
 
     def counting_mac(a, b, acc, *args):
         counted[running[-1]] = counted.get(running[-1], 0) + a.shape[0] * a.shape[1] * b.shape[1]
         return real_mac(a, b, acc, *args)
 
-    def recorded(kernel):
-        name = kernel.fn.__name__
-
-        class Recorded:
-            def __getitem__(self, grid):
-                def launch(*args, **kwargs):
-                    params = {k: v for k, v in kwargs.items() if k != "num_warps"}
-                    bound = inspect.signature(kernel.fn).bind(*args, **params).arguments
-                    grid3 = tuple(grid) + (1,) * (3 - len(grid))
-                    launches.append(SimpleNamespace(args=bound, grid=grid3, name=name))
-                    running.append(name)
-                    return kernel[grid](*args, **kwargs)
-                return launch
-        return Recorded()
-
-    names = ("_generate_weights_signal_grad_kernel", "_generate_weights_weight_grad_kernel")
     monkeypatch.setattr(module, "mac", counting_mac)
-    for name in names:
-        monkeypatch.setattr(module, name, recorded(getattr(module, name)))
+    launches = _record_launches(monkeypatch, module, running)
     dtype = DTYPES[dtype]
     signal, weight = _leaves(2, (3, 4), width, groups, rows, dtype)
     got = kernels.generate_weights(signal, weight, groups=groups, start=start, count=count)
     torch.autograd.grad(got, (signal, weight), torch.ones_like(got))
-    assert sorted(l.name for l in launches) == sorted(names)
+    assert sorted(l.name for l in launches) == sorted(GRADIENT_KERNELS)
     for launch in launches:
         assert counted[launch.name] > 0
         executed = module.executed_work(launch.name, launch)["macs"]
         assert executed == counted[launch.name], launch.name
+
+
+@pytest.mark.parametrize("dtype,start,count,stride,row_align", [
+    ("fp16", 16, 126, 128, 8), ("bf16", 3, 90, 96, 8), ("fp32", 16, 126, 128, 4),
+    ("fp16", 16, 126, 126, 2)])
+def test_generate_weights_backward_reads_a_padded_patch_stride(monkeypatch, small_channel_blocks,
+                                                               dtype, start, count, stride,
+                                                               row_align):
+    """The backward op takes each patch's count values' gradient at the start of a longer row
+    (``generated_patch_conv2d`` pads it to 16 bytes): count 126 = 2 x 63 is 4-byte aligned in
+    16-bit, 128 lets both kernels read 16-byte vectors. The padding (NaN here) is read beside
+    the last group's rows and never reaches a gradient."""
+    module = importlib.import_module("hyperseg.kernels.generate_weights")
+    launches = _record_launches(monkeypatch, module)
+    dtype = DTYPES[dtype]
+    groups, rows = 4, 148                                        # 37 rows per group
+    signal, weight = _leaves(2, (2, 4), 64, groups, rows, dtype)
+    dout = randn(2, 2, 4, count, dtype=dtype)
+    padded = torch.full((2, 2, 4, stride), float("nan"), dtype=dtype, device=DEVICE)
+    padded[..., :count] = dout
+    dsig, dgen = torch.ops.hyperseg.generate_weights_backward(
+        padded, signal.detach(), weight.detach(), groups, start, count, True, True)
+    assert [l.args["ROW_ALIGN"] for l in launches] == [row_align, row_align]
+    assert all(l.args["patch_stride"] == stride for l in launches)
+    ref_signal = signal.detach().float().requires_grad_()
+    ref_weight = weight.detach().clone().requires_grad_()
+    ref = ops.generate_weights(ref_signal, ref_weight, groups=groups, start=start, count=count)
+    rsig, rgen = torch.autograd.grad(ref, (ref_signal, ref_weight), dout.float())
+    assert not dsig.isnan().any() and not dgen.isnan().any()
+    assert_grads_match(dsig, rsig, dtype, "signal")
+    assert_grads_match(dgen, rgen, dtype, "generator weight")
+
+
+def test_gradient_stride_rounds_up_to_16_bytes():
+    from hyperseg.kernels.generate_weights import gradient_stride
+    assert [gradient_stride(n, 2) for n in (882, 126, 90, 128, 1)] == [888, 128, 96, 128, 8]
+    assert [gradient_stride(n, 4) for n in (882, 126, 54, 180)] == [884, 128, 56, 180]
+    assert gradient_stride(7, 8) == 8
 
 
 def test_generate_weights_backward_is_deterministic():

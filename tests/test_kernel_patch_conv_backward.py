@@ -252,6 +252,41 @@ def test_patch_conv2d_reads_padded_kernel_rows_in_place(grid):
                           (dout, x.detach(), padded, True, True, False, "reflect", 1))
 
 
+@pytest.mark.parametrize("grid,patch,cin,cout,groups,k,dtype,stride", [
+    ((1, 4), (4, 8), 6, 6, 6, 3, "fp16", 56),     # depthwise 3 x 3 (vector taps inside): 54 values
+    ((2, 2), (3, 3), 5, 5, 5, 5, "fp32", 128),    # depthwise 5 x 5: 125
+    ((2, 2), (4, 4), 22, 7, 1, 1, "bf16", 160),   # dense 1 x 1 with a tail (22 = 16 + 6): 154
+    ((2, 2), (2, 2), 10, 6, 2, 3, "fp32", 277),   # dense 3 x 3: 270, any stride
+])
+def test_patch_conv2d_backward_writes_a_padded_patch_stride(grid, patch, cin, cout, groups, k, dtype,
+                                                            stride):
+    """With ``patch_stride`` (what generated_patch_conv2d asks for, so that the generator's
+    gradient reads each patch's values as aligned vectors) the kernel gradient comes back as
+    (B, GH, GW, patch_stride), each patch's values first, zeros after them: the contiguous
+    gradient's, bitwise (same kernels, same order), from every store path of the weight-gradient
+    kernel."""
+    dtype = DTYPES[dtype]
+    x, weight = _inputs(2, grid, patch, cin, cout, groups, k, dtype, bias=False)
+    x, weight = x.detach(), weight.detach()
+    dout = randn(2, cout, *x.shape[2:], dtype=dtype)
+    op = torch.ops.hyperseg.patch_conv2d_backward
+    dx, dw, db = op(dout, x, weight, True, True, True, "reflect", groups)
+    px, pw, pb = op(dout, x, weight, True, True, True, "reflect", groups, stride)
+    count = cout * (cin // groups) * k * k
+    assert pw.shape == (2, *grid, stride) and pw.dtype == dw.dtype and pw.is_contiguous()
+    assert torch.equal(pw[..., :count], dw.flatten(3))
+    assert pw[..., count:].abs().sum() == 0
+    assert torch.equal(px, dx) and torch.equal(pb, db)
+    fake = op(*(t.to("meta") for t in (dout, x, weight)), False, True, False, "reflect", groups,
+              stride)[1]
+    assert fake.shape == pw.shape and fake.dtype == pw.dtype
+    with pytest.raises(ValueError, match=f"patch stride of {count - 1} cannot hold a patch's {count}"):
+        op(dout, x, weight, False, True, False, "reflect", groups, count - 1)
+    if k == 5:
+        torch.library.opcheck(op.default, (dout, x, weight, False, True, False, "reflect", groups,
+                                           stride))
+
+
 def test_generated_patch_conv2d_gradcheck_float64():
     x = randn(1, 4, 4, 6, dtype=torch.float64).requires_grad_()
     signal = randn(1, 10, 2, 2, dtype=torch.float64).requires_grad_()
