@@ -507,7 +507,9 @@ def _patch_conv_weight_grad_kernel(
     # a time, each a sum over pixels of dout times that channel's row. VEC > 1 (3 x 3
     # depthwise): patches away from the left and right borders take x from aligned vectors.
     # A patch's kernel gradient, COUT x CIN_G x K*K values, starts DW_PATCH values after the
-    # previous patch's (more than that where the generator's gradient reads it as vectors).
+    # previous patch's (more than that where the generator's gradient reads it as vectors); the
+    # stores compute that address where they use it (a pointer computed here and kept through
+    # the pixel loop made Triton 3.6 spill 24 B in the fp32 3 x 3 depthwise vector taps).
     pid_patch = tl.program_id(0)
     pid_c = tl.program_id(1)
     W = GW * PW                             # (the image's width: a multiple of PW)
@@ -515,7 +517,6 @@ def _patch_conv_weight_grad_kernel(
     b = pid_patch // (GH * GW)
     x_base = x_ptr + b.to(tl.int64) * CIN * HW
     dout_base = dout_ptr + b.to(tl.int64) * COUT * HW
-    dw_patch = dw_ptr + pid_patch.to(tl.int64) * DW_PATCH
     if DEPTHWISE:
         co = pid_c * BLOCK_CO + tl.arange(0, BLOCK_CO)
         co_mask = co < COUT
@@ -541,21 +542,21 @@ def _patch_conv_weight_grad_kernel(
     else:
         tail_block = False
     if tail_block:
-        _weight_grad_tail(pid_patch, g, co, co_mask, x_base, dout_base, dw_patch, H, W, GH, GW,
+        _weight_grad_tail(pid_patch, g, co, co_mask, x_base, dout_base, dw_ptr, DW_PATCH, H, W, GH, GW,
                           CIN_G, CI_DOT, K, PAD_MODE, ACC, BLOCK_CO, BLOCK_P, PW)
     elif VEC > 1:
         if (pid_patch % GW > 0) & (pid_patch % GW < GW - 1):
-            _weight_grad_depthwise3_vectors(pid_patch, co, co_mask, x_base, dout_base, dw_patch,
-                                            db_ptr, H, W, GH, GW, COUT, PAD_MODE, HAS_BIAS, ACC,
+            _weight_grad_depthwise3_vectors(pid_patch, co, co_mask, x_base, dout_base, dw_ptr,
+                                            DW_PATCH, db_ptr, H, W, GH, GW, COUT, PAD_MODE, HAS_BIAS, ACC,
                                             BLOCK_CO, BLOCK_P, PW, VEC)
         else:
             _weight_grad_block(pid_patch, co, co_mask, ci, ci_mask, ci_local, first_ci_block,
-                               x_base, dout_base, dw_patch, db_ptr, H, W, GH, GW, COUT, CIN_G, K,
+                               x_base, dout_base, dw_ptr, DW_PATCH, db_ptr, H, W, GH, GW, COUT, CIN_G, K,
                                PAD_MODE, HAS_BIAS, DEPTHWISE, DOT_MODE, ACC, BLOCK_CO, BLOCK_CI,
                                BLOCK_P, FMA, PW)
     else:
         _weight_grad_block(pid_patch, co, co_mask, ci, ci_mask, ci_local, first_ci_block, x_base,
-                           dout_base, dw_patch, db_ptr, H, W, GH, GW, COUT, CIN_G, K, PAD_MODE,
+                           dout_base, dw_ptr, DW_PATCH, db_ptr, H, W, GH, GW, COUT, CIN_G, K, PAD_MODE,
                            HAS_BIAS, DEPTHWISE, DOT_MODE, ACC, BLOCK_CO, BLOCK_CI, BLOCK_P, FMA,
                            PW)
 
@@ -573,14 +574,14 @@ def _tap_pixels(pid_patch, p0, t, H, W, GH, GW, K: tl.constexpr, PAD_MODE: tl.co
 
 @triton.jit
 def _weight_grad_block(pid_patch, co, co_mask, ci, ci_mask, ci_local, first_ci_block, x_base,
-                       dout_base, dw_patch, db_ptr, H, W, GH, GW, COUT, CIN_G, K: tl.constexpr,
+                       dout_base, dw_ptr, DW_PATCH, db_ptr, H, W, GH, GW, COUT, CIN_G, K: tl.constexpr,
                        PAD_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, DEPTHWISE: tl.constexpr,
                        DOT_MODE: tl.constexpr, ACC: tl.constexpr, BLOCK_CO: tl.constexpr,
                        BLOCK_CI: tl.constexpr, BLOCK_P: tl.constexpr, FMA: tl.constexpr,
                        PW: tl.constexpr):
     # One (output-channel block x input-channel block) tile of a patch's kernel gradient (and
     # with the first input-channel block, the bias gradient), tap by tap, pixel block by pixel
-    # block; dw_patch: the patch's kernel gradient.
+    # block; the patch's kernel gradient starts at dw_ptr + pid_patch x DW_PATCH.
     HW = H * W
     KK: tl.constexpr = K * K
     n_pix = (H // GH) * (W // GW)
@@ -607,10 +608,11 @@ def _weight_grad_block(pid_patch, co, co_mask, ci, ci_mask, ci_local, first_ci_b
                 if t == 0:
                     bias_sum += tl.sum(gv.to(ACC), axis=1)
         if DEPTHWISE:
-            tl.store(dw_patch + co * KK + t, acc.to(dw_patch.dtype.element_ty), mask=co_mask)
+            tl.store(dw_ptr + pid_patch.to(tl.int64) * DW_PATCH + co * KK + t,
+                     acc.to(dw_ptr.dtype.element_ty), mask=co_mask)
         else:
-            w_off = (co[:, None] * CIN_G + ci_local[None, :]) * KK + t
-            tl.store(dw_patch + w_off, acc.to(dw_patch.dtype.element_ty),
+            w_off = pid_patch.to(tl.int64) * DW_PATCH + (co[:, None] * CIN_G + ci_local[None, :]) * KK + t
+            tl.store(dw_ptr + w_off, acc.to(dw_ptr.dtype.element_ty),
                      mask=co_mask[:, None] & ci_mask[None, :])
     if HAS_BIAS:
         tl.store(db_ptr + pid_patch.to(tl.int64) * COUT + co, bias_sum.to(db_ptr.dtype.element_ty),
@@ -618,7 +620,7 @@ def _weight_grad_block(pid_patch, co, co_mask, ci, ci_mask, ci_local, first_ci_b
 
 
 @triton.jit
-def _weight_grad_depthwise3_vectors(pid_patch, co, co_mask, x_base, dout_base, dw_patch, db_ptr, H, W,
+def _weight_grad_depthwise3_vectors(pid_patch, co, co_mask, x_base, dout_base, dw_ptr, DW_PATCH, db_ptr, H, W,
                                     GH, GW, COUT, PAD_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
                                     ACC: tl.constexpr, BLOCK_CO: tl.constexpr,
                                     BLOCK_P: tl.constexpr, PW: tl.constexpr, VEC: tl.constexpr):
@@ -658,7 +660,8 @@ def _weight_grad_depthwise3_vectors(pid_patch, co, co_mask, x_base, dout_base, d
             _, right = shift_vectors(cur, cur, nxt, VEC, BLOCK_CO, GROUPS)
             acc += tl.where(taps[None, :] == ky * 3 + 2,
                             tl.sum(tl.sum(gv * right, axis=2), axis=1)[:, None], 0.0)
-    tl.store(dw_patch + co[:, None] * 9 + taps[None, :], acc.to(dw_patch.dtype.element_ty),
+    w_off = pid_patch.to(tl.int64) * DW_PATCH + co[:, None] * 9 + taps[None, :]
+    tl.store(dw_ptr + w_off, acc.to(dw_ptr.dtype.element_ty),
              mask=co_mask[:, None] & (taps < 9)[None, :])
     if HAS_BIAS:
         tl.store(db_ptr + pid_patch.to(tl.int64) * COUT + co, bias_sum.to(db_ptr.dtype.element_ty),
@@ -666,7 +669,7 @@ def _weight_grad_depthwise3_vectors(pid_patch, co, co_mask, x_base, dout_base, d
 
 
 @triton.jit
-def _weight_grad_tail(pid_patch, g, co, co_mask, x_base, dout_base, dw_patch, H, W, GH, GW,
+def _weight_grad_tail(pid_patch, g, co, co_mask, x_base, dout_base, dw_ptr, DW_PATCH, H, W, GH, GW,
                       CIN_G, CI_DOT, K: tl.constexpr, PAD_MODE: tl.constexpr, ACC: tl.constexpr,
                       BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr, PW: tl.constexpr):
     # dW[co, ci, t] for the tail input channels CI_DOT .. CIN_G, one channel and tap at a time:
@@ -687,8 +690,8 @@ def _weight_grad_tail(pid_patch, g, co, co_mask, x_base, dout_base, dw_patch, H,
                 xv = tl.load(  # interior: vector of PW when K == 1
                     x_row + src, mask=s_mask, other=0.0)
                 acc += tl.sum(gv.to(ACC) * xv.to(ACC)[None, :], axis=1)
-            tl.store(dw_patch + (co * CIN_G + ci_t) * KK + t, acc.to(dw_patch.dtype.element_ty),
-                     mask=co_mask)
+            w_off = pid_patch.to(tl.int64) * DW_PATCH + (co * CIN_G + ci_t) * KK + t
+            tl.store(dw_ptr + w_off, acc.to(dw_ptr.dtype.element_ty), mask=co_mask)
 
 
 def _input_grad_warps(depthwise: bool, x, vec: int = 1) -> int:
