@@ -542,23 +542,23 @@ def _patch_conv_weight_grad_kernel(
     else:
         tail_block = False
     if tail_block:
-        _weight_grad_tail(pid_patch, g, co, co_mask, x_base, dout_base, dw_ptr, DW_PATCH, H, W, GH, GW,
-                          CIN_G, CI_DOT, K, PAD_MODE, ACC, BLOCK_CO, BLOCK_P, PW)
+        _weight_grad_tail(pid_patch, g, co, co_mask, x_base, dout_base, dw_ptr, DW_PATCH, H, W,
+                          GH, GW, CIN_G, CI_DOT, K, PAD_MODE, ACC, BLOCK_CO, BLOCK_P, PW)
     elif VEC > 1:
         if (pid_patch % GW > 0) & (pid_patch % GW < GW - 1):
             _weight_grad_depthwise3_vectors(pid_patch, co, co_mask, x_base, dout_base, dw_ptr,
-                                            DW_PATCH, db_ptr, H, W, GH, GW, COUT, PAD_MODE, HAS_BIAS, ACC,
-                                            BLOCK_CO, BLOCK_P, PW, VEC)
+                                            DW_PATCH, db_ptr, H, W, GH, GW, COUT, PAD_MODE,
+                                            HAS_BIAS, ACC, BLOCK_CO, BLOCK_P, PW, VEC)
         else:
             _weight_grad_block(pid_patch, co, co_mask, ci, ci_mask, ci_local, first_ci_block,
-                               x_base, dout_base, dw_ptr, DW_PATCH, db_ptr, H, W, GH, GW, COUT, CIN_G, K,
-                               PAD_MODE, HAS_BIAS, DEPTHWISE, DOT_MODE, ACC, BLOCK_CO, BLOCK_CI,
-                               BLOCK_P, FMA, PW)
+                               x_base, dout_base, dw_ptr, DW_PATCH, db_ptr, H, W, GH, GW, COUT,
+                               CIN_G, K, PAD_MODE, HAS_BIAS, DEPTHWISE, DOT_MODE, ACC, BLOCK_CO,
+                               BLOCK_CI, BLOCK_P, FMA, PW)
     else:
         _weight_grad_block(pid_patch, co, co_mask, ci, ci_mask, ci_local, first_ci_block, x_base,
-                           dout_base, dw_ptr, DW_PATCH, db_ptr, H, W, GH, GW, COUT, CIN_G, K, PAD_MODE,
-                           HAS_BIAS, DEPTHWISE, DOT_MODE, ACC, BLOCK_CO, BLOCK_CI, BLOCK_P, FMA,
-                           PW)
+                           dout_base, dw_ptr, DW_PATCH, db_ptr, H, W, GH, GW, COUT, CIN_G, K,
+                           PAD_MODE, HAS_BIAS, DEPTHWISE, DOT_MODE, ACC, BLOCK_CO, BLOCK_CI,
+                           BLOCK_P, FMA, PW)
 
 
 @triton.jit
@@ -574,11 +574,11 @@ def _tap_pixels(pid_patch, p0, t, H, W, GH, GW, K: tl.constexpr, PAD_MODE: tl.co
 
 @triton.jit
 def _weight_grad_block(pid_patch, co, co_mask, ci, ci_mask, ci_local, first_ci_block, x_base,
-                       dout_base, dw_ptr, DW_PATCH, db_ptr, H, W, GH, GW, COUT, CIN_G, K: tl.constexpr,
-                       PAD_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, DEPTHWISE: tl.constexpr,
-                       DOT_MODE: tl.constexpr, ACC: tl.constexpr, BLOCK_CO: tl.constexpr,
-                       BLOCK_CI: tl.constexpr, BLOCK_P: tl.constexpr, FMA: tl.constexpr,
-                       PW: tl.constexpr):
+                       dout_base, dw_ptr, DW_PATCH, db_ptr, H, W, GH, GW, COUT, CIN_G,
+                       K: tl.constexpr, PAD_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       DEPTHWISE: tl.constexpr, DOT_MODE: tl.constexpr, ACC: tl.constexpr,
+                       BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_P: tl.constexpr,
+                       FMA: tl.constexpr, PW: tl.constexpr):
     # One (output-channel block x input-channel block) tile of a patch's kernel gradient (and
     # with the first input-channel block, the bias gradient), tap by tap, pixel block by pixel
     # block; the patch's kernel gradient starts at dw_ptr + pid_patch x DW_PATCH.
@@ -611,7 +611,8 @@ def _weight_grad_block(pid_patch, co, co_mask, ci, ci_mask, ci_local, first_ci_b
             tl.store(dw_ptr + pid_patch.to(tl.int64) * DW_PATCH + co * KK + t,
                      acc.to(dw_ptr.dtype.element_ty), mask=co_mask)
         else:
-            w_off = pid_patch.to(tl.int64) * DW_PATCH + (co[:, None] * CIN_G + ci_local[None, :]) * KK + t
+            w_off = (pid_patch.to(tl.int64) * DW_PATCH
+                     + (co[:, None] * CIN_G + ci_local[None, :]) * KK + t)
             tl.store(dw_ptr + w_off, acc.to(dw_ptr.dtype.element_ty),
                      mask=co_mask[:, None] & ci_mask[None, :])
     if HAS_BIAS:
@@ -620,10 +621,11 @@ def _weight_grad_block(pid_patch, co, co_mask, ci, ci_mask, ci_local, first_ci_b
 
 
 @triton.jit
-def _weight_grad_depthwise3_vectors(pid_patch, co, co_mask, x_base, dout_base, dw_ptr, DW_PATCH, db_ptr, H, W,
-                                    GH, GW, COUT, PAD_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                                    ACC: tl.constexpr, BLOCK_CO: tl.constexpr,
-                                    BLOCK_P: tl.constexpr, PW: tl.constexpr, VEC: tl.constexpr):
+def _weight_grad_depthwise3_vectors(pid_patch, co, co_mask, x_base, dout_base, dw_ptr, DW_PATCH,
+                                    db_ptr, H, W, GH, GW, COUT, PAD_MODE: tl.constexpr,
+                                    HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
+                                    BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr,
+                                    PW: tl.constexpr, VEC: tl.constexpr):
     # The 3 x 3 depthwise kernel gradient (and the bias gradient) of a patch away from the
     # image's left and right borders, pixel block by pixel block: the block's output gradient is
     # loaded once for all nine taps; per tap row, x's aligned vectors at the block's pixels and

@@ -258,8 +258,8 @@ def test_patch_conv2d_reads_padded_kernel_rows_in_place(grid):
     ((2, 2), (4, 4), 22, 7, 1, 1, "bf16", 160),   # dense 1 x 1 with a tail (22 = 16 + 6): 154
     ((2, 2), (2, 2), 10, 6, 2, 3, "fp32", 277),   # dense 3 x 3: 270, any stride
 ])
-def test_patch_conv2d_backward_writes_a_padded_patch_stride(grid, patch, cin, cout, groups, k, dtype,
-                                                            stride):
+def test_patch_conv2d_backward_writes_a_padded_patch_stride(grid, patch, cin, cout, groups, k,
+                                                            dtype, stride):
     """With ``patch_stride`` (what generated_patch_conv2d asks for, so that the generator's
     gradient reads each patch's values as aligned vectors) the kernel gradient comes back as
     (B, GH, GW, patch_stride), each patch's values first, zeros after them: the contiguous
@@ -280,7 +280,8 @@ def test_patch_conv2d_backward_writes_a_padded_patch_stride(grid, patch, cin, co
     fake = op(*(t.to("meta") for t in (dout, x, weight)), False, True, False, "reflect", groups,
               stride)[1]
     assert fake.shape == pw.shape and fake.dtype == pw.dtype
-    with pytest.raises(ValueError, match=f"patch stride of {count - 1} cannot hold a patch's {count}"):
+    message = f"patch stride of {count - 1} cannot hold a patch's {count}"
+    with pytest.raises(ValueError, match=message):
         op(dout, x, weight, False, True, False, "reflect", groups, count - 1)
     if k == 5:
         torch.library.opcheck(op.default, (dout, x, weight, False, True, False, "reflect", groups,
