@@ -211,6 +211,14 @@ def gradient_stride(count: int, element_size: int) -> int:
     return -(-count // per_vector) * per_vector
 
 
+def gradient_warps(block_n: int, block_r: int) -> int:
+    """Warps of a gradient program whose output-gradient tile is ``block_n`` patches x
+    ``block_r`` rows: two for a tile of at most 256 values (16 x 16), so that each thread still
+    reads 4 of them (8 bytes in 16-bit; four warps would give each thread 2, 4 bytes), else
+    four."""
+    return 2 if block_n * block_r <= 256 else 4
+
+
 def _shapes(signal: torch.Tensor, weight: torch.Tensor, groups: int):
     b, width, gh, gw = signal.shape
     rows, spg = weight.shape[:2]
@@ -278,7 +286,7 @@ def _generate_weights_backward_op(dout: torch.Tensor, signal: torch.Tensor, weig
                 dout, weight, dsig, n, ghw, width, spg, rpg, start, count, patch_stride, g0,
                 DOT_MODE=mode, ACC=acc, BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_S=block_s,
                 FMA=fma, GHW_ALIGN=alignment(ghw),
-                ROW_ALIGN=row_align, num_warps=4)
+                ROW_ALIGN=row_align, num_warps=gradient_warps(block_n, block_r))
     if weight_grad:
         # the kernel stores the generated rows only
         every_row = (start, count) == (0, weight.shape[0])
@@ -298,7 +306,7 @@ def _generate_weights_backward_op(dout: torch.Tensor, signal: torch.Tensor, weig
             dout, signal, dgen, n, ghw, width, spg, rpg, start, count, patch_stride,
             DOT_MODE=mode, ACC=acc, BLOCK_R=block_r, BLOCK_S=block_s, BLOCK_N=block_n, FMA=fma,
             GHW_ALIGN=alignment(ghw), ROW_ALIGN=row_align,
-            num_warps=4)
+            num_warps=gradient_warps(block_n, block_r))
     return tuple(signal.new_empty(0) if t is None else t for t in (dsig, dgen))
 
 

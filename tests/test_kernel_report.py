@@ -414,6 +414,46 @@ print("ok")
 '''
 
 
+GRADIENT_TILE_VECTORS = '''
+import dataclasses, importlib, torch
+from kernel_record import Recorder, recording
+from kernel_sass import compile_launch
+gw = importlib.import_module("hyperseg.kernels.generate_weights")
+
+# fp16, 8 groups of 8 signal inputs and 20 rows: both gradients take 16-patch x 16-row
+# multiply-add tiles of the output gradient (256 values)
+signal = torch.zeros(2, 64, 16, 32, dtype=torch.float16)
+weight = torch.zeros(160, 8)
+dout = torch.zeros(2, 16, 32, gw.gradient_stride(160, 2), dtype=torch.float16)
+recorder = Recorder()
+with recording(recorder):
+    torch.ops.hyperseg.generate_weights_backward(dout, signal, weight, 8, 0, 160, True, True)
+launches = {l.name: l for l in recorder.launches}
+assert set(launches) == {"_generate_weights_signal_grad_kernel",
+                         "_generate_weights_weight_grad_kernel"}, launches
+for name, launch in launches.items():
+    assert (launch.args["BLOCK_N"], launch.args["BLOCK_R"], launch.args["FMA"]) == (16, 16, True)
+    assert launch.options.num_warps == 2, (name, launch.options)
+    result = compile_launch(launch)
+    reads = [a for a in result["accesses"] if a["op"] == "read" and "vector of ROW_ALIGN" in a["code"]]
+    assert len(reads) == 1 and reads[0]["bytes"] == 8, (name, reads)
+    assert result["narrow_vector_lines"] == 0 and result["spill_bytes"] == 0, (name, result)
+    # the same tile on four warps: 2 values, 4 bytes a thread (what the launcher avoids)
+    four = dataclasses.replace(launch, options=dataclasses.replace(launch.options, num_warps=4))
+    reads = [a for a in compile_launch(four)["accesses"]
+             if a["op"] == "read" and "vector of ROW_ALIGN" in a["code"]]
+    assert reads[0]["bytes"] == 4, (name, reads)
+print("ok")
+'''
+
+
+def test_small_gradient_tiles_read_8_byte_vectors(tmp_path):
+    """The generator's gradient kernels run a 16-patch x 16-row tile of a 16-bit output gradient
+    on two warps, so that each thread reads 4 values (8 bytes) of it, not 2 (compiled for
+    sm_90: with four warps the same read is 4 bytes)."""
+    _run_python(GRADIENT_TILE_VECTORS, tmp_path)
+
+
 def test_vector_tag_conditions_and_runs():
     """``# interior: vector [of NAME] [when NAME OP VALUE and ...]``: the condition selects the
     specialisations the tag applies to; the run bounds the vector by its alignment."""
