@@ -159,6 +159,18 @@ def fma_channel_blocks(cin_g: int, cout_g: int, block_p: int, limit: int = 4096)
     return block_ci, block_co
 
 
+def dense_dot_warps(depthwise: bool, fma: bool, block_co: int, block_ci: int, block_p: int) -> int:
+    """Warps of a dense convolution program on dots: two where each of its tiles (channels x
+    pixels of the input and of the output or its gradient, output x input channels of the
+    kernels) holds at most 256 values, so that a thread still moves 4 of them (8 bytes in 16-bit;
+    four warps would give it 2, 4 bytes; compiled for sm_90, the 16 x 16 x 16 tiles took the same
+    registers on two warps), else four. Depthwise and multiply-add tiles keep their own rule
+    (multiply-add tiles on two warps held up to 1.5x the registers)."""
+    if depthwise or fma or max(block_ci * block_p, block_co * block_ci, block_co * block_p) > 256:
+        return 4
+    return 2
+
+
 def dot_channels(n: int, block: int) -> Tuple[int, int]:
     """(channels in dots, channels per dot) for a reduction over ``n`` channels in tl.dot
     blocks of up to ``block``: above 16 channels, the largest multiple of 16 goes into dots, in
@@ -242,7 +254,8 @@ def _launch(x, out, weight, bias, groups, padding_mode):
         HAS_BIAS=bias is not None,
         DEPTHWISE=depthwise, DOT_MODE=dot_mode(x.dtype), ACC=accumulator(x.dtype),
         BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_P=block_p, FMA=fma, TAIL=ci_dot < cin_g,
-        PW=pw, VEC=vec, W_ALIGN=alignment(w_row), num_warps=8 if vec > 1 else 4,
+        PW=pw, VEC=vec, W_ALIGN=alignment(w_row),
+        num_warps=8 if vec > 1 else dense_dot_warps(depthwise, fma, block_co, block_ci, block_p),
         # tf32 tensor cores read both dot operands K-major from shared memory: a pipelined
         # (asynchronous) copy of an image tile, contiguous along the pixels, moves 4 bytes per
         # thread; unpipelined, it is loaded as vectors and transposed on its way there
@@ -696,11 +709,14 @@ def _weight_grad_tail(pid_patch, g, co, co_mask, x_base, dout_base, dw_ptr, DW_P
             tl.store(dw_ptr + w_off, acc.to(dw_ptr.dtype.element_ty), mask=co_mask)
 
 
-def _input_grad_warps(depthwise: bool, x, vec: int = 1) -> int:
+def _input_grad_warps(depthwise: bool, x, vec: int, fma: bool, block_co: int, block_ci: int,
+                      block_p: int) -> int:
     """8 warps for the depthwise input gradient of 16-bit inputs (with 4, ptxas spilled 8 B of
     its mirror-slot gather at reflect borders) and for its vector taps (``vec`` > 1; with 4, 168
-    registers in float32), 4 otherwise."""
-    return 8 if depthwise and (x.element_size() < 4 or vec > 1) else 4
+    registers in float32); dense tiles as ``dense_dot_warps`` says."""
+    if depthwise and (x.element_size() < 4 or vec > 1):
+        return 8
+    return dense_dot_warps(depthwise, fma, block_co, block_ci, block_p)
 
 
 def _launch_backward(dout, x, weight, *, dx, dw, db, groups, padding_mode):
@@ -739,7 +755,8 @@ def _launch_backward(dout, x, weight, *, dx, dw, db, groups, padding_mode):
             # (multiply-adds on unpadded rows: not rounded; with 32-value rows rounded to 16,
             # ptxas spilled 36 B of hyperseg-l-voc's 32 -> 6 in fp16)
             W_ALIGN=alignment(w_row) if w_row > cin_g * k * k or not fma else 1,
-            num_warps=_input_grad_warps(depthwise, x, vec), **common)
+            num_warps=_input_grad_warps(depthwise, x, vec, fma, block_co, block_ci, block_p),
+            **common)
     if dw is not None:
         # the vector taps: 16 channels (with 32 at 8 warps, ptxas spilled a predicate, 8 B, in
         # 16-bit at hyperseg-l-voc's 16- and 32-pixel rows)
@@ -759,7 +776,8 @@ def _launch_backward(dout, x, weight, *, dx, dw, db, groups, padding_mode):
             BLOCK_P=block_p, FMA=fma, TAIL=tail, PW=pw, VEC=vec,
             # the vector taps of 16 x 64 tiles on 8 warps (4 held 80-96 registers, and spilled a
             # predicate in 16-bit at 8-pixel rows); 16 x 16 tiles on 4 (8 spilled 24 B in bf16)
-            num_warps=8 if vec > 1 and block_co * block_p >= 1024 else 4,
+            num_warps=(8 if vec > 1 and block_co * block_p >= 1024
+                       else dense_dot_warps(depthwise, fma, block_co, block_ci, block_p)),
             # with the tail's per-channel loop, a pipelined (3-stage) dense loop spilled 8-24 B
             num_stages=1 if tail else 3, **common)
 

@@ -454,6 +454,47 @@ def test_small_gradient_tiles_read_8_byte_vectors(tmp_path):
     _run_python(GRADIENT_TILE_VECTORS, tmp_path)
 
 
+DENSE_TILE_VECTORS = '''
+import dataclasses, torch
+from kernel_record import Recorder, recording
+from kernel_sass import compile_launch
+
+# fp16, a dense 1x1 convolution of 16 -> 16 channels over 4 x 4-pixel patches: the forward, the
+# input gradient and the kernel gradient each take 16 x 16 x 16 tiles on dots
+x = torch.zeros(1, 16, 16, 16, dtype=torch.float16)
+weight = torch.zeros(1, 4, 4, 16, 16, 1, 1, dtype=torch.float16)
+recorder = Recorder()
+with recording(recorder):
+    torch.ops.hyperseg.patch_conv2d(x, weight, None, "reflect", 1)
+    torch.ops.hyperseg.patch_conv2d_backward(x, x, weight, True, True, False, "reflect", 1)
+launches = {l.name: l for l in recorder.launches}
+assert set(launches) == {"_patch_conv_kernel", "_patch_conv_input_grad_kernel",
+                         "_patch_conv_weight_grad_kernel"}, launches
+for name, launch in launches.items():
+    a = launch.args
+    assert (a["BLOCK_CO"], a["BLOCK_CI"], a["BLOCK_P"], a["FMA"]) == (16, 16, 16, False), (name, a)
+    assert launch.options.num_warps == 2, (name, launch.options)
+    two = compile_launch(launch)
+    four = compile_launch(dataclasses.replace(
+        launch, options=dataclasses.replace(launch.options, num_warps=4)))
+    lines = lambda result: {(a["line"], a["op"]): a["bytes"] for a in result["accesses"]
+                            if "interior: vector" in a["code"]}
+    # every tagged access of a 256-value tile: 8 bytes a thread on two warps, 4 on four
+    assert len(lines(two)) >= 2 and set(lines(two).values()) == {8}, (name, lines(two))
+    assert set(lines(four).values()) == {4}, (name, lines(four))
+    assert two["narrow_vector_lines"] == 0 and two["spill_bytes"] == two["stack"] == 0, two
+    assert two["registers"] <= four["registers"] + 8, (two["registers"], four["registers"])
+print("ok")
+'''
+
+
+def test_small_dense_dot_tiles_read_8_byte_vectors(tmp_path):
+    """The patch-wise convolution's dense kernels on dots run 16 x 16 x 16 tiles on two warps:
+    each of their tagged loads and stores moves 8 bytes a thread in 16-bit (4 on four warps),
+    with no spill and about the same registers (compiled for sm_90)."""
+    _run_python(DENSE_TILE_VECTORS, tmp_path)
+
+
 def test_vector_tag_conditions_and_runs():
     """``# interior: vector [of NAME] [when NAME OP VALUE and ...]``: the condition selects the
     specialisations the tag applies to; the run bounds the vector by its alignment."""
