@@ -42,9 +42,12 @@ step() {
 step install 30 3 pip install -q --no-deps --no-build-isolation -e .
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-' | tr -cd 'A-Za-z0-9_.-')
 day=$(date -u +%Y-%m-%d)
-# pytest-xdist (on the device's image) spreads the tests over 8 processes: most of their time is
-# Triton compiling each kernel specialisation once, on one CPU core per process
-parallel=$(python -c "import xdist" > /dev/null 2>&1 && echo "-n 8")
+# pytest-xdist (on the device's image) spreads the tests over 8 processes, test by test (--dist
+# load; pyproject's default keeps a module on one worker): most of their time is Triton compiling
+# each kernel specialisation once, on one CPU core per process. Without xdist, pyproject's
+# "-n auto" is dropped (-o addopts=) and the tests run in one process.
+parallel="-o addopts= -p no:xdist"
+python -c "import xdist" > /dev/null 2>&1 && parallel="-n 8 --dist load"
 step tests 110 25 python -m pytest -q -p no:cacheprovider $parallel tests/test_kernel_patch_conv.py \
   tests/test_kernel_meta_inverted_residual.py tests/test_kernel_tf32.py tests/test_kernel_autotune.py \
   tests/test_kernel_patch_conv_backward.py tests/test_kernel_generate_weights.py \

@@ -202,17 +202,22 @@ def _stand_in(folder: Path, name: str, body: str) -> None:
     path.chmod(0o755)
 
 
-def test_gpu_check_script_brings_back_every_figure(tmp_path):
+@pytest.mark.parametrize("xdist", [True, False])
+def test_gpu_check_script_brings_back_every_figure(tmp_path, xdist):
     """bench/gpu_check.sh (the prepared GPU run), with stand-ins for python, pip and nvidia-smi:
     every step runs in order, each measurement's JSON is written under $OUT, the log records each
     step's exit status (a failing step does not stop the next), the device tool's limit of 8
-    files holds, and the timeouts add up to under 7 minutes."""
+    files holds, and the timeouts add up to under 7 minutes. The tests run on 8 pytest-xdist
+    workers test by test, or without xdist (and without pyproject's "-n auto") where it is
+    missing."""
     bin_dir, out = tmp_path / "bin", tmp_path / "out"
     bin_dir.mkdir()
     _stand_in(bin_dir, "nvidia-smi", 'echo "NVIDIA H200"\n')
     _stand_in(bin_dir, "pip", 'echo "pip $*"\n')
-    # python writes the file after --json and fails the pytest step (exit 1)
-    _stand_in(bin_dir, "python", '[ "$1" = -c ] && case "$2" in *xdist*) exit 0;; esac\n'
+    # python writes the file after --json and fails the pytest step (exit 1); "import xdist"
+    # succeeds or fails as the case says
+    _stand_in(bin_dir, "python", '[ "$1" = -c ] && case "$2" in *xdist*) '
+              f'exit {0 if xdist else 1};; esac\n'
               'echo "python $*"\n'
               'prev=""; for a in "$@"; do [ "$prev" = --json ] && echo "{}" > "$a"; prev=$a; done\n'
               '[ "$2" = pytest ] && exit 1\nexit 0\n')
@@ -233,7 +238,8 @@ def test_gpu_check_script_brings_back_every_figure(tmp_path):
                      "bench-tf32", "bench-all"], log
     assert "=== tests: exit 1" in log and "=== bench-all: exit 0" in log
     assert "python bench/train_step.py --amp fp16 --batch 16" in log
-    assert "python -m pytest -q -p no:cacheprovider -n 8 tests/" in log    # xdist imports here
+    parallel = "-n 8 --dist load" if xdist else "-o addopts= -p no:xdist"
+    assert f"python -m pytest -q -p no:cacheprovider {parallel} tests/" in log
     script = (ROOT / "bench" / "gpu_check.sh").read_text()
     timeouts = [int(line.split()[2]) for line in script.splitlines() if line.startswith("step ")]
     assert len(timeouts) == len(steps) and sum(timeouts) < 7 * 60, timeouts

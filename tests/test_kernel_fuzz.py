@@ -8,12 +8,13 @@ NaN first, so an element no kernel writes fails; the reference runs in float32 (
 input is float64) on the same rounded inputs.
 
 Profiles (``HYPERSEG_FUZZ_PROFILE``): ``ci``, the default, a few derandomized examples per op
-(about 40 s on 2 CPU cores); ``long``, 1,000 random examples per op:
-``HYPERSEG_FUZZ_PROFILE=long pytest tests/ -m fuzz``. ``HYPERSEG_FUZZ_EXAMPLES=N`` sets the
-examples per op. The run ends with a summary per op: cases run (shrinking re-runs included),
-mismatches, errors, and the variants the cases hit.
+(about 2.5 minutes of one CPU core); ``long``, 1,000 random examples per op:
+``HYPERSEG_FUZZ_PROFILE=long pytest tests/ -m fuzz --dist load`` (``--dist load`` spreads this
+module's tests over the pytest-xdist workers; the suite's default keeps a module on one worker).
+``HYPERSEG_FUZZ_EXAMPLES=N`` sets the examples per op. The run ends with a summary per op
+(``fuzz_utils``, merged over the workers): cases run (shrinking re-runs included), mismatches,
+errors, and the variants the cases hit.
 """
-import collections
 import contextlib
 import importlib
 import math
@@ -26,11 +27,11 @@ from hypothesis import strategies as st
 
 from hyperseg import kernels, ops
 from hyperseg.kernels import _common
+from fuzz_utils import PROFILE, STATS
 from kernel_utils import DEVICE
 
 pytestmark = pytest.mark.fuzz
 
-PROFILE = os.environ.get("HYPERSEG_FUZZ_PROFILE", "ci")
 _SLOW_IS_FINE = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much,
                  HealthCheck.large_base_example]
 settings.register_profile("hyperseg-fuzz-ci", derandomize=True, deadline=None, database=None,
@@ -53,26 +54,6 @@ def fuzz(op, share=1):
 # ------------------------------------------------------------------------------------------------
 # Counting, NaN poisoning, comparison
 # ------------------------------------------------------------------------------------------------
-
-STATS = collections.defaultdict(collections.Counter)
-
-
-class FuzzSummary:
-    def pytest_terminal_summary(self, terminalreporter):
-        if not STATS:
-            return
-        terminalreporter.section(f"kernel fuzz, {PROFILE} profile")
-        for op, c in sorted(STATS.items()) + [("all ops", sum(STATS.values(), collections.Counter()))]:
-            hits = ", ".join(f"{k} {v}" for k, v in sorted(c.items()) if ":" in k and op != "all ops")
-            terminalreporter.write_line(f"{op}: {c['cases']} cases, {c['mismatches']} mismatches, "
-                                        f"{c['errors']} errors" + (f" ({hits})" if hits else ""))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _fuzz_summary(request):
-    if not request.config.pluginmanager.has_plugin("hyperseg-fuzz-summary"):
-        request.config.pluginmanager.register(FuzzSummary(), "hyperseg-fuzz-summary")
-
 
 @contextlib.contextmanager
 def counted(op, **variant):

@@ -10,9 +10,9 @@ from real pixels as in the whole image. Three settings:
 * on a GPU with >= 60 GiB the in-process tests run the large case (float16);
 * elsewhere they run the same comparison on a small image, so that the logic is exercised
   everywhere (CI);
-* ``HYPERSEG_LARGE_INDEX=1 pytest -m slow -s tests/test_kernel_large_index.py`` runs the large case
-  on CPU through the Triton interpreter, one subprocess per op (``-k OP`` for one op; 2 to 7
-  minutes per op, 16 minutes in all on 2 busy CPU cores, at most 6.4 GiB resident; figures in
+* ``HYPERSEG_LARGE_INDEX=1 pytest -m slow -s -n 0 tests/test_kernel_large_index.py`` runs the
+  large case on CPU through the Triton interpreter, one subprocess per op (``-k OP`` for one op;
+  2 to 7 minutes per op, 16 minutes in all on 2 busy CPU cores, at most 6.4 GiB resident; figures in
   README.md, *Reliability*).
 
 The CPU geometries (``CPU_LARGE``) make the large tensor's channel index times H * W, the product
