@@ -8,7 +8,7 @@ NaN first, so an element no kernel writes fails; the reference runs in float32 (
 input is float64) on the same rounded inputs.
 
 Profiles (``HYPERSEG_FUZZ_PROFILE``): ``ci``, the default, a few derandomized examples per op
-(about 2.5 minutes of one CPU core); ``long``, 1,000 random examples per op:
+(about 75 s of one CPU core); ``long``, 1,000 random examples per op:
 ``HYPERSEG_FUZZ_PROFILE=long pytest tests/ -m fuzz --dist load`` (``--dist load`` spreads this
 module's tests over the pytest-xdist workers; the suite's default keeps a module on one worker).
 ``HYPERSEG_FUZZ_EXAMPLES=N`` sets the examples per op. The run ends with a summary per op
