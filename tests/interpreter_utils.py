@@ -26,7 +26,7 @@ import contextlib
 import dataclasses
 import os
 
-_STATE = {"installed": False}
+_STATE = {}        # "plain": what install() replaced, while it is installed
 
 
 def _interpreter():
@@ -44,7 +44,7 @@ def _interpreter():
 
 def install() -> bool:
     """Make the interpreter faster (once); True when active."""
-    if _STATE["installed"]:
+    if installed():
         return True
     if os.environ.get("HYPERSEG_PLAIN_INTERPRETER") == "1":
         return False
@@ -74,23 +74,22 @@ def install() -> bool:
         builder.options = dataclasses.replace(options, sanitize_overflow=False)
     interpreter._patch_lang = patch_once_per_launch
     interpreter.GridExecutor.__call__ = launch
-    _STATE.update(installed=True, plain=(patch_lang, run_grid, options))
+    _STATE["plain"] = (patch_lang, run_grid, options)
     return True
 
 
 def uninstall() -> None:
     """Put the interpreter back as Triton made it."""
-    if not _STATE["installed"]:
+    if not installed():
         return
     interpreter = _interpreter()
     patch_lang, run_grid, options = _STATE.pop("plain")
     interpreter._patch_lang, interpreter.GridExecutor.__call__ = patch_lang, run_grid
     interpreter.interpreter_builder.options = options
-    _STATE["installed"] = False
 
 
 def installed() -> bool:
-    return _STATE["installed"]
+    return "plain" in _STATE
 
 
 @contextlib.contextmanager

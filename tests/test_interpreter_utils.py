@@ -24,6 +24,7 @@ def test_the_tests_run_on_the_faster_interpreter():
 
 def test_plain_interpreter_is_restored_and_reinstalled(monkeypatch):
     from triton.runtime import interpreter
+    was_installed = interpreter_utils.installed()
     with interpreter_utils.plain():
         assert not interpreter_utils.installed()
         assert interpreter._patch_lang.__name__ == "_patch_lang"
@@ -32,6 +33,7 @@ def test_plain_interpreter_is_restored_and_reinstalled(monkeypatch):
         assert interpreter_utils.install() is False             # the switch keeps it plain
         assert interpreter._patch_lang.__name__ == "_patch_lang"
         monkeypatch.delenv("HYPERSEG_PLAIN_INTERPRETER")
+    assert interpreter_utils.installed() == was_installed
 
 
 def _runs():
