@@ -64,9 +64,9 @@ def _generate_weights_kernel(
 @triton.jit
 def _generate_weights_signal_grad_kernel(
         dout_ptr, gen_ptr, dsig_ptr, N, GHW, S, SPG, RPG, start, count, patch_stride, G0,
-        DOT_MODE: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-        BLOCK_S: tl.constexpr, FMA: tl.constexpr, GHW_ALIGN: tl.constexpr,
-        ROW_ALIGN: tl.constexpr):
+        gen_stride, DOT_MODE: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, FMA: tl.constexpr, GHW_ALIGN: tl.constexpr,
+        ROW_ALIGN: tl.constexpr, GEN_ALIGN: tl.constexpr):
     # Program (patch block, group and signal block within it): dsignal[n, g * SPG + s] = sum over
     # the rows r of group g that were generated (start <= r < start + count) of
     # dout[n, r - start] * gen[r, s]: per block of BLOCK_R rows, the (BLOCK_N x BLOCK_R) tile of
@@ -83,8 +83,12 @@ def _generate_weights_signal_grad_kernel(
     # read as aligned vectors. The values this rounding reads outside the group's rows (the
     # neighbouring groups', or the padding after count) are set to zero in registers (a select,
     # not a product, so that not even a NaN there reaches this group's sums), and no generator
-    # rows are read for them.
+    # rows are read for them. The generator's rows of SPG values start every gen_stride (>= SPG;
+    # GEN_ALIGN, a power of two dividing it, at most a 16-byte vector), zeros after the SPG:
+    # each tile row of the generator is read as aligned vectors too, even where SPG is odd, and
+    # the columns past SPG it adds are never stored.
     GHW = GHW // GHW_ALIGN * GHW_ALIGN
+    gen_stride = gen_stride // GEN_ALIGN * GEN_ALIGN
     N = N // GHW_ALIGN * GHW_ALIGN          # (N = images x GHW)
     patch_stride = patch_stride // ROW_ALIGN * ROW_ALIGN
     n_s_blocks = tl.cdiv(SPG, BLOCK_S)
@@ -106,8 +110,9 @@ def _generate_weights_signal_grad_kernel(
             dout_ptr + n.to(tl.int64)[:, None] * patch_stride + o[None, :],
             mask=n_mask[:, None] & (o < o_end)[None, :], other=0.0)
         d = tl.where(in_group[None, :], d, 0.0)
-        w = tl.load(gen_ptr + (start + o).to(tl.int64)[:, None] * SPG + s[None, :],
-                    mask=in_group[:, None] & s_mask[None, :], other=0.0)
+        w = tl.load(  # interior: vector of GEN_ALIGN
+            gen_ptr + (start + o).to(tl.int64)[:, None] * gen_stride + s[None, :],
+            mask=in_group[:, None] & (s < gen_stride)[None, :], other=0.0)
         acc = mac(d, w.to(d.dtype), acc, DOT_MODE, FMA)
     off = (n // GHW).to(tl.int64)[:, None] * S * GHW + (g * SPG + s)[None, :] * GHW + (n % GHW)[:, None]
     tl.store(dsig_ptr + off, acc.to(dsig_ptr.dtype.element_ty),  # interior: vector
@@ -202,6 +207,18 @@ def signal_grad_tiles(n: int, rows: int, spg: int, element_size: int):
     return block_n, block_r, block_s, True
 
 
+def padded_rows(weight: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    """A (rows, SPG) generator weight with each row padded by zeros to a multiple of 16 bytes
+    (the weight itself where its rows already are one), and that row stride: the signal
+    gradient reads the generator's rows as aligned vectors through it (SPG = 13 in fp16: rows
+    of 16, a 4 KB copy per thousand rows)."""
+    spg = weight.shape[1]
+    stride = gradient_stride(spg, weight.element_size())
+    if stride == spg:
+        return weight, spg
+    return torch.nn.functional.pad(weight, (0, stride - spg)), stride
+
+
 def gradient_stride(count: int, element_size: int) -> int:
     """The patch stride at which to hand ``count`` generated values' gradient (elements of
     ``element_size`` bytes) to ``generate_weights_backward``: count rounded up to a multiple of
@@ -282,11 +299,13 @@ def _generate_weights_backward_op(dout: torch.Tensor, signal: torch.Tensor, weig
             rows = max(_generated_rows(g, start, count, rpg) for g in range(g0, g1))
             block_n, block_r, block_s, fma = signal_grad_tiles(n, rows, spg, signal.element_size())
             grid = (triton.cdiv(n, block_n), (g1 - g0) * triton.cdiv(spg, block_s))
+            gen, gen_stride = padded_rows(weight.reshape(weight.shape[0], spg))
             _generate_weights_signal_grad_kernel[grid](
-                dout, weight, dsig, n, ghw, width, spg, rpg, start, count, patch_stride, g0,
-                DOT_MODE=mode, ACC=acc, BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_S=block_s,
-                FMA=fma, GHW_ALIGN=alignment(ghw),
-                ROW_ALIGN=row_align, num_warps=gradient_warps(block_n, block_r))
+                dout, gen, dsig, n, ghw, width, spg, rpg, start, count, patch_stride, g0,
+                gen_stride, DOT_MODE=mode, ACC=acc, BLOCK_N=block_n, BLOCK_R=block_r,
+                BLOCK_S=block_s, FMA=fma, GHW_ALIGN=alignment(ghw), ROW_ALIGN=row_align,
+                GEN_ALIGN=min(alignment(gen_stride), 16 // gen.element_size()),
+                num_warps=gradient_warps(block_n, block_r))
     if weight_grad:
         # the kernel stores the generated rows only
         every_row = (start, count) == (0, weight.shape[0])

@@ -28,6 +28,10 @@ CASES = [
     (2, (3, 4), 64, 4, 148, 0, 148, "fp32"),
     (2, (2, 4), 16, 4, 148, 8, 136, "bf16"),
     (1, (4, 4), 16, 4, 148, 24, 96, "fp32"),
+    # 13 signal inputs per group, as in most zoo generators, on dots: the signal gradient reads
+    # the generator through a copy whose rows are padded to 16 values
+    (2, (3, 4), 26, 2, 80, 7, 66, "fp16"),
+    (1, (2, 4), 39, 3, 90, 0, 90, "fp32"),
 ]
 
 
@@ -214,6 +218,50 @@ def test_generate_weights_backward_reads_a_padded_patch_stride(monkeypatch, smal
     assert not dsig.isnan().any() and not dgen.isnan().any()
     assert_grads_match(dsig, rsig, dtype, "signal")
     assert_grads_match(dgen, rgen, dtype, "generator weight")
+
+
+@pytest.mark.parametrize("width,groups,dtype,stride", [
+    (26, 2, "fp16", 16), (26, 2, "fp32", 16), (24, 2, "fp16", 16), (24, 2, "fp32", 12),
+    (18, 2, "bf16", 16), (10, 2, "fp16", 8)])
+def test_signal_gradient_reads_the_generator_through_padded_rows(monkeypatch, width, groups,
+                                                                 dtype, stride):
+    """The signal gradient reads each generator row (width / groups values: 13, 12, 9, 5) from a
+    copy padded by zeros to a multiple of 16 bytes (the weight itself where its rows already are
+    one), so that its tiles are aligned vectors; the generator here has the signal's dtype, as
+    under autocast. The gradients equal the reference's."""
+    module = importlib.import_module("hyperseg.kernels.generate_weights")
+    launches = _record_launches(monkeypatch, module)
+    dtype = DTYPES[dtype]
+    rows = 40 * groups
+    signal, weight = _leaves(2, (3, 4), width, groups, rows, dtype)
+    weight = weight.detach().to(dtype).requires_grad_()
+    got = kernels.generate_weights(signal, weight, groups=groups, start=3, count=rows - 5)
+    dout = randn(*got.shape, dtype=dtype)
+    dsig, dgen = torch.autograd.grad(got, (signal, weight), dout)
+    (launch,) = [l for l in launches if l.name == "_generate_weights_signal_grad_kernel"]
+    assert launch.args["gen_stride"] == stride
+    assert launch.args["GEN_ALIGN"] == min(stride & -stride, 16 // weight.element_size())
+    assert launch.args["gen_ptr"].shape == (rows, stride)
+    if stride != width // groups:
+        assert launch.args["gen_ptr"][:, width // groups:].abs().sum() == 0
+    ref_signal = signal.detach().float().requires_grad_()
+    ref_weight = weight.detach().float().requires_grad_()
+    ref = ops.generate_weights(ref_signal, ref_weight, groups=groups, start=3, count=rows - 5)
+    rsig, rgen = torch.autograd.grad(ref, (ref_signal, ref_weight), dout.float())
+    assert_grads_match(dsig, rsig, dtype, "signal")
+    assert_grads_match(dgen, rgen, dtype, "generator weight")
+
+
+def test_padded_rows_pads_to_16_bytes_and_copies_only_when_needed():
+    from hyperseg.kernels.generate_weights import padded_rows
+    weight = torch.arange(26.0).reshape(2, 13)
+    padded, stride = padded_rows(weight)
+    assert stride == 16 and padded.shape == (2, 16) and padded.is_contiguous()
+    assert torch.equal(padded[:, :13], weight) and padded[:, 13:].abs().sum() == 0
+    assert padded_rows(weight.half())[1] == 16 and padded_rows(weight[:, :12].contiguous())[1] == 12
+    aligned = torch.zeros(3, 8, dtype=torch.bfloat16)
+    assert padded_rows(aligned)[0] is aligned
+    assert padded_rows(torch.zeros(3, 3, dtype=torch.float64))[1] == 4
 
 
 def test_gradient_stride_rounds_up_to_16_bytes():

@@ -454,6 +454,51 @@ def test_small_gradient_tiles_read_8_byte_vectors(tmp_path):
     _run_python(GRADIENT_TILE_VECTORS, tmp_path)
 
 
+GENERATOR_ROW_VECTORS = '''
+import importlib, torch
+from kernel_record import Recorder, recording
+from kernel_sass import compile_launch
+gw = importlib.import_module("hyperseg.kernels.generate_weights")
+
+# fp16, 2 groups of 13 signal inputs (as in most zoo generators) and 64 rows: the signal
+# gradient runs 32-row x 16-input dots over the generator's rows (512 values on 4 warps)
+signal = torch.zeros(2, 26, 16, 32, dtype=torch.float16)
+weight = torch.zeros(128, 13, dtype=torch.float16)
+dout = torch.zeros(2, 16, 32, 128, dtype=torch.float16)
+
+
+def generator_reads(padded_rows):
+    gw.padded_rows = padded_rows
+    recorder = Recorder()
+    with recording(recorder):
+        torch.ops.hyperseg.generate_weights_backward(dout, signal, weight, 2, 0, 128, True, False)
+    (launch,) = recorder.launches
+    assert (launch.args["BLOCK_R"], launch.args["BLOCK_S"], launch.args["FMA"]) == (32, 16, False)
+    result = compile_launch(launch)
+    assert result["spill_bytes"] == result["stack"] == 0, result
+    reads = [a for a in result["accesses"] if "vector of GEN_ALIGN" in a["code"]]
+    return launch.args["GEN_ALIGN"], result, reads
+
+
+align, result, reads = generator_reads(gw.padded_rows)
+# rows padded to 16 values: 4 values (8 bytes) a thread
+assert align == 8 and len(reads) == 1 and reads[0]["bytes"] == 8, reads
+assert result["narrow_vector_lines"] == 0, result
+# the rows read where they lie, 13 values apart: one value (2 bytes) a thread, which the check
+# accepts only as bounded by the data (GEN_ALIGN 1)
+align, result, reads = generator_reads(lambda w: (w, w.shape[1]))
+assert align == 1 and reads[0]["bytes"] == 2, reads
+print("ok")
+'''
+
+
+def test_signal_gradient_reads_generator_rows_as_vectors(tmp_path):
+    """The generator's signal gradient reads the generator's rows of 13 values (odd, as in most
+    zoo models) from a copy padded to 16: 8-byte vectors in fp16, where the rows as they lie give
+    2 bytes (compiled for sm_90)."""
+    _run_python(GENERATOR_ROW_VECTORS, tmp_path)
+
+
 DENSE_TILE_VECTORS = '''
 import dataclasses, torch
 from kernel_record import Recorder, recording
