@@ -84,9 +84,9 @@ def _generate_weights_signal_grad_kernel(
     # neighbouring groups', or the padding after count) are set to zero in registers (a select,
     # not a product, so that not even a NaN there reaches this group's sums), and no generator
     # rows are read for them. The generator's rows of SPG values start every gen_stride (>= SPG;
-    # GEN_ALIGN, a power of two dividing it, at most a 16-byte vector), zeros after the SPG:
-    # each tile row of the generator is read as aligned vectors too, even where SPG is odd, and
-    # the columns past SPG it adds are never stored.
+    # GEN_ALIGN, a power of two dividing it, at most a 16-byte vector), zeros after the SPG: on
+    # dots the launcher pads them to 16 bytes, so that each tile row of the generator is read as
+    # aligned vectors even where SPG is odd (the columns past SPG are never stored).
     GHW = GHW // GHW_ALIGN * GHW_ALIGN
     gen_stride = gen_stride // GEN_ALIGN * GEN_ALIGN
     N = N // GHW_ALIGN * GHW_ALIGN          # (N = images x GHW)
@@ -210,8 +210,8 @@ def signal_grad_tiles(n: int, rows: int, spg: int, element_size: int):
 def padded_rows(weight: torch.Tensor) -> Tuple[torch.Tensor, int]:
     """A (rows, SPG) generator weight with each row padded by zeros to a multiple of 16 bytes
     (the weight itself where its rows already are one), and that row stride: the signal
-    gradient reads the generator's rows as aligned vectors through it (SPG = 13 in fp16: rows
-    of 16, a 4 KB copy per thousand rows)."""
+    gradient's dots read the generator's rows as aligned vectors through it (SPG = 13 in fp16:
+    rows of 16, a 32 KB copy per thousand rows)."""
     spg = weight.shape[1]
     stride = gradient_stride(spg, weight.element_size())
     if stride == spg:
@@ -299,7 +299,11 @@ def _generate_weights_backward_op(dout: torch.Tensor, signal: torch.Tensor, weig
             rows = max(_generated_rows(g, start, count, rpg) for g in range(g0, g1))
             block_n, block_r, block_s, fma = signal_grad_tiles(n, rows, spg, signal.element_size())
             grid = (triton.cdiv(n, block_n), (g1 - g0) * triton.cdiv(spg, block_s))
-            gen, gen_stride = padded_rows(weight.reshape(weight.shape[0], spg))
+            # on dots, the generator's rows padded to 16 bytes, read as aligned vectors; the
+            # multiply-adds' generator tiles hold 1 or 2 values per thread, and padded rows cost
+            # them registers (sm_90, 16-bit: 60 -> 71), so they read the rows where they lie
+            gen = weight.reshape(weight.shape[0], spg)
+            gen, gen_stride = (gen, spg) if fma else padded_rows(gen)
             _generate_weights_signal_grad_kernel[grid](
                 dout, gen, dsig, n, ghw, width, spg, rpg, start, count, patch_stride, g0,
                 gen_stride, DOT_MODE=mode, ACC=acc, BLOCK_N=block_n, BLOCK_R=block_r,

@@ -222,13 +222,14 @@ def test_generate_weights_backward_reads_a_padded_patch_stride(monkeypatch, smal
 
 @pytest.mark.parametrize("width,groups,dtype,stride", [
     (26, 2, "fp16", 16), (26, 2, "fp32", 16), (24, 2, "fp16", 16), (24, 2, "fp32", 12),
-    (18, 2, "bf16", 16), (10, 2, "fp16", 8)])
+    (18, 2, "bf16", 16), (10, 2, "fp16", 5)])
 def test_signal_gradient_reads_the_generator_through_padded_rows(monkeypatch, width, groups,
                                                                  dtype, stride):
-    """The signal gradient reads each generator row (width / groups values: 13, 12, 9, 5) from a
-    copy padded by zeros to a multiple of 16 bytes (the weight itself where its rows already are
-    one), so that its tiles are aligned vectors; the generator here has the signal's dtype, as
-    under autocast. The gradients equal the reference's."""
+    """The signal gradient's dots read each generator row (width / groups values: 13, 12, 9)
+    from a copy padded by zeros to a multiple of 16 bytes (the weight itself where its rows
+    already are one), so that its tiles are aligned vectors; the multiply-adds (5 inputs) read
+    the rows where they lie. The generator here has the signal's dtype, as under autocast. The
+    gradients equal the reference's."""
     module = importlib.import_module("hyperseg.kernels.generate_weights")
     launches = _record_launches(monkeypatch, module)
     dtype = DTYPES[dtype]
