@@ -300,16 +300,17 @@ def _generate_weights_backward_op(dout: torch.Tensor, signal: torch.Tensor, weig
             block_n, block_r, block_s, fma = signal_grad_tiles(n, rows, spg, signal.element_size())
             grid = (triton.cdiv(n, block_n), (g1 - g0) * triton.cdiv(spg, block_s))
             # on dots, the generator's rows padded to 16 bytes, read as aligned vectors; the
-            # multiply-adds' generator tiles hold 1 or 2 values per thread, and padded rows cost
-            # them registers (sm_90, 16-bit: 60 -> 71), so they read the rows where they lie
+            # multiply-adds' generator tiles hold 1 or 2 values per thread, and vector reads of
+            # them cost registers (sm_90, 16-bit: 60 -> 71), so they read the rows where they
+            # lie, value by value (GEN_ALIGN 1)
             gen = weight.reshape(weight.shape[0], spg)
             gen, gen_stride = (gen, spg) if fma else padded_rows(gen)
+            gen_align = 1 if fma else min(alignment(gen_stride), 16 // gen.element_size())
             _generate_weights_signal_grad_kernel[grid](
                 dout, gen, dsig, n, ghw, width, spg, rpg, start, count, patch_stride, g0,
                 gen_stride, DOT_MODE=mode, ACC=acc, BLOCK_N=block_n, BLOCK_R=block_r,
                 BLOCK_S=block_s, FMA=fma, GHW_ALIGN=alignment(ghw), ROW_ALIGN=row_align,
-                GEN_ALIGN=min(alignment(gen_stride), 16 // gen.element_size()),
-                num_warps=gradient_warps(block_n, block_r))
+                GEN_ALIGN=gen_align, num_warps=gradient_warps(block_n, block_r))
     if weight_grad:
         # the kernel stores the generated rows only
         every_row = (start, count) == (0, weight.shape[0])

@@ -222,13 +222,13 @@ def test_generate_weights_backward_reads_a_padded_patch_stride(monkeypatch, smal
 
 @pytest.mark.parametrize("width,groups,dtype,stride", [
     (26, 2, "fp16", 16), (26, 2, "fp32", 16), (24, 2, "fp16", 16), (24, 2, "fp32", 12),
-    (18, 2, "bf16", 16), (10, 2, "fp16", 5)])
+    (18, 2, "bf16", 16), (10, 2, "fp16", 5), (16, 2, "fp16", 8)])
 def test_signal_gradient_reads_the_generator_through_padded_rows(monkeypatch, width, groups,
                                                                  dtype, stride):
     """The signal gradient's dots read each generator row (width / groups values: 13, 12, 9)
     from a copy padded by zeros to a multiple of 16 bytes (the weight itself where its rows
-    already are one), so that its tiles are aligned vectors; the multiply-adds (5 inputs) read
-    the rows where they lie. The generator here has the signal's dtype, as under autocast. The
+    already are one), so that its tiles are aligned vectors; the multiply-adds (5 and 8 inputs)
+    read the rows where they lie, value by value. The generator here has the signal's dtype, as under autocast. The
     gradients equal the reference's."""
     module = importlib.import_module("hyperseg.kernels.generate_weights")
     launches = _record_launches(monkeypatch, module)
@@ -241,7 +241,10 @@ def test_signal_gradient_reads_the_generator_through_padded_rows(monkeypatch, wi
     dsig, dgen = torch.autograd.grad(got, (signal, weight), dout)
     (launch,) = [l for l in launches if l.name == "_generate_weights_signal_grad_kernel"]
     assert launch.args["gen_stride"] == stride
-    assert launch.args["GEN_ALIGN"] == min(stride & -stride, 16 // weight.element_size())
+    dots = not launch.args["FMA"]
+    assert dots == (width // groups > 8)
+    assert launch.args["GEN_ALIGN"] == (min(stride & -stride, 16 // weight.element_size()) if dots
+                                        else 1)
     assert launch.args["gen_ptr"].shape == (rows, stride)
     if stride != width // groups:
         assert launch.args["gen_ptr"][:, width // groups:].abs().sum() == 0
