@@ -228,8 +228,8 @@ def test_signal_gradient_reads_the_generator_through_padded_rows(monkeypatch, wi
     """The signal gradient's dots read each generator row (width / groups values: 13, 12, 9)
     from a copy padded by zeros to a multiple of 16 bytes (the weight itself where its rows
     already are one), so that its tiles are aligned vectors; the multiply-adds (5 and 8 inputs)
-    read the rows where they lie, value by value. The generator here has the signal's dtype, as under autocast. The
-    gradients equal the reference's."""
+    read the rows where they lie, value by value. The generator here has the signal's dtype, as
+    under autocast. The gradients equal the reference's."""
     module = importlib.import_module("hyperseg.kernels.generate_weights")
     launches = _record_launches(monkeypatch, module)
     dtype = DTYPES[dtype]
